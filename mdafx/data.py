@@ -1,0 +1,378 @@
+"""Image-classification data for mdafx benchmarks: ImageFolder decoding, caching, splits.
+
+Data never ships with mdafx. Code takes the data root (the folder that holds ``cifar10/``) from
+an argument or from ``$MDAFX_DATA`` (:func:`resolve_data_root`) and says so when it is absent.
+
+Decoded splits are cached as ``.npz`` files under ``<repo>/.cache/data`` (or ``$MDAFX_CACHE``),
+keyed by the split's absolute path and its image count, because decoding 50k JPEGs takes seconds
+while loading the cache takes a fraction of one.
+
+Sample selection (MDA section 1.1) and logit calibration (section 2.1) draw from *disjoint*
+per-class subsets of the training split (:func:`split_per_class`); the test split is only ever
+used for the final scores.
+
+Example (a tiny in-memory dataset):
+
+>>> import numpy as np
+>>> imgs = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+>>> ds = ArrayDataset(imgs, np.array([0, 1, 0, 1]), mean=(0.5,) * 3, std=(0.5,) * 3)
+>>> x, y = ds[1]
+>>> tuple(x.shape), y, float(x.min())
+((3, 8, 8), 1, -1.0)
+>>> [tuple(xb.shape) for xb, _ in ds.batches(3)]
+[(3, 3, 8, 8), (1, 3, 8, 8)]
+>>> [idx.tolist() for idx in split_per_class(np.array([0, 0, 1, 1, 1, 1]), [1, 1], seed=0)]
+[[0, 5], [1, 2]]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "IMAGE_EXTENSIONS",
+    "ArrayDataset",
+    "ImageArrays",
+    "default_cache_dir",
+    "load_imagefolder",
+    "resolve_data_root",
+    "split_per_class",
+]
+
+# Per-channel statistics of the CIFAR-10 training split, pixel values scaled to [0, 1].
+CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"})
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+_CACHE_VERSION = 1  # bump when the .npz layout changes, so stale caches are ignored
+
+
+def resolve_data_root(path: str | os.PathLike | None = None) -> Path | None:
+    """The data root: ``path`` if given, else ``$MDAFX_DATA``, else ``None``.
+
+    The data root is the folder that contains ``cifar10/`` (for example ``/work/shared/data``).
+    Existence is not checked here; :func:`load_imagefolder` names the missing path.
+    """
+    if path is not None and str(path) != "":
+        return Path(path).expanduser()
+    env = os.environ.get("MDAFX_DATA")
+    if env:
+        return Path(env).expanduser()
+    return None
+
+
+def default_cache_dir() -> Path:
+    """``$MDAFX_CACHE/data`` if set, else ``<repo>/.cache/data``."""
+    env = os.environ.get("MDAFX_CACHE")
+    base = Path(env).expanduser() if env else _REPO_ROOT / ".cache"
+    return base / "data"
+
+
+@dataclass
+class ImageArrays:
+    """A decoded image-classification split.
+
+    ``images``: uint8, N x H x W x C. ``labels``: int64, N, indices into ``class_names``
+    (the sorted class-folder names).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _list_imagefolder(split_dir: Path) -> tuple[list[str], list[list[Path]]]:
+    if not split_dir.is_dir():
+        raise FileNotFoundError(
+            f"image folder {str(split_dir)!r} does not exist (expected <split>/<class>/<image>; "
+            "set the data root with --data or MDAFX_DATA)"
+        )
+    class_dirs = sorted(
+        (p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.name,
+    )
+    if not class_dirs:
+        raise ValueError(f"image folder {str(split_dir)!r} has no class sub-folders")
+    files = []
+    for d in class_dirs:
+        imgs = sorted(
+            (p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+            key=lambda p: p.name,
+        )
+        if not imgs:
+            raise ValueError(
+                f"class folder {str(d)!r} contains no images "
+                f"(extensions {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        files.append(imgs)
+    return [d.name for d in class_dirs], files
+
+
+def _cache_path(cache_dir: Path, split_dir: Path, n_files: int) -> Path:
+    key = f"v{_CACHE_VERSION}|{split_dir}|{n_files}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    # A readable prefix (last two path parts) makes the cache folder browsable.
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(split_dir.parts[-2:]))
+    return cache_dir / f"{stem}-{n_files}-{digest}.npz"
+
+
+def _decode(class_files: list[list[Path]]) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    n = sum(len(f) for f in class_files)
+    images: np.ndarray | None = None
+    labels = np.empty(n, dtype=np.int64)
+    first: Path | None = None
+    i = 0
+    for label, files in enumerate(class_files):
+        for path in files:
+            try:
+                with Image.open(path) as im:
+                    arr = np.asarray(im.convert("RGB"))
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
+            if images is None:
+                images = np.empty((n, *arr.shape), dtype=np.uint8)
+                first = path
+            elif arr.shape != images.shape[1:]:
+                raise ValueError(
+                    f"images of mixed sizes: {str(path)!r} is {arr.shape[1]}x{arr.shape[0]} "
+                    f"but {str(first)!r} is {images.shape[2]}x{images.shape[1]}"
+                )
+            images[i] = arr
+            labels[i] = label
+            i += 1
+    assert images is not None
+    return images, labels
+
+
+def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is shared like any build output
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_imagefolder(
+    split_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> ImageArrays:
+    """Decode an ImageFolder split (``split_dir/<class>/<image>``) into uint8 arrays.
+
+    Classes are the sub-folders in sorted order; images within a class are in sorted file-name
+    order, so the result is deterministic. Images are converted to RGB and must all have the
+    same size. The decoded arrays are cached under ``cache_dir`` (default
+    :func:`default_cache_dir`), keyed by the absolute path of ``split_dir`` and its image count,
+    and written atomically; ``use_cache=False`` neither reads nor writes it.
+
+    Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` (naming the path) for a
+    folder without classes, a class folder without images, an unreadable image, or images of
+    mixed sizes.
+    """
+    split_dir = Path(split_dir).expanduser().resolve()
+    class_names, class_files = _list_imagefolder(split_dir)
+    n_files = sum(len(f) for f in class_files)
+
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = _cache_path(cache_root, split_dir, n_files)
+    if use_cache and cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                cached = ImageArrays(z["images"], z["labels"], [str(c) for c in z["class_names"]])
+            if len(cached) == n_files and cached.class_names == class_names:
+                return cached
+        except (OSError, KeyError, ValueError):
+            pass  # a corrupt or foreign cache file is rebuilt below
+
+    images, labels = _decode(class_files)
+    result = ImageArrays(images, labels, class_names)
+    if use_cache:
+        _atomic_savez(cache, images=images, labels=labels, class_names=np.array(class_names))
+    return result
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """uint8 N x H x W x C images + int labels as normalised float C x H x W tensors.
+
+    ``augment=True`` applies the standard CIFAR augmentation on tensors: zero-pad by
+    ``pad`` pixels (black in pixel space), take a random crop of the original size, and flip
+    horizontally with probability 1/2.
+
+    ``ds[i]`` works with a ``DataLoader`` (augmentation then draws from the global torch RNG);
+    :meth:`batches` is the fast path: it converts whole batches at once and takes a
+    ``torch.Generator`` for shuffling and augmentation, so training is deterministic per seed.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+        augment: bool = False,
+        pad: int = 4,
+    ):
+        images = np.asarray(images)
+        labels = np.asarray(labels)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(
+                f"images must be uint8 N x H x W x C, got {images.dtype} {images.shape}"
+            )
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels shape {labels.shape} != ({images.shape[0]},)")
+        c = images.shape[3]
+        if len(mean) != c or len(std) != c:
+            raise ValueError(f"mean/std need {c} values, got {len(mean)}/{len(std)}")
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.augment = augment
+        self.pad = pad
+        # x_norm = x_uint8 * scale + shift  ==  (x / 255 - mean) / std
+        std_t = torch.tensor(std, dtype=torch.float32)
+        self._scale = (1.0 / (255.0 * std_t)).view(1, c, 1, 1)
+        self._shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, c, 1, 1)
+
+    @classmethod
+    def from_arrays(cls, arrays: ImageArrays, **kwargs) -> ArrayDataset:
+        return cls(arrays.images, arrays.labels, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _augment(self, imgs: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        """Random pad-crop + horizontal flip of uint8 B x H x W x C images."""
+        b, h, w, _ = imgs.shape
+        p = self.pad
+        if p > 0:
+            padded = torch.nn.functional.pad(imgs, (0, 0, p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (b, 1, 1), generator=gen)
+            dx = torch.randint(0, 2 * p + 1, (b, 1, 1), generator=gen)
+            rows = dy + torch.arange(h).view(1, h, 1)
+            cols = dx + torch.arange(w).view(1, 1, w)
+            imgs = padded[torch.arange(b).view(b, 1, 1), rows, cols]
+        flip = torch.rand(b, generator=gen) < 0.5
+        return torch.where(flip.view(b, 1, 1, 1), imgs.flip(2), imgs)
+
+    def _to_float(self, imgs: torch.Tensor, channels_last: bool) -> torch.Tensor:
+        # NHWC storage permuted to NCHW is exactly the channels-last layout.
+        x = imgs.permute(0, 3, 1, 2).float() if channels_last else (
+            imgs.permute(0, 3, 1, 2).contiguous().float()
+        )
+        return x.mul_(self._scale).add_(self._shift)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.images[i : i + 1] if i >= 0 else self.images[i].unsqueeze(0)
+        if self.augment:
+            img = self._augment(img, None)
+        return self._to_float(img, channels_last=False)[0], int(self.labels[i])
+
+    def batches(
+        self,
+        batch_size: int,
+        indices: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        channels_last: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(x, y)`` batches: x float B x C x H x W (normalised), y int64 B.
+
+        ``indices`` restricts (and orders) the samples; ``shuffle`` permutes them with
+        ``generator``, which also drives augmentation. ``channels_last`` returns x in
+        channels-last memory format (no copy: the storage is already NHWC).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        idx = (
+            torch.arange(len(self))
+            if indices is None
+            else torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+        )
+        if shuffle:
+            idx = idx[torch.randperm(len(idx), generator=generator)]
+        stop = len(idx) - (len(idx) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            bi = idx[start : start + batch_size]
+            imgs = self.images[bi]
+            if self.augment:
+                imgs = self._augment(imgs, generator)
+            yield self._to_float(imgs, channels_last), self.labels[bi]
+
+
+def split_per_class(
+    labels: np.ndarray | Sequence[int],
+    sizes: Sequence[float] | Sequence[int],
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Disjoint, per-class stratified, deterministic index sets.
+
+    ``sizes`` are either fractions of each class (floats in [0, 1], summing to at most 1) or
+    sample counts per class (ints). Set ``k`` takes, from every class, the next ``sizes[k]``
+    indices of that class's seeded permutation, so the sets never overlap. Each class is
+    shuffled by its own generator (seeded by ``(seed, class)``), so a class's indices do not
+    depend on the other classes. Fractions are rounded on cumulative boundaries, so they never
+    over-allocate. Returned arrays are sorted int64.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    if isinstance(sizes, (int, float)):
+        sizes = [sizes]
+    sizes = list(sizes)
+    if not sizes:
+        raise ValueError("sizes must not be empty")
+    if any(isinstance(s, bool) for s in sizes):
+        raise TypeError(f"sizes must be ints (counts) or floats (fractions), got {sizes}")
+    is_count = all(isinstance(s, (int, np.integer)) for s in sizes)
+    if not is_count:
+        if not all(isinstance(s, (float, np.floating)) for s in sizes):
+            raise TypeError(f"sizes mix counts (int) and fractions (float): {sizes}")
+        if any(s < 0 or s > 1 for s in sizes) or sum(sizes) > 1 + 1e-9:
+            raise ValueError(f"fractions must lie in [0, 1] and sum to at most 1, got {sizes}")
+    elif any(s < 0 for s in sizes):
+        raise ValueError(f"counts must be >= 0, got {sizes}")
+
+    parts: list[list[np.ndarray]] = [[] for _ in sizes]
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = len(members)
+        if is_count:
+            bounds = np.concatenate([[0], np.cumsum(sizes)])
+            if bounds[-1] > n:
+                raise ValueError(
+                    f"class {c} has {n} samples, fewer than the {int(bounds[-1])} requested "
+                    f"(counts {sizes})"
+                )
+        else:
+            bounds = np.concatenate([[0], np.round(np.cumsum(sizes) * n)]).astype(np.int64)
+            bounds = np.minimum(bounds, n)
+        perm = members[np.random.default_rng([seed, int(c)]).permutation(n)]
+        for k in range(len(sizes)):
+            parts[k].append(perm[bounds[k] : bounds[k + 1]])
+    return [
+        np.sort(np.concatenate(p)).astype(np.int64) if p else np.empty(0, np.int64)
+        for p in parts
+    ]

@@ -1,0 +1,323 @@
+"""ONNX export with verification: checker, strict shape inference, onnxruntime parity.
+
+``export_onnx`` lowers any ``nn.Module`` (in mdafx: a component or assembled fx GraphModule)
+with ``torch.onnx.export`` and only moves the file into place once it has passed:
+
+1. ``onnx.checker.check_model(full_check=True)``;
+2. ``onnx.shape_inference.infer_shapes(check_type=True, strict_mode=True, data_prop=True)``;
+3. (``check=True``) onnxruntime on CPU vs torch at batch 1 and batch 3, failing when any element
+   has ``|ort - torch| > atol + rtol * |torch|`` (numpy ``allclose``, NaN == NaN).
+
+The exporter is the dynamo-based one (the default of ``torch.onnx.export``), fed with the same
+``torch.export`` program that :mod:`mdafx.serialize` stores (eval mode, dynamic batch axis named
+``batch``). Only if it raises does mdafx retry with the TorchScript exporter (``dynamo=False``);
+the report then says ``exporter="torchscript"`` and why. The input is named ``input`` and the
+outputs ``output`` (or ``output_<i>`` when there are several).
+
+The metadata dict is stored in ``ModelProto.metadata_props``: one string prop per key, its
+value JSON-encoded (``read_onnx_metadata`` reverses it). ``mdafx_version`` is added if missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mdafx.errors import ExportError
+from mdafx.serialize import atomic_output, export_program, mdafx_version
+
+__all__ = ["ExportReport", "export_onnx", "onnx_latency", "read_onnx_metadata"]
+
+INPUT_NAME = "input"
+PARITY_BATCH_SIZES = (1, 3)
+_TWO_GIB = 2**31
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_onnx` wrote and how well it matches torch.
+
+    ``max_abs_err`` / ``max_rel_err`` map batch size to the worst error over all outputs
+    (empty when ``check=False``); the relative error is ``|ort - torch| / |torch|`` over the
+    elements where ``|torch| > atol`` (elsewhere only the absolute error is meaningful).
+    """
+
+    path: Path
+    opset: int
+    file_size: int
+    max_abs_err: dict[int, float]
+    max_rel_err: dict[int, float]
+    exporter: str  # "dynamo" or "torchscript"
+    fallback_reason: str | None = None
+
+    def __str__(self) -> str:
+        errs = ", ".join(f"b{b}: abs {self.max_abs_err[b]:.2e} rel {self.max_rel_err[b]:.2e}"
+                         for b in sorted(self.max_abs_err)) or "parity not checked"
+        via = self.exporter
+        if self.fallback_reason:
+            via += f" (fallback: {self.fallback_reason})"
+        return (f"{self.path}: opset {self.opset}, {self.file_size / 2**20:.2f} MiB, "
+                f"exporter {via}; {errs}")
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    path: str | os.PathLike[str],
+    example_input: torch.Tensor,
+    metadata: Mapping[str, Any] | None = None,
+    check: bool = True,
+    opset: int | None = None,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    *,
+    overwrite: bool = False,
+) -> ExportReport:
+    """Export ``model`` to ONNX at ``path`` (dynamic batch axis), verified before it lands.
+
+    The checker and strict shape inference always run; ``check`` adds the onnxruntime parity
+    check at batch 1 and 3. Any failure raises :class:`ExportError` and leaves no file (the
+    model is written to a temp file next to ``path`` and moved into place at the end).
+    ``opset=None`` takes the exporter's default. Raises ``FileExistsError`` if ``path`` exists
+    and not ``overwrite``.
+    """
+    import onnx
+
+    path = Path(path)
+    props = _metadata_props(metadata or {})
+    if not overwrite and os.path.lexists(path):
+        raise FileExistsError(f"{path}: file exists; pass overwrite=True to replace it")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            n_outputs = len(_flat(model(example_input)))
+        output_names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
+        proto, exporter, reason = _to_proto(model, example_input, opset, output_names)
+        onnx.helper.set_model_props(proto, {**_existing_props(proto), **props})
+        _verify_proto(proto, path)
+        if proto.ByteSize() >= _TWO_GIB:
+            raise ExportError(f"{path}: model is over 2 GiB; external data is not supported")
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            onnx.save_model(proto, str(tmp))
+            abs_errs: dict[int, float] = {}
+            rel_errs: dict[int, float] = {}
+            if check:
+                abs_errs, rel_errs = _parity(model, tmp, example_input, output_names, rtol, atol,
+                                             shown_as=path)
+            size = tmp.stat().st_size
+    finally:
+        model.train(was_training)
+    return ExportReport(path=path, opset=_opset(proto), file_size=size, max_abs_err=abs_errs,
+                        max_rel_err=rel_errs, exporter=exporter, fallback_reason=reason)
+
+
+def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``metadata_props`` of an ONNX file, each value JSON-decoded (raw string if not JSON)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    out: dict[str, Any] = {}
+    for prop in proto.metadata_props:
+        try:
+            out[prop.key] = json.loads(prop.value)
+        except json.JSONDecodeError:
+            out[prop.key] = prop.value
+    return out
+
+
+def onnx_latency(path: str | os.PathLike[str], batch_size: int = 1, warmup: int = 10,
+                 iters: int = 50, *, threads: int | None = None) -> float:
+    """Median onnxruntime (CPU) latency of one inference, in milliseconds.
+
+    The input is random, with ``batch_size`` in the dynamic batch axis; all other input dims
+    must be static. ``threads`` sets ``intra_op_num_threads`` (``None``: onnxruntime default).
+    """
+    if batch_size < 1 or iters < 1 or warmup < 0:
+        raise ValueError("need batch_size >= 1, iters >= 1, warmup >= 0")
+    session = _session(path, threads)
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for arg in session.get_inputs():
+        shape = list(arg.shape)
+        if shape and not isinstance(shape[0], int):
+            shape[0] = batch_size
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ExportError(f"{path}: input {arg.name} has non-static dims {arg.shape}")
+        feeds[arg.name] = rng.standard_normal(shape).astype(_numpy_dtype(arg.type, path))
+    for _ in range(warmup):
+        session.run(None, feeds)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------
+
+def _metadata_props(metadata: Mapping[str, Any]) -> dict[str, str]:
+    props: dict[str, str] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str):
+            raise TypeError(f"metadata keys must be str, got {key!r}")
+        try:
+            props[key] = json.dumps(value, allow_nan=False, sort_keys=True)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"metadata[{key!r}] is not JSON-serialisable: {e}") from e
+    props.setdefault("mdafx_version", json.dumps(mdafx_version()))
+    return props
+
+
+def _existing_props(proto: Any) -> dict[str, str]:
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def _to_proto(model: torch.nn.Module, example_input: torch.Tensor, opset: int | None,
+              output_names: list[str]) -> tuple[Any, str, str | None]:
+    try:
+        ep = export_program(model, example_input)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                ep, (example_input,), None, dynamo=True, input_names=[INPUT_NAME],
+                output_names=output_names, opset_version=opset, verbose=False)
+        return program.model_proto, "dynamo", None
+    except Exception as e:
+        dynamo_error = f"{type(e).__name__}: {_first_line(e)}"
+    try:
+        return _torchscript_proto(model, example_input, opset, output_names), "torchscript", \
+            f"dynamo exporter failed ({dynamo_error})"
+    except Exception as e:
+        raise ExportError(f"ONNX export of {type(model).__name__} failed with both exporters; "
+                          f"dynamo: {dynamo_error}; torchscript: {type(e).__name__}: "
+                          f"{_first_line(e)}") from e
+
+
+def _torchscript_proto(model: torch.nn.Module, example_input: torch.Tensor, opset: int | None,
+                       output_names: list[str]) -> Any:
+    import io
+
+    import onnx
+
+    buffer = io.BytesIO()
+    axes = {name: {0: "batch"} for name in [INPUT_NAME, *output_names]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example_input,), buffer, dynamo=False,
+                          input_names=[INPUT_NAME], output_names=output_names,
+                          dynamic_axes=axes, opset_version=opset or 17)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _verify_proto(proto: Any, path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise ExportError(f"{path}: onnx.checker rejected the exported model: {e}") from e
+    try:
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True,
+                                          data_prop=True)
+    except Exception as e:
+        raise ExportError(f"{path}: strict ONNX shape inference failed: {e}") from e
+
+
+def _opset(proto: Any) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
+
+
+def _session(path: str | os.PathLike[str], threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=options,
+                                providers=["CPUExecutionProvider"])
+
+
+def _run_onnxruntime(path: Path, inputs: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+    """Outputs of the ONNX model at ``path`` for each input batch (one session for all)."""
+    session = _session(path, None)
+    return [session.run(None, {INPUT_NAME: x}) for x in inputs]
+
+
+def _parity(model: torch.nn.Module, onnx_path: Path, example_input: torch.Tensor,
+            output_names: Sequence[str], rtol: float, atol: float,
+            shown_as: Path) -> tuple[dict[int, float], dict[int, float]]:
+    abs_errs: dict[int, float] = {}
+    rel_errs: dict[int, float] = {}
+    failures = []
+    inputs = [_random_batch(example_input, batch) for batch in PARITY_BATCH_SIZES]
+    outputs = _run_onnxruntime(onnx_path, [x.detach().cpu().numpy() for x in inputs])
+    for batch, x, got in zip(PARITY_BATCH_SIZES, inputs, outputs):
+        with torch.no_grad():
+            want = [t.detach().cpu().numpy() for t in _flat(model(x))]
+        if len(got) != len(want):
+            raise ExportError(f"{shown_as}: ONNX model has {len(got)} outputs, torch {len(want)}")
+        abs_errs[batch] = rel_errs[batch] = 0.0
+        for name, w, g in zip(output_names, want, got):
+            if w.shape != g.shape:
+                failures.append(f"batch {batch} {name}: shape {g.shape} vs torch {w.shape}")
+                continue
+            diff = np.abs(g.astype(np.float64) - w.astype(np.float64))
+            diff[np.isnan(g) & np.isnan(w)] = 0.0
+            diff[np.isnan(diff)] = np.inf
+            ref = np.abs(w.astype(np.float64))
+            big = ref > atol
+            max_abs = float(diff.max(initial=0.0))
+            max_rel = float(np.max(diff[big] / ref[big], initial=0.0))
+            abs_errs[batch] = max(abs_errs[batch], max_abs)
+            rel_errs[batch] = max(rel_errs[batch], max_rel)
+            bad = ~np.isclose(g, w, rtol=rtol, atol=atol, equal_nan=True)
+            if bad.any():
+                failures.append(f"batch {batch} {name}: {int(bad.sum())}/{bad.size} elements off, "
+                                f"max abs err {max_abs:.3e}, max rel err {max_rel:.3e}")
+    if failures:
+        raise ExportError(f"{shown_as}: onnxruntime does not match torch (rtol={rtol}, "
+                          f"atol={atol}); file not written: " + "; ".join(failures))
+    return abs_errs, rel_errs
+
+
+def _random_batch(example_input: torch.Tensor, batch: int) -> torch.Tensor:
+    shape = (batch, *example_input.shape[1:])
+    g = torch.Generator().manual_seed(batch)
+    if example_input.is_floating_point():
+        return torch.randn(shape, generator=g, dtype=example_input.dtype)
+    index = torch.arange(batch) % example_input.shape[0]
+    return example_input[index]
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return list(out.values())
+    return list(out)
+
+
+def _numpy_dtype(ort_type: str, path: str | os.PathLike[str]) -> Any:
+    table = {"tensor(float)": np.float32, "tensor(double)": np.float64,
+             "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
+             "tensor(bool)": np.bool_}
+    if ort_type not in table:
+        raise ExportError(f"{path}: input type {ort_type} is not supported by onnx_latency")
+    return table[ort_type]

@@ -1,0 +1,725 @@
+"""Per-class channel contributions of every weighted layer (MDA §1.1–1.2), as plain functions.
+
+Math
+----
+For a weighted layer with weight ``W`` and one sample ``x`` (the layer's *input*), the contribution
+of input channel ``i`` to output channel ``o`` is the part of output map ``o`` that comes from ``i``,
+summed over all output positions, without bias, before any norm/activation:
+
+- Conv2d (weight ``[O, I/g, kh, kw]``, ``K = kh·kw``)::
+
+      c[o,i](x) = Σ_{h,w} Σ_k W[o,i,k] · unfold(x)[i,k,h,w]
+                = Σ_k W[o,i,k] · S[i,k],      S[i,k] = Σ_{h,w} unfold(x)[i,k,h,w]
+
+  ``unfold(x)[i,(a,b),h,w] = pad(x)[i, h·s_h + a·d_h, w·s_w + b·d_w]``, so ``S[i,(a,b)]`` is a box
+  sum of the padded input over a strided window: a sum over the rows ``a·d_h + s_h·[0, H_out)``
+  and the columns ``b·d_w + s_w·[0, W_out)``. We compute it separably (first per column tap,
+  then per row tap) from strided slices of the *unpadded* input for ``padding_mode='zeros'``
+  (padding contributes zeros, so only the in-image part of each window is summed), and from
+  ``F.pad(x, mode=padding_mode)`` for 'reflect' / 'replicate' / 'circular' (exactly what
+  ``nn.Conv2d`` does). Memory is ``B×I×K`` (plus ``B×I×H×kw`` for the column sums), never
+  ``B×O×I×H×W``.
+- Grouped / depthwise conv: output ``o`` of group ``g(o) = o // (O/g)`` only sees the input
+  channels ``g(o)·I/g + j`` for ``j in [0, I/g)``. The result therefore has shape
+  ``[num_classes, O, I/g]`` and **index ``j`` is the input channel's position inside o's group**
+  (global input channel ``g(o)·(I/g) + j``), which is also the layout of ``W[o, j]``. For
+  ``groups=1`` this is the plain ``[num_classes, O, I]``.
+- Linear (weight ``[O, I]``), input ``[B, *, I]`` (extra leading dims such as tokens)::
+
+      c[o,i](x) = Σ_t W[o,i] · x[t,i] = W[o,i] · Σ_t x[t,i]
+
+  i.e. the same form with ``K = 1`` and ``S[i] = Σ_t x[t,i]``.
+
+Per class ``c`` over the samples of that class (ReLU after the spatial / token sum)::
+
+    A[c, o, i] = Σ_{x of class c} ReLU(c[o,i](x))
+
+Cost: per sample, the box sums read the layer input ``kw`` times (linear in the activation size)
+and ``c = W·S`` costs ``O·(I/g)·K`` multiply-adds, i.e. one multiply-add per weight: far below
+the layer's own ``O·(I/g)·K·H_out·W_out``. Everything is linear in the number of samples. The
+per-sample ``[b, O, I/g]`` block is the only large temporary; it is processed in chunks of
+samples (and, for layers where one sample alone exceeds the budget, of output channels) so that
+it stays within ``chunk_bytes``.
+
+Precision (why float32 accumulation by default): ``A`` has ``num_classes · Σ O·I/g`` entries
+(torchvision's VGG-16 head alone is 4096×25088, i.e. 4.1 GB per 10 classes in float32, 8.2 GB
+in float64), so its dtype sets the memory floor. The box sums run in (at least) float32 and CPU
+sum reductions accumulate in double internally; each chunk's per-class sum is rounded once
+into ``A``. The relative error of ``A`` is thus ``O(#chunks · 2^-24)``, far below the
+differences the α/β thresholds of MDA §1.3 resolve. ``dtype=torch.float64`` gives the exact
+form to ~1e-15 (the tests use it to compare with the naive formula).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+__all__ = [
+    "CHUNK_BYTES",
+    "DEFAULT_SAMPLE_FRACTION",
+    "ConfidentSamples",
+    "Profile",
+    "ProfileMismatchError",
+    "build_profile",
+    "contributions",
+    "conv_padding",
+    "default_per_class",
+    "model_fingerprint",
+    "naive_contributions",
+    "naive_sample_contributions",
+    "sample_contributions",
+    "select_confident_samples",
+    "weighted_layers",
+]
+
+CHUNK_BYTES: int = 256 * 2**20
+"""Default budget for the per-sample ``[b, O, I/g]`` contribution block of one layer."""
+
+DEFAULT_SAMPLE_FRACTION: float = 0.01
+"""MDA §1.1: keep 1% of each class's training samples (at least one)."""
+
+PROFILE_FORMAT = "mdafx.profile"
+PROFILE_VERSION = 1
+
+WeightedLayer = nn.Conv2d | nn.Linear
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+class ProfileMismatchError(ValueError):
+    """A contribution profile was computed on a different model than the one it is applied to."""
+
+
+# --------------------------------------------------------------------------------------------
+# layers
+
+
+def weighted_layers(gm: torch.fx.GraphModule) -> list[str]:
+    """Targets of the ``call_module`` nodes whose module is ``nn.Conv2d`` or ``nn.Linear``.
+
+    Graph order; a module called from several nodes is listed once (at its first call) and
+    rejected later by :func:`contributions`, whose ``A`` is defined per layer, not per call.
+    Raises ``ValueError`` naming the layer for a padding mode this module cannot reproduce.
+    """
+    names: list[str] = []
+    seen: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in seen:
+            continue
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            _check_supported(node.target, mod)
+            names.append(node.target)
+            seen.add(node.target)
+    return names
+
+
+def _check_supported(name: str, mod: nn.Module) -> None:
+    if isinstance(mod, nn.Conv2d) and mod.padding_mode not in _PADDING_MODES:
+        raise ValueError(
+            f"layer {name!r}: Conv2d padding_mode={mod.padding_mode!r} is not supported "
+            f"(supported: {', '.join(_PADDING_MODES)})"
+        )
+    if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+        raise TypeError(f"layer {name!r}: {type(mod).__name__} is not a Conv2d or Linear")
+
+
+def conv_padding(mod: nn.Conv2d) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` padding that ``mod`` applies, string paddings included.
+
+    ``'same'`` pads ``d·(k−1)`` in total per dim, ``⌊total/2⌋`` before and the rest after, as
+    ``nn.Conv2d`` does; ``'valid'`` pads nothing.
+    """
+    if isinstance(mod.padding, str):
+        if mod.padding == "valid":
+            return (0, 0, 0, 0)
+        pads: list[int] = []
+        for k, d in zip(mod.kernel_size, mod.dilation):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return (pads[0], pads[1], pads[2], pads[3])
+    ph, pw = mod.padding
+    return (ph, ph, pw, pw)
+
+
+# --------------------------------------------------------------------------------------------
+# per-sample contributions (pre-ReLU)
+
+
+def _tap_slice(size: int, out_size: int, pad: int, stride: int, offset: int) -> slice | None:
+    """Slice of the unpadded axis hit by padded indices ``offset + stride·[0, out_size)``.
+
+    Padded index ``p`` is unpadded ``p − pad``; indices outside ``[0, size)`` are padding.
+    ``None`` when the whole window lies in the padding.
+    """
+    first = offset - pad
+    lo = 0 if first >= 0 else (-first + stride - 1) // stride
+    hi = min(out_size - 1, (size - 1 - first) // stride)
+    if hi < lo:
+        return None
+    return slice(first + lo * stride, first + hi * stride + 1, stride)
+
+
+def _box_sums(mod: nn.Conv2d, x: Tensor) -> Tensor:
+    """``S[b, i, k] = Σ_{h,w} unfold(x)[b, i, k, h, w]`` of a conv input ``x``: ``[B, I, K]``."""
+    (kh, kw), (sh, sw), (dh, dw) = mod.kernel_size, mod.stride, mod.dilation
+    top, bottom, left, right = conv_padding(mod)
+    if mod.padding_mode != "zeros":
+        x = F.pad(x, (left, right, top, bottom), mode=mod.padding_mode)
+        top = bottom = left = right = 0
+    height, width = x.shape[-2], x.shape[-1]
+    h_out = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    w_out = (width + left + right - dw * (kw - 1) - 1) // sw + 1
+    if h_out <= 0 or w_out <= 0:
+        raise ValueError(f"input {tuple(x.shape)} is smaller than the dilated kernel")
+    col_slices = [_tap_slice(width, w_out, left, sw, b * dw) for b in range(kw)]
+    col_sums = torch.stack(_window_sums(x, -1, col_slices), dim=-1)  # [B, I, H, kw]
+    row_slices = [_tap_slice(height, h_out, top, sh, a * dh) for a in range(kh)]
+    taps = _window_sums(col_sums, 2, row_slices)  # kh × [B, I, kw]
+    return torch.stack(taps, dim=2).reshape(x.shape[0], x.shape[1], kh * kw)
+
+
+def _window_sums(t: Tensor, dim: int, slices: list[slice | None]) -> list[Tensor]:
+    """``t`` summed over ``dim`` restricted to each slice (zeros for ``None``); taps with the
+    same window (e.g. every tap of a 1×1 kernel) share one reduction."""
+    cache: dict[tuple[int, int, int] | None, Tensor] = {}
+    out = []
+    for sl in slices:
+        key = None if sl is None else (sl.start, sl.stop, sl.step)
+        if key not in cache:
+            if sl is None:
+                shape = list(t.shape)
+                del shape[dim]
+                cache[key] = t.new_zeros(shape)
+            else:
+                index: list[slice] = [slice(None)] * t.dim()
+                index[dim] = sl
+                cache[key] = t[tuple(index)].sum(dim)
+        out.append(cache[key])
+    return out
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    # half/bfloat16 activations would overflow/lose the spatial sums
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _input_sums(mod: WeightedLayer, x: Tensor) -> Tensor:
+    """Per-sample ``S``: ``[B, I, K]`` (conv) or ``[B, I, 1]`` (linear, tokens summed)."""
+    x = x.detach().to(_compute_dtype(x))
+    if isinstance(mod, nn.Conv2d):
+        if x.dim() != 4:
+            raise ValueError(f"Conv2d contributions need a batched [B, C, H, W] input, got "
+                             f"{tuple(x.shape)}")
+        return _box_sums(mod, x)
+    if x.dim() < 2:
+        raise ValueError(f"Linear contributions need a batched [B, ..., I] input, got "
+                         f"{tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1, x.shape[-1]).sum(1).unsqueeze(-1)
+
+
+def _weight_blocks(mod: WeightedLayer, dtype: torch.dtype) -> tuple[Tensor, int]:
+    """``W`` as ``[g, O/g, I/g, K]`` in ``dtype`` and the number of groups ``g``."""
+    w = mod.weight.detach().to(dtype)
+    groups = mod.groups if isinstance(mod, nn.Conv2d) else 1
+    out_ch, in_per_group = w.shape[0], w.shape[1]
+    return w.reshape(groups, out_ch // groups, in_per_group, -1), groups
+
+
+def sample_contributions(mod: WeightedLayer, x: Tensor, dtype: torch.dtype = torch.float32
+                         ) -> Tensor:
+    """Pre-ReLU ``c[b, o, j]`` for every sample of ``x`` (the layer input): ``[B, O, I/g]``.
+
+    Materialises the whole block: for tests and small inputs; :func:`contributions` streams.
+    """
+    wb, groups = _weight_blocks(mod, dtype)
+    s = _input_sums(mod, x).to(dtype)
+    s = s.reshape(s.shape[0], groups, -1, s.shape[-1])  # [B, g, I/g, K]
+    c = torch.einsum("goik,bgik->bgoi", wb, s)
+    return c.reshape(s.shape[0], -1, wb.shape[2])
+
+
+def naive_sample_contributions(mod: WeightedLayer, x: Tensor) -> Tensor:
+    """The reference's formula: materialise ``unfold`` and the ``B×O×I×H×W`` product, then sum.
+
+    Returns the pre-ReLU ``[B, O, I/g]`` in the input's (promoted) dtype.
+    """
+    x = x.detach().to(_compute_dtype(x))
+    w = mod.weight.detach().to(x.dtype)
+    if isinstance(mod, nn.Linear):
+        tokens = x.reshape(x.shape[0], -1, 1, x.shape[-1])  # [B, T, 1, I]
+        return (tokens * w).sum(1)  # [B, T, O, I] summed over T
+    top, bottom, left, right = conv_padding(mod)
+    mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
+    x = F.pad(x, (left, right, top, bottom), mode=mode)
+    cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, stride=mod.stride)
+    groups = mod.groups
+    batch, in_ch = x.shape[0], x.shape[1]
+    k = mod.kernel_size[0] * mod.kernel_size[1]
+    cols = cols.reshape(batch, groups, in_ch // groups, k, -1)  # [B, g, I/g, K, L]
+    wg = w.reshape(groups, w.shape[0] // groups, w.shape[1], k)  # [g, O/g, I/g, K]
+    full = (wg[None, :, :, :, :, None] * cols[:, :, None]).sum(4)  # [B, g, O/g, I/g, L]
+    return full.sum(-1).reshape(batch, w.shape[0], w.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# streaming accumulation over batches
+
+
+def _label_runs(labels: Tensor) -> list[tuple[int, int, int]]:
+    """``(label, start, stop)`` runs of a sorted label vector."""
+    values, counts = torch.unique_consecutive(labels, return_counts=True)
+    runs, start = [], 0
+    for value, count in zip(values.tolist(), counts.tolist()):
+        runs.append((value, start, start + count))
+        start += count
+    return runs
+
+
+class _Workspace:
+    """One flat scratch buffer shared by all layers of a run: the per-sample block is written
+    into it (``bmm(out=...)``) instead of being allocated, and page-faulted, per chunk."""
+
+    def __init__(self) -> None:
+        self.buf: Tensor | None = None
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        numel = math.prod(shape)
+        buf = self.buf
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = self.buf = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
+
+class _CheapLayer:
+    """Accumulates ``A`` of one layer from per-batch inputs; memory bounded by ``chunk_bytes``.
+
+    Internal layout: ``acc[c, g·(I/g) + j, o']`` for output ``o = g·(O/g) + o'``, so that one
+    sample's block ``[g·I/g, O/g]`` (the bmm output with the sample index outside) adds to it
+    contiguously; :meth:`result` returns the ``[C, O, I/g]`` view.
+    """
+
+    def __init__(self, mod: WeightedLayer, num_classes: int, dtype: torch.dtype,
+                 chunk_bytes: int, device: torch.device, workspace: _Workspace) -> None:
+        self.mod = mod
+        self.dtype = dtype
+        self.chunk_bytes = chunk_bytes
+        self.workspace = workspace
+        wb, self.groups = _weight_blocks(mod, dtype)
+        g, o_per_g, i_per_g, k = wb.shape
+        self.shape = (g, o_per_g, i_per_g)
+        # bmm batched over (group, input channel): [b, K] @ [K, O/g] per channel
+        self.wt = wb.permute(0, 2, 3, 1).reshape(g * i_per_g, k, o_per_g).to(device).contiguous()
+        self.acc = torch.zeros(num_classes, g * i_per_g, o_per_g, dtype=dtype, device=device)
+
+    def add(self, x: Tensor, labels: Tensor) -> None:
+        g, o_per_g, i_per_g = self.shape
+        itemsize = self.acc.element_size()
+        per_sample = g * o_per_g * i_per_g * itemsize
+        batch_chunk = max(1, self.chunk_bytes // per_sample)
+        o_chunk = o_per_g if per_sample <= self.chunk_bytes else max(
+            1, self.chunk_bytes // (g * i_per_g * itemsize))
+        # box sums first (chunked by the input's own size), then sort the small S by label;
+        # adding samples one by one in that (stable) order makes A's summation order the
+        # dataset order of each class, whatever the batch size or chunking
+        sample_bytes = max(1, x[:1].numel() * x.element_size())
+        sums_chunk = max(1, self.chunk_bytes // sample_bytes)
+        sums = torch.cat([_input_sums(self.mod, x[i:i + sums_chunk]).to(self.dtype)
+                          for i in range(0, x.shape[0], sums_chunk)])  # [B, I, K]
+        order = torch.argsort(labels, stable=True)
+        sums, labels = sums[order], labels[order].tolist()
+        for start in range(0, len(labels), batch_chunk):
+            s = sums[start:start + batch_chunk]
+            b = s.shape[0]
+            st = s.reshape(b, g * i_per_g, -1).transpose(0, 1).contiguous()  # [g·I/g, b, K]
+            for o0 in range(0, o_per_g, o_chunk):
+                o1 = min(o_per_g, o0 + o_chunk)
+                c = self.workspace.get((g * i_per_g, b, o1 - o0), self.dtype, self.acc.device)
+                if st.shape[-1] == 1:  # 1×1 conv / Linear: an outer product per channel
+                    torch.mul(st, self.wt[:, :, o0:o1], out=c).relu_()
+                else:
+                    torch.bmm(st, self.wt[:, :, o0:o1], out=c).relu_()
+                for n in range(b):
+                    self.acc[labels[start + n], :, o0:o1].add_(c[:, n])
+
+    def result(self) -> Tensor:
+        g, o_per_g, i_per_g = self.shape
+        num_classes = self.acc.shape[0]
+        view = self.acc.view(num_classes, g, i_per_g, o_per_g).transpose(2, 3)
+        return view.reshape(num_classes, g * o_per_g, i_per_g)
+
+
+class _NaiveLayer:
+    """The reference's accumulation: whole batch at once, ``B×O×I×H×W`` materialised."""
+
+    def __init__(self, mod: WeightedLayer, num_classes: int, dtype: torch.dtype,
+                 chunk_bytes: int, device: torch.device, workspace: _Workspace) -> None:
+        del chunk_bytes, workspace
+        self.mod = mod
+        shape = (num_classes, mod.weight.shape[0], mod.weight.shape[1])
+        self.acc = torch.zeros(shape, dtype=dtype, device=device)
+
+    def add(self, x: Tensor, labels: Tensor) -> None:
+        c = naive_sample_contributions(self.mod, x).to(self.acc.dtype).relu_()
+        for label in torch.unique(labels).tolist():
+            self.acc[label] += c[labels == label].sum(0)
+
+    def result(self) -> Tensor:
+        return self.acc
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _as_labels(y: Any, num_classes: int, device: torch.device) -> Tensor:
+    labels = torch.as_tensor(y, device=device).long().reshape(-1)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    return labels
+
+
+class _EvalMode:
+    """``model.eval()`` for the duration, restoring every submodule's own training flag."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.flags: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self) -> None:
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for m, flag in self.flags:
+            m.training = flag
+
+
+def _stream(model: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int,
+            layers: Sequence[str], make: Callable[..., Any], dtype: torch.dtype,
+            chunk_bytes: int, progress: bool) -> tuple[dict[str, Tensor], list[int]]:
+    """Run ``model`` on every batch and feed each listed layer's input to its accumulator."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    device = _model_device(model)
+    mods = {name: model.get_submodule(name) for name in layers}
+    for name, mod in mods.items():
+        _check_supported(name, mod)
+    workspace = _Workspace()
+    accs = {name: make(mod, num_classes, dtype, chunk_bytes, device, workspace)
+            for name, mod in mods.items()}
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    state: dict[str, Any] = {"labels": None, "calls": {}}
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 out: Any) -> None:
+            del mod, out
+            calls = state["calls"]
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] > 1:
+                raise RuntimeError(
+                    f"layer {name!r} is called more than once per forward; contributions "
+                    "are defined per layer, so shared modules are not supported")
+            x = args[0] if args else kwargs["input"]
+            labels = state["labels"]
+            if x.shape[0] != labels.shape[0]:
+                raise ValueError(
+                    f"layer {name!r}: input {tuple(x.shape)} has {x.shape[0]} rows on dim 0 "
+                    f"but the batch has {labels.shape[0]} labels (dim 0 must be the sample)")
+            accs[name].add(x, labels)
+        return hook
+
+    handles = [mod.register_forward_hook(hook_for(name), with_kwargs=True)
+               for name, mod in mods.items()]
+    try:
+        with _EvalMode(model), torch.no_grad():
+            for batch in tqdm(batches, desc="contributions", unit="batch",
+                              disable=not progress):
+                x, y = batch[0], batch[1]
+                labels = _as_labels(y, num_classes, device)
+                state["labels"], state["calls"] = labels, {}
+                model(x.to(device))
+                missing = [name for name in layers if name not in state["calls"]]
+                if missing:
+                    raise RuntimeError(f"layers not called in the forward pass: {missing}")
+                counts += torch.bincount(labels.cpu(), minlength=num_classes)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: acc.result().cpu() for name, acc in accs.items()}, counts.tolist()
+
+
+def _resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
+    if layers is not None:
+        return list(layers)
+    if not isinstance(model, torch.fx.GraphModule):
+        raise TypeError("layers=None needs a torch.fx.GraphModule (its graph gives the order); "
+                        "pass layers=[...] for a plain nn.Module")
+    return weighted_layers(model)
+
+
+def contributions(gm: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int,
+                  layers: Sequence[str] | None = None, progress: bool = True, *,
+                  dtype: torch.dtype = torch.float32, chunk_bytes: int = CHUNK_BYTES
+                  ) -> dict[str, Tensor]:
+    """``A[c, o, j] = Σ_{x of class c} ReLU(c[o,j](x))`` for every layer (see module docstring).
+
+    ``batches`` yields ``(x, y, ...)`` with ``y`` the class labels of the rows of ``x``; extra
+    items (e.g. dataset indices) are ignored. The model runs once per batch in eval mode under
+    ``no_grad``; forward hooks capture each layer's input and fold it into ``A`` immediately, so
+    no activation is kept beyond its layer. ``layers`` defaults to :func:`weighted_layers`.
+    Returns CPU tensors ``[num_classes, O, I/groups]`` in ``dtype``, keyed by layer name.
+    """
+    layers = _resolve_layers(gm, layers)
+    result, _ = _stream(gm, batches, num_classes, layers, _CheapLayer, dtype, chunk_bytes,
+                        progress)
+    return result
+
+
+def naive_contributions(gm: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int,
+                        layers: Sequence[str] | None = None, progress: bool = True, *,
+                        dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Same result as :func:`contributions` by the reference's formula (``unfold`` and the
+    ``B×O×I×H×W`` product per layer and batch). For tests and benchmarks only."""
+    layers = _resolve_layers(gm, layers)
+    result, _ = _stream(gm, batches, num_classes, layers, _NaiveLayer, dtype, 0, progress)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# sample selection (MDA §1.1)
+
+
+def default_per_class(n_train_of_class: int, fraction: float = DEFAULT_SAMPLE_FRACTION) -> int:
+    """``max(1, round(fraction · n))`` with halves rounded up (exact decimal arithmetic)."""
+    if n_train_of_class < 0:
+        raise ValueError(f"class size must be >= 0, got {n_train_of_class}")
+    scaled = Fraction(str(fraction)) * n_train_of_class
+    return max(1, math.floor(scaled + Fraction(1, 2)))
+
+
+@dataclass
+class ConfidentSamples:
+    """Per class, dataset indices ranked by the true-label probability (highest first).
+
+    ``indices[c][r]`` has log-probability ``log_probs[c][r]`` of its true label ``c``.
+    """
+
+    indices: dict[int, list[int]]
+    log_probs: dict[int, list[float]]
+
+    def all_indices(self) -> list[int]:
+        """Every selected index, sorted."""
+        return sorted(i for idx in self.indices.values() for i in idx)
+
+
+def select_confident_samples(model: nn.Module, batches: Iterable[Sequence[Any]],
+                             num_classes: int, per_class: int | Sequence[int] | Mapping[int, int],
+                             progress: bool = True) -> ConfidentSamples:
+    """MDA §1.1: per class ``c``, the ``per_class`` samples with the highest softmax
+    probability of their true label ``c`` (correct prediction not required).
+
+    ``batches`` yields ``(x, y, idx)`` with ``idx`` the dataset indices. Scores are the
+    true-label log-softmax in float64 (same order as the probability, but it still separates
+    samples whose float32 probability saturates at 1). Streaming: a running top-k heap per
+    class. Ties go to the smaller dataset index. ``per_class`` is one count for every class,
+    or one per class (sequence or mapping; missing mapping keys mean 0).
+    """
+    if isinstance(per_class, int):
+        quota = {c: per_class for c in range(num_classes)}
+    elif isinstance(per_class, Mapping):
+        quota = {c: int(per_class.get(c, 0)) for c in range(num_classes)}
+    else:
+        if len(per_class) != num_classes:
+            raise ValueError(f"per_class has {len(per_class)} entries, expected {num_classes}")
+        quota = {c: int(k) for c, k in enumerate(per_class)}
+    if any(k < 0 for k in quota.values()):
+        raise ValueError("per_class counts must be >= 0")
+    device = _model_device(model)
+    # min-heaps of (score, -index): the root is the worst kept sample (lowest score, then the
+    # largest index), so a candidate replaces it iff it ranks strictly better
+    heaps: dict[int, list[tuple[float, int]]] = {c: [] for c in range(num_classes)}
+    with _EvalMode(model), torch.no_grad():
+        for batch in tqdm(batches, desc="select samples", unit="batch", disable=not progress):
+            x, y, idx = batch[0], batch[1], batch[2]
+            labels = _as_labels(y, num_classes, device)
+            logits = model(x.to(device))
+            if not isinstance(logits, Tensor) or logits.shape != (labels.shape[0], num_classes):
+                got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits)
+                raise ValueError(f"model must return logits [B, {num_classes}], got {got}")
+            scores = logits.double().log_softmax(-1).gather(1, labels[:, None])[:, 0]
+            for label, score, index in zip(labels.tolist(), scores.tolist(),
+                                           torch.as_tensor(idx).reshape(-1).tolist()):
+                heap, item = heaps[label], (score, -int(index))
+                if len(heap) < quota[label]:
+                    heapq.heappush(heap, item)
+                elif heap and item > heap[0]:
+                    heapq.heapreplace(heap, item)
+    indices, log_probs = {}, {}
+    for c, heap in heaps.items():
+        ranked = sorted(heap, reverse=True)
+        indices[c] = [-neg for _, neg in ranked]
+        log_probs[c] = [score for score, _ in ranked]
+    return ConfidentSamples(indices, log_probs)
+
+
+# --------------------------------------------------------------------------------------------
+# profile: the stored analysis result
+
+
+def _layer_digest(name: str, mod: nn.Module) -> str:
+    h = hashlib.sha256()
+    h.update(f"{name}|{type(mod).__name__}".encode())
+    if isinstance(mod, nn.Conv2d):
+        h.update(repr((mod.stride, mod.padding, mod.dilation, mod.groups,
+                       mod.padding_mode)).encode())
+    for pname in ("weight", "bias"):
+        t = getattr(mod, pname, None)
+        if t is None:
+            h.update(f"|{pname}:none".encode())
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"|{pname}:{t.dtype}:{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(gm: nn.Module, layers: Sequence[str] | None = None
+                      ) -> tuple[str, dict[str, str]]:
+    """sha256 over the weighted layers (name, type, conv config, weight/bias dtype, shape and
+    bytes), in order. Returns the model digest and the per-layer digests."""
+    layers = _resolve_layers(gm, layers)
+    per_layer = {name: _layer_digest(name, gm.get_submodule(name)) for name in layers}
+    h = hashlib.sha256()
+    for name, digest in per_layer.items():
+        h.update(f"{name}={digest};".encode())
+    return h.hexdigest(), per_layer
+
+
+@dataclass
+class Profile:
+    """Per-class contributions of a model (MDA §1.2), with what is needed to trust them later.
+
+    ``contributions[layer]`` is ``A`` with shape ``[len(class_names), O, I/groups]``;
+    ``samples_per_class[c]`` samples of class ``c`` were summed into it.
+    """
+
+    layers: list[str]
+    contributions: dict[str, Tensor]
+    class_names: list[str]
+    samples_per_class: list[int]
+    weight_shapes: dict[str, list[int]]
+    groups: dict[str, int]
+    fingerprint: str
+    layer_digests: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of tensors / str / int / lists (loadable with ``weights_only=True``)."""
+        return {
+            "format": PROFILE_FORMAT, "version": PROFILE_VERSION,
+            "layers": list(self.layers),
+            "contributions": {k: v.detach().cpu() for k, v in self.contributions.items()},
+            "class_names": list(self.class_names),
+            "samples_per_class": [int(n) for n in self.samples_per_class],
+            "weight_shapes": {k: [int(d) for d in v] for k, v in self.weight_shapes.items()},
+            "groups": {k: int(v) for k, v in self.groups.items()},
+            "fingerprint": self.fingerprint,
+            "layer_digests": dict(self.layer_digests),
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically: a temporary file in the same directory, then ``os.replace``."""
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self.to_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], mmap: bool = False) -> Profile:
+        """Load with ``torch.load(weights_only=True)``; ``mmap=True`` maps the tensors lazily."""
+        data = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=mmap)
+        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"{os.fspath(path)!r} is not an mdafx contribution profile")
+        if data.get("version") != PROFILE_VERSION:
+            raise ValueError(f"{os.fspath(path)!r}: profile version {data.get('version')} "
+                             f"(this mdafx reads version {PROFILE_VERSION})")
+        return cls(layers=list(data["layers"]), contributions=dict(data["contributions"]),
+                   class_names=list(data["class_names"]),
+                   samples_per_class=list(data["samples_per_class"]),
+                   weight_shapes={k: list(v) for k, v in data["weight_shapes"].items()},
+                   groups=dict(data["groups"]), fingerprint=data["fingerprint"],
+                   layer_digests=dict(data["layer_digests"]))
+
+    def check_matches(self, gm: nn.Module) -> None:
+        """Raise :class:`ProfileMismatchError` naming the first layer where ``gm`` differs."""
+        layers = _resolve_layers(gm, None if isinstance(gm, torch.fx.GraphModule)
+                                 else self.layers)
+        for pos, name in enumerate(self.layers):
+            if pos >= len(layers) or layers[pos] != name:
+                found = layers[pos] if pos < len(layers) else "nothing"
+                raise ProfileMismatchError(
+                    f"profile layer #{pos} is {name!r} but the model has {found!r} there")
+            mod = gm.get_submodule(name)
+            shape = list(mod.weight.shape)
+            if shape != self.weight_shapes[name]:
+                raise ProfileMismatchError(f"layer {name!r}: weight shape {shape} != profile's "
+                                           f"{self.weight_shapes[name]}")
+            digest = _layer_digest(name, mod)
+            if self.layer_digests and digest != self.layer_digests[name]:
+                raise ProfileMismatchError(f"layer {name!r}: weights or configuration differ "
+                                           "from the model the profile was computed on")
+        if len(layers) > len(self.layers):
+            raise ProfileMismatchError(
+                f"model layer {layers[len(self.layers)]!r} is not in the profile")
+        fingerprint, _ = model_fingerprint(gm, layers)
+        if fingerprint != self.fingerprint:
+            raise ProfileMismatchError("model fingerprint differs from the profile's")
+
+
+def build_profile(gm: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int,
+                  class_names: Sequence[str] | None = None,
+                  layers: Sequence[str] | None = None, progress: bool = True, *,
+                  dtype: torch.dtype = torch.float32, chunk_bytes: int = CHUNK_BYTES
+                  ) -> Profile:
+    """:func:`contributions` plus the sample counts and the model fingerprint."""
+    layers = _resolve_layers(gm, layers)
+    names = [str(c) for c in range(num_classes)] if class_names is None else list(class_names)
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for {num_classes} classes")
+    result, counts = _stream(gm, batches, num_classes, layers, _CheapLayer, dtype,
+                             chunk_bytes, progress)
+    fingerprint, digests = model_fingerprint(gm, layers)
+    mods = {name: gm.get_submodule(name) for name in layers}
+    return Profile(
+        layers=list(layers), contributions=result, class_names=names, samples_per_class=counts,
+        weight_shapes={n: list(m.weight.shape) for n, m in mods.items()},
+        groups={n: (m.groups if isinstance(m, nn.Conv2d) else 1) for n, m in mods.items()},
+        fingerprint=fingerprint, layer_digests=digests)

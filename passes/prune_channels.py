@@ -1,0 +1,226 @@
+"""PruneChannels (transform): physically remove the channels a ChannelPlan drops.
+
+A ``ChannelPlan`` decides per coupled group (union-find root of ``ChannelGroups``) whether its
+channels stay, and which output logits (``classes``) the pruned model returns, in that order.
+Frozen groups always stay.
+
+For every node whose rule has a ``prune`` step (conv, linear, batch norm, reshape/split/getitem
+constants) the rule rewrites the module or arguments so that, for every tensor ``t`` of the graph,
+
+    pruned(x).t == original(x).t[..., kept(t), ...]      (kept positions along t's channel dim)
+
+whenever the dropped channels are zero where they are produced, which is exactly the masked model
+of ``masked_model`` (MDA.md §1.4's oracle). The output keeps the logits of ``classes``, reordered
+by a final ``getitem`` when the kept order differs from the requested one.
+Invalidates everything (shapes and ids change).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from mdafx.channels import FROZEN, along, varying_dims
+from mdafx.errors import PreconditionError
+from mdafx.ir import META_KEPT, propagate_shapes, shape_of
+from mdafx.passmanager import AnalysisManager, Pass, PassManager
+from mdafx.rules import PruneContext, lookup
+from passes.channel_groups import ChannelGraph, ChannelGroups, _map_ids
+
+
+@dataclass
+class ChannelPlan:
+    """Which coupled groups stay (``keep[root]``) and which logits the result returns."""
+
+    keep: torch.Tensor              # bool, indexed by channel id root
+    classes: list[int] | None = None
+
+    def kept(self, cg: ChannelGraph, name: str):
+        return _map_ids(cg.ids[name], lambda ids: self.keep[cg.forest.find(ids)])
+
+
+def plan_from_votes(cg: ChannelGraph, votes: dict[str, torch.Tensor], classes=None) -> ChannelPlan:
+    """A group stays if any vote on any of its channels says so; groups nobody voted on stay.
+
+    ``votes[name]`` is a bool tensor over the node's output channels: shaped like its ids, or 1-D
+    along its channel dim.
+    """
+    n = cg.forest.size
+    voted = torch.zeros(n, dtype=torch.bool)
+    yes = torch.zeros(n, dtype=torch.bool)
+    for name, vote in votes.items():
+        if name not in cg.ids or not isinstance(cg.ids[name], torch.Tensor):
+            raise PreconditionError(f"no tensor node named {name!r} to vote on")
+        roots = cg.forest.find(cg.ids[name])
+        vote = torch.as_tensor(vote, dtype=torch.bool)
+        if vote.dim() == 1 and roots.dim() != 1:
+            dim = cg.channel_dim(name)
+            axis = dim if dim is not None else _first_sized(roots, vote.numel())
+            roots = along(roots, axis)
+        roots, vote = torch.broadcast_tensors(roots, vote) if vote.shape != roots.shape else (roots, vote)
+        voted[roots.reshape(-1)] = True
+        yes.scatter_reduce_(0, roots.reshape(-1), vote.reshape(-1), reduce="amax")
+    return finalize_plan(cg, torch.where(voted, yes, torch.ones_like(yes)), classes)
+
+
+def _first_sized(roots: torch.Tensor, size: int) -> int:
+    for d, s in enumerate(roots.shape):
+        if s == size:
+            return d
+    raise PreconditionError(f"vote of {size} channels does not match ids of shape {tuple(roots.shape)}")
+
+
+def plan_random(cg: ChannelGraph, density: float, seed: int = 0, classes=None) -> ChannelPlan:
+    """Keep each prunable group with probability ``density`` (for tests and benchmarks)."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(cg.forest.size, generator=g) < density
+    return finalize_plan(cg, keep, classes)
+
+
+def finalize_plan(cg: ChannelGraph, keep: torch.Tensor, classes=None) -> ChannelPlan:
+    """Apply the rules every plan obeys: frozen groups stay, the output keeps exactly ``classes``
+    (where its logits are prunable), and every tensor keeps at least one channel."""
+    keep = keep.clone().bool()
+    keep[FROZEN] = True
+    if classes is not None:
+        classes = [int(c) for c in classes]
+        out_roots = _logit_roots(cg)
+        if len(set(classes)) != len(classes):
+            raise PreconditionError(f"classes {classes} repeat a class")
+        bad = [c for c in classes if not 0 <= c < out_roots.numel()]
+        if bad:
+            raise PreconditionError(f"classes {bad} out of range: the model has {out_roots.numel()} logits")
+        wanted = torch.zeros(out_roots.numel(), dtype=torch.bool)
+        wanted[classes] = True
+        keep[out_roots[~wanted]] = False
+        keep[out_roots[wanted]] = True
+        keep[FROZEN] = True
+    # A tensor with no channel left would break the graph; keep its first channel.
+    for name in cg.tensor_nodes():
+        roots = cg.forest.find(cg.ids[name]).reshape(-1)
+        if not bool(keep[roots].any()):
+            keep[roots[0]] = True
+    return ChannelPlan(keep, classes)
+
+
+def _logit_roots(cg: ChannelGraph) -> torch.Tensor:
+    ids = cg.ids.get(cg.output)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise PreconditionError("class selection needs a model whose output is one [batch, classes] tensor")
+    tm_roots = cg.forest.find(ids)
+    return tm_roots.reshape(-1) if tm_roots.shape[1] > 1 else tm_roots.reshape(-1)
+
+
+class PruneChannels(Pass):
+    """Rewrite modules and shape constants so dropped channels physically disappear."""
+
+    name = "prune-channels"
+    requires = (ChannelGroups,)
+
+    def __init__(self, plan: ChannelPlan) -> None:
+        self.plan = plan
+
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> bool:
+        cg: ChannelGraph = am.get(ChannelGroups)
+        plan = self.plan
+        roots_of = lambda a: cg.roots(a.name) if isinstance(a, fx.Node) else None  # noqa: E731
+        kept_of = lambda a: plan.kept(cg, a.name) if isinstance(a, fx.Node) else None  # noqa: E731
+        modified = False
+        for node in list(gm.graph.nodes):
+            ids = cg.ids.get(node.name)
+            if isinstance(ids, torch.Tensor):
+                kept = plan.kept(cg, node.name)
+                dim = cg.channel_dim(node.name)
+                total = ids.shape[dim] if dim is not None else None
+                node.meta[META_KEPT] = (int(along(kept, dim).sum()), total) if dim is not None else None
+            rule = lookup(node, gm)
+            if rule is None or rule.prune is None or node.name in cg.barriers:
+                continue
+            before = (node.op, node.target, node.args, node.kwargs)
+            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            try:
+                rule.prune(PruneContext(node, gm, module, kept_of, roots_of))
+            except Exception as e:
+                raise PreconditionError(f"{rule.name} could not prune {node.format_node()}: "
+                                        f"{type(e).__name__}: {e}") from e
+            after_module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            modified |= before != (node.op, node.target, node.args, node.kwargs) or after_module is not module
+        modified |= _select_output(gm, cg, plan)
+        return modified
+
+
+def _select_output(gm: fx.GraphModule, cg: ChannelGraph, plan: ChannelPlan) -> bool:
+    if plan.classes is None:
+        return False
+    roots = _logit_roots(cg)
+    kept_positions = plan.keep[roots].nonzero().reshape(-1).tolist()
+    index = [kept_positions.index(c) if c in kept_positions else None for c in plan.classes]
+    if index == list(range(len(kept_positions))):
+        return False
+    return _append_getitem(gm, index, "mdafx_select")
+
+
+def _append_getitem(gm: fx.GraphModule, index: list[int], name: str) -> bool:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    value = out.args[0]
+    with gm.graph.inserting_before(out):
+        sel = gm.graph.call_function(__import__("operator").getitem, (value, (slice(None), list(index))))
+        sel.name = name
+    out.args = (sel,)
+    return True
+
+
+def prune(gm: fx.GraphModule, plan: ChannelPlan, cg: ChannelGraph | None = None,
+          instruments=None) -> fx.GraphModule:
+    """A physically smaller copy of ``gm`` for ``plan`` (``gm`` is left untouched)."""
+    example = _example_input(gm)
+    pruned = copy.deepcopy(gm)
+    am = AnalysisManager(pruned)
+    if cg is not None:
+        am.provide(ChannelGroups, _rename(cg))
+    PassManager([PruneChannels(plan)], instruments).run(pruned, am)
+    propagate_shapes(pruned, torch.randn(example))
+    return pruned
+
+
+def _rename(cg: ChannelGraph) -> ChannelGraph:
+    return cg  # node names survive deepcopy
+
+
+def _example_input(gm: fx.GraphModule) -> tuple[int, ...]:
+    ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    shape = shape_of(ph)
+    if shape is None:
+        raise PreconditionError("the graph has no shapes: trace it with mdafx.trace first")
+    return shape
+
+
+def masked_model(gm: fx.GraphModule, plan: ChannelPlan, cg: ChannelGraph) -> fx.GraphModule:
+    """MDA.md §1.4's oracle: ``gm`` with every dropped channel multiplied by zero wherever it
+    appears (same shapes), returning the logits of ``plan.classes`` in that order."""
+    masked = copy.deepcopy(gm)
+    graph = masked.graph
+    count = 0
+    for node in list(graph.nodes):
+        ids = cg.ids.get(node.name)
+        if node.op == "output" or not isinstance(ids, torch.Tensor):
+            continue
+        kept = plan.kept(cg, node.name)
+        if bool(kept.all()):
+            continue
+        dtype = node.meta["tensor_meta"].dtype if "tensor_meta" in node.meta else torch.float32
+        buffer_name = f"mdafx_mask_{count}"
+        masked.register_buffer(buffer_name, kept.to(dtype))
+        count += 1
+        with graph.inserting_after(node):
+            mask = graph.get_attr(buffer_name)
+        with graph.inserting_after(mask):
+            mul = graph.call_function(torch.mul, (node, mask))
+        node.replace_all_uses_with(mul, delete_user_cb=lambda user: user is not mul)
+    if plan.classes is not None:
+        _append_getitem(masked, list(plan.classes), "mdafx_select")
+    graph.lint()
+    masked.recompile()
+    return masked

@@ -1,0 +1,50 @@
+"""Models for whole-model property tests: torchvision classifiers with random weights that make
+every channel matter (torchvision's own init zeroes some heads, which would hide errors)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torchvision
+
+# name -> (constructor kwargs, input size)
+CI_ZOO = {
+    "resnet18": ({}, 32),
+    "vgg11_bn": ({}, 32),
+    "mobilenet_v3_small": ({}, 32),
+    "densenet121": ({}, 32),
+    "googlenet": ({"aux_logits": False, "init_weights": False}, 32),
+    "shufflenet_v2_x0_5": ({}, 32),
+    "convnext_tiny": ({}, 32),
+    "efficientnet_b0": ({}, 32),
+    "squeezenet1_1": ({}, 32),
+    "regnet_x_400mf": ({}, 32),
+    "vit_b_16": ({"image_size": 32}, 32),
+}
+
+
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights with fan-in scaling, non-trivial norm statistics and scales."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                fan_in = p[0].numel() if p.dim() > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=g) * math.sqrt(2.0 / max(fan_in, 1)))
+            elif name.endswith("weight"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def build(name: str, seed: int = 0, num_classes: int = 10) -> tuple[nn.Module, torch.Tensor]:
+    kwargs, size = CI_ZOO.get(name, ({}, 64))
+    model = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+    randomize_(model, seed)
+    return model, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))

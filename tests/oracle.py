@@ -1,0 +1,32 @@
+"""The exactness oracle shared by rule, pass and zoo tests (MDA.md §1.4)."""
+from __future__ import annotations
+
+import torch
+
+from mdafx.api import channel_groups, masked_model, plan_random, prune, trace
+from mdafx.ir import count_params
+
+
+def prune_and_mask(model, example, density, seed=0, classes=None, strict=False):
+    gm = trace(model, example)
+    cg = channel_groups(gm, strict=strict)
+    plan = plan_random(cg, density, seed=seed, classes=classes)
+    return gm, cg, plan, prune(gm, plan, cg=cg), masked_model(gm, plan, cg)
+
+
+def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.abs().max().item()
+    assert scale > 0, "oracle output is all zero: the test could not fail"
+    return (a - b).abs().max().item() / scale
+
+
+def assert_exact(model, example, density, seed=0, classes=None, tol=1e-4, batch=2):
+    gm, cg, plan, pruned, masked = prune_and_mask(model, example, density, seed, classes)
+    x = torch.randn((batch, *example.shape[1:]), generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        got, want = pruned(x), masked(x)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    err = max_rel_error(got, want)
+    assert err <= tol, f"pruned differs from masked model by {err:.3g} (relative)"
+    assert count_params(pruned) <= count_params(gm)
+    return gm, cg, plan, pruned, err

@@ -1,0 +1,379 @@
+"""Tests for passes/contributions.py: the cheap form of MDA §1.2 against independent references.
+
+The ground truth ``literal_contributions`` runs one single-channel convolution per (o, i) pair
+with the layer's own configuration (padding mode included) and sums its output, so it shares no
+code with the box-sum form or with the unfold-based naive form.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from passes.contributions import (
+    Profile,
+    ProfileMismatchError,
+    build_profile,
+    contributions,
+    default_per_class,
+    naive_contributions,
+    naive_sample_contributions,
+    sample_contributions,
+    select_confident_samples,
+    weighted_layers,
+)
+
+NUM_CLASSES = 4
+RTOL64 = 1e-10  # float64 end to end: only summation order differs
+RTOL32 = 1e-5   # float32 cheap form vs float32 naive form (the brief's bound)
+
+
+def literal_contributions(mod: nn.Module, x: Tensor) -> Tensor:
+    """Pre-ReLU ``c[b, o, j]`` by definition: the part of output map o from input channel j."""
+    if isinstance(mod, nn.Linear):
+        tokens = x.reshape(x.shape[0], -1, x.shape[-1]).sum(1)  # [B, I]
+        return mod.weight[None] * tokens[:, None, :]
+    out_ch, in_per_group = mod.weight.shape[:2]
+    out_per_group = out_ch // mod.groups
+    single = nn.Conv2d(1, 1, mod.kernel_size, stride=mod.stride, padding=mod.padding,
+                       dilation=mod.dilation, bias=False, padding_mode=mod.padding_mode)
+    single = single.to(x.dtype)
+    result = torch.empty(x.shape[0], out_ch, in_per_group, dtype=x.dtype)
+    with torch.no_grad():
+        for o in range(out_ch):
+            for j in range(in_per_group):
+                channel = (o // out_per_group) * in_per_group + j
+                single.weight.copy_(mod.weight[o, j][None, None])
+                result[:, o, j] = single(x[:, channel:channel + 1]).sum((1, 2, 3))
+    return result
+
+
+def per_class_sum(c: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """``A[k] = Σ_{b: label b = k} ReLU(c[b])`` by a plain loop over samples."""
+    acc = torch.zeros((num_classes,) + c.shape[1:], dtype=torch.float64)
+    for b in range(c.shape[0]):
+        acc[int(labels[b])] += c[b].double().clamp_min(0)
+    return acc
+
+
+def traced(layer: nn.Module) -> torch.fx.GraphModule:
+    return torch.fx.symbolic_trace(nn.Sequential(layer))
+
+
+def make_batches(x: Tensor, y: Tensor, batch: int) -> list[tuple[Tensor, Tensor]]:
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, x.shape[0], batch)]
+
+
+def max_rel(a: Tensor, b: Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+CONV_CASES = {
+    "plain": (dict(in_channels=4, out_channels=6, kernel_size=3), (9, 9)),
+    "groups2": (dict(in_channels=4, out_channels=6, kernel_size=3, groups=2, padding=1), (9, 9)),
+    "depthwise": (dict(in_channels=4, out_channels=4, kernel_size=3, groups=4, padding=1),
+                  (8, 8)),
+    "depthwise_x2": (dict(in_channels=4, out_channels=8, kernel_size=3, groups=4), (8, 8)),
+    "stride2": (dict(in_channels=3, out_channels=5, kernel_size=3, stride=2, padding=1), (9, 8)),
+    "dilation2": (dict(in_channels=3, out_channels=5, kernel_size=3, dilation=2, padding=2),
+                  (10, 10)),
+    "pad0": (dict(in_channels=3, out_channels=5, kernel_size=3, padding=0), (7, 7)),
+    "pad2": (dict(in_channels=3, out_channels=5, kernel_size=3, padding=2), (7, 7)),
+    "asym_3x1": (dict(in_channels=3, out_channels=5, kernel_size=(3, 1), padding=(1, 0)),
+                 (8, 6)),
+    "non_square": (dict(in_channels=3, out_channels=5, kernel_size=3, padding=1, stride=(2, 1)),
+                   (13, 6)),
+    "same_dilated": (dict(in_channels=3, out_channels=4, kernel_size=(3, 2), padding="same",
+                          dilation=2), (9, 7)),
+    "pointwise": (dict(in_channels=6, out_channels=3, kernel_size=1), (5, 5)),
+    "kernel_exceeds_input_pad": (dict(in_channels=2, out_channels=3, kernel_size=5, padding=3,
+                                      stride=3), (4, 4)),
+    "reflect": (dict(in_channels=3, out_channels=4, kernel_size=3, padding=2,
+                     padding_mode="reflect"), (7, 6)),
+    "replicate": (dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, stride=2,
+                       padding_mode="replicate"), (7, 6)),
+    "circular": (dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=2,
+                      padding_mode="circular"), (6, 7)),
+}
+
+
+def conv_case(name: str, dtype: torch.dtype, batch: int = 7) -> tuple[nn.Conv2d, Tensor, Tensor]:
+    torch.manual_seed(sorted(CONV_CASES).index(name))
+    kwargs, (height, width) = CONV_CASES[name]
+    mod = nn.Conv2d(**kwargs).to(dtype)
+    x = torch.randn(batch, kwargs["in_channels"], height, width, dtype=dtype)
+    y = torch.randint(0, NUM_CLASSES - 1, (batch,))  # the last class gets no sample
+    return mod, x, y
+
+
+@pytest.mark.parametrize("name", sorted(CONV_CASES))
+def test_conv_cheap_equals_literal_float64(name: str) -> None:
+    mod, x, y = conv_case(name, torch.float64)
+    expected = per_class_sum(literal_contributions(mod, x), y, NUM_CLASSES)
+    got = contributions(traced(mod), make_batches(x, y, 3), NUM_CLASSES, progress=False,
+                        dtype=torch.float64)
+    assert list(got) == ["0"]
+    a = got["0"]
+    assert a.shape == (NUM_CLASSES, mod.out_channels, mod.in_channels // mod.groups)
+    assert expected.abs().max() > 0 and (a > 0).any()
+    assert max_rel(a, expected) < RTOL64
+    assert torch.all(a[NUM_CLASSES - 1] == 0)
+
+
+@pytest.mark.parametrize("name", sorted(CONV_CASES))
+def test_conv_cheap_equals_naive_float32(name: str) -> None:
+    mod, x, y = conv_case(name, torch.float32)
+    batches = make_batches(x, y, 4)
+    cheap = contributions(traced(mod), batches, NUM_CLASSES, progress=False)["0"]
+    naive = naive_contributions(traced(mod), batches, NUM_CLASSES, progress=False)["0"]
+    assert cheap.dtype == naive.dtype == torch.float32
+    assert max_rel(cheap, naive) < RTOL32
+
+
+@pytest.mark.parametrize("name", sorted(CONV_CASES))
+def test_per_sample_forms_sum_to_layer_output(name: str) -> None:
+    """Σ_j c[o,j] is the spatial sum of the bias-free layer output (independent of unfold)."""
+    mod, x, _ = conv_case(name, torch.float64)
+    with torch.no_grad():
+        out = (mod(x) - mod.bias[:, None, None]).sum((2, 3))
+    for form in (sample_contributions(mod, x, torch.float64), naive_sample_contributions(mod, x)):
+        assert torch.allclose(form.sum(-1), out, rtol=0, atol=1e-12 * out.abs().max().item())
+
+
+def test_conv_hand_computed() -> None:
+    """All-ones 3×3 kernel, pad 1, all-ones 4×4 input: 4 corners·4 + 8 edges·6 + 4 inner·9."""
+    mod = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    with torch.no_grad():
+        mod.weight.fill_(1.0)
+    x = torch.ones(2, 1, 4, 4)
+    x[1] *= -1  # negative sample: ReLU per sample drops it
+    a = contributions(traced(mod), [(x, torch.tensor([0, 0]))], 1, progress=False)["0"]
+    assert a.item() == 100.0
+
+
+def test_linear_2d_and_tokens() -> None:
+    torch.manual_seed(0)
+    mod = nn.Linear(5, 3).double()
+    for shape in [(6, 5), (6, 4, 5), (6, 2, 3, 5)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        y = torch.tensor([0, 2, 1, 2, 0, 2])
+        expected = per_class_sum(literal_contributions(mod, x), y, NUM_CLASSES)
+        got = contributions(traced(mod), make_batches(x, y, 4), NUM_CLASSES, progress=False,
+                            dtype=torch.float64)["0"]
+        naive = naive_contributions(traced(mod), make_batches(x, y, 4), NUM_CLASSES,
+                                    progress=False, dtype=torch.float64)["0"]
+        assert got.shape == (NUM_CLASSES, 3, 5)
+        assert max_rel(got, expected) < RTOL64
+        assert max_rel(naive, expected) < RTOL64
+
+
+def test_linear_relu_after_token_sum_and_per_sample() -> None:
+    mod = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        mod.weight.fill_(1.0)
+    gm = traced(mod)
+    # two samples of class 0: +2 and -3 -> ReLU per sample -> 2 (not relu(-1) = 0)
+    a = contributions(gm, [(torch.tensor([[2.0], [-3.0]]), torch.tensor([0, 0]))], 1,
+                      progress=False)["0"]
+    assert a.item() == 2.0
+    # one sample with tokens +2 and -3: summed before the ReLU -> 0
+    a = contributions(gm, [(torch.tensor([[[2.0], [-3.0]]]), torch.tensor([0]))], 1,
+                      progress=False)["0"]
+    assert a.item() == 0.0
+
+
+def test_mixed_labels_in_one_batch() -> None:
+    mod, x, _ = conv_case("groups2", torch.float64, batch=6)
+    y = torch.tensor([2, 0, 2, 1, 0, 2])
+    c = literal_contributions(mod, x).clamp_min(0)
+    got = contributions(traced(mod), [(x, y)], NUM_CLASSES, progress=False,
+                        dtype=torch.float64)["0"]
+    for label, rows in [(0, [1, 4]), (1, [3]), (2, [0, 2, 5])]:
+        assert max_rel(got[label], c[rows].sum(0)) < RTOL64
+    assert torch.all(got[3] == 0)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_independent_of_batch_size_and_chunking(dtype: torch.dtype, rtol: float) -> None:
+    mod, x, y = conv_case("groups2", dtype, batch=11)
+    gm = traced(mod)
+    reference = contributions(gm, [(x, y)], NUM_CLASSES, progress=False, dtype=dtype)["0"]
+    per_sample = mod.out_channels * (mod.in_channels // mod.groups) * x.element_size()
+    for batch in (1, 3, 11):
+        # chunk budgets: whole batch, one sample per chunk, and below one sample (o-chunks)
+        for chunk in (2**30, per_sample, per_sample // 3):
+            got = contributions(gm, make_batches(x, y, batch), NUM_CLASSES, progress=False,
+                                dtype=dtype, chunk_bytes=chunk)["0"]
+            assert max_rel(got, reference) <= rtol, (batch, chunk)
+
+
+class SmallNet(nn.Module):
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, groups=2)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(width * 4, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.bn1(self.conv1(x)).relu()
+        x = self.pool(self.conv2(x) + x)
+        return self.fc(x.flatten(1))
+
+
+def test_weighted_layers_graph_order_and_eval_mode() -> None:
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(SmallNet())
+    assert weighted_layers(gm) == ["conv1", "conv2", "fc"]
+    gm.train()
+    before = gm.bn1.running_mean.clone()
+    x, y = torch.randn(5, 3, 6, 6), torch.tensor([0, 1, 2, 3, 0])
+    got = contributions(gm, [(x, y)], NUM_CLASSES, progress=False, dtype=torch.float64)
+    assert gm.training and gm.bn1.training  # restored
+    assert torch.equal(gm.bn1.running_mean, before)  # ran in eval mode
+    # the inner layers see eval-mode activations: recompute conv2's input by hand
+    gm.eval()
+    with torch.no_grad():
+        h = gm.bn1(gm.conv1(x)).relu()
+    expected = per_class_sum(literal_contributions(gm.conv2.double(), h.double()), y, NUM_CLASSES)
+    assert max_rel(got["conv2"], expected) < 1e-6  # model ran in float32
+
+
+def test_unsupported_and_shared_layers_raise() -> None:
+    mod = nn.Conv2d(2, 2, 3, padding=1)
+    gm = traced(mod)
+    gm.get_submodule("0").padding_mode = "mirror"
+    with pytest.raises(ValueError, match="'0'.*padding_mode='mirror'"):
+        weighted_layers(gm)
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.conv(self.conv(x))
+
+    gm = torch.fx.symbolic_trace(Shared())
+    with pytest.raises(RuntimeError, match="'conv' is called more than once"):
+        contributions(gm, [(torch.randn(2, 2, 3, 3), torch.tensor([0, 1]))], 2, progress=False)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        contributions(traced(nn.Conv2d(2, 2, 1)), [(torch.randn(1, 2, 3, 3), torch.tensor([2]))],
+                      2, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample selection
+
+
+def logit_batches(logits: Tensor, labels: Tensor, order: list[int], batch: int
+                  ) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Batches of (x, y, idx) where the model is the identity, so x are the logits."""
+    idx = torch.tensor(order)
+    return [(logits[idx[i:i + batch]], labels[idx[i:i + batch]], idx[i:i + batch])
+            for i in range(0, len(order), batch)]
+
+
+def brute_force_top(logits: Tensor, labels: Tensor, k: int, c: int) -> list[int]:
+    probs = logits.double().softmax(-1)
+    members = [i for i in range(len(labels)) if labels[i] == c]
+    return sorted(members, key=lambda i: (-probs[i, c].item(), i))[:k]
+
+
+def test_select_confident_samples_top_k() -> None:
+    # class 0: true-label probabilities ranked 3 > 0 > 4; class 1: 1 > 2 (sample 2 is
+    # misclassified but still eligible); sample 5 ties with 3 (same logits) and loses on index
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 5.0, 0.0], [3.0, 1.0, 0.0],
+                           [4.0, 0.0, 0.0], [1.0, 0.0, 0.0], [4.0, 0.0, 0.0],
+                           [0.0, 0.0, 9.0]])
+    labels = torch.tensor([0, 1, 1, 0, 0, 0, 2])
+    model = nn.Identity()
+    for order, batch in [(list(range(7)), 7), ([6, 5, 4, 3, 2, 1, 0], 2), ([4, 0, 5, 2, 3, 6, 1], 3)]:
+        sel = select_confident_samples(model, logit_batches(logits, labels, order, batch), 3, 2,
+                                       progress=False)
+        assert sel.indices == {0: [3, 5], 1: [1, 2], 2: [6]}
+        expected_lp = logits.double().log_softmax(-1)[[3, 5], 0].tolist()
+        assert sel.log_probs[0] == pytest.approx(expected_lp, rel=1e-12)
+    sel = select_confident_samples(model, logit_batches(logits, labels, list(range(7)), 4), 3,
+                                   {0: 3, 2: 1}, progress=False)
+    assert sel.indices == {0: [3, 5, 0], 1: [], 2: [6]}
+    assert sel.all_indices() == [0, 3, 5, 6]
+
+
+def test_select_confident_samples_random_matches_brute_force() -> None:
+    torch.manual_seed(1)
+    logits, labels = torch.randn(200, 5) * 3, torch.randint(0, 5, (200,))
+    logits[10:20] = logits[10]  # ties
+    labels[10:20] = labels[10]
+    order = torch.randperm(200).tolist()
+    sel = select_confident_samples(nn.Identity(), logit_batches(logits, labels, order, 17), 5,
+                                   [4, 1, 7, 0, 3], progress=False)
+    for c, k in enumerate([4, 1, 7, 0, 3]):
+        assert sel.indices[c] == brute_force_top(logits, labels, k, c)
+
+
+@pytest.mark.parametrize("n,expected", [(0, 1), (49, 1), (50, 1), (149, 1), (150, 2),
+                                        (250, 3), (1300, 13), (5000, 50)])
+def test_default_per_class(n: int, expected: int) -> None:
+    assert default_per_class(n) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# profile
+
+
+def small_profile(seed: int = 0) -> tuple[torch.fx.GraphModule, Profile]:
+    torch.manual_seed(seed)
+    gm = torch.fx.symbolic_trace(SmallNet())
+    x, y = torch.randn(6, 3, 6, 6), torch.tensor([0, 1, 1, 3, 0, 1])
+    profile = build_profile(gm, make_batches(x, y, 4), NUM_CLASSES, ["a", "b", "c", "d"],
+                            progress=False)
+    return gm, profile
+
+
+def test_profile_round_trip(tmp_path: os.PathLike[str]) -> None:
+    gm, profile = small_profile()
+    assert profile.samples_per_class == [2, 3, 0, 1]
+    assert profile.layers == ["conv1", "conv2", "fc"]
+    assert profile.weight_shapes == {"conv1": [6, 3, 3, 3], "conv2": [6, 3, 3, 3],
+                                     "fc": [NUM_CLASSES, 24]}
+    assert profile.groups == {"conv1": 1, "conv2": 2, "fc": 1}
+    path = os.path.join(tmp_path, "p.pt")
+    profile.save(path)
+    assert os.listdir(tmp_path) == ["p.pt"]  # no temporary file left behind
+    loaded = Profile.load(path)
+    for key in ("layers", "class_names", "samples_per_class", "weight_shapes", "groups",
+                "fingerprint", "layer_digests"):
+        assert getattr(loaded, key) == getattr(profile, key), key
+    assert loaded.contributions.keys() == profile.contributions.keys()
+    for name, a in profile.contributions.items():
+        assert torch.equal(loaded.contributions[name], a)
+    loaded.check_matches(gm)
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "mdafx.profile"
+
+
+def test_profile_mismatch_names_the_layer() -> None:
+    gm, profile = small_profile()
+    with torch.no_grad():
+        gm.conv2.weight[0, 0, 0, 0] += 1.0
+    with pytest.raises(ProfileMismatchError, match="'conv2'"):
+        profile.check_matches(gm)
+    other = torch.fx.symbolic_trace(SmallNet(width=8))
+    with pytest.raises(ProfileMismatchError, match="'conv1': weight shape"):
+        profile.check_matches(other)
+    same_arch, _ = small_profile(seed=1)
+    with pytest.raises(ProfileMismatchError, match="'conv1'"):
+        profile.check_matches(same_arch)
+
+
+def test_profile_load_rejects_other_files(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "x.pt")
+    torch.save({"a": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="not an mdafx contribution profile"):
+        Profile.load(path)
