@@ -30,3 +30,138 @@ def prune(gm: fx.GraphModule, plan: ChannelPlan | None = None, *, keep: dict | N
     if plan is None:
         plan = plan_from_votes(cg, keep or {}, classes)
     return _prune(gm, plan, cg, instruments)
+
+
+# ----------------------------------------------------------------------------- disassembly
+
+from collections.abc import Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+from .errors import PreconditionError  # noqa: E402
+from .ir import count_params  # noqa: E402
+from passes.contributions import (Profile, build_profile, default_per_class,  # noqa: E402
+                                  select_confident_samples)
+from passes.locate import ChannelMasks, Thresholds, locate as _locate  # noqa: E402
+
+__all__ += ["profile", "locate", "disassemble", "Component", "Thresholds", "resolve_classes"]
+
+
+def _batches(dataset, indices, batch_size: int, with_index: bool = False):
+    """(x, y[, idx]) batches of ``dataset`` restricted to ``indices``; uses a dataset's own fast
+    ``batches`` when it has one (mdafx.data.ArrayDataset)."""
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    if hasattr(dataset, "batches"):
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            x, y = next(iter(dataset.batches(len(chunk), chunk)))
+            yield (x, y, torch.as_tensor(chunk)) if with_index else (x, y)
+        return
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        items = [dataset[i] for i in chunk]
+        x = torch.stack([torch.as_tensor(it[0]) for it in items])
+        y = torch.as_tensor([int(it[1]) for it in items])
+        yield (x, y, torch.as_tensor(chunk)) if with_index else (x, y)
+
+
+def _labels_of(dataset) -> torch.Tensor:
+    labels = getattr(dataset, "labels", None) or getattr(dataset, "targets", None)
+    if labels is None:
+        labels = [int(dataset[i][1]) for i in range(len(dataset))]
+    return torch.as_tensor(labels)
+
+
+def profile(gm: fx.GraphModule, dataset, class_names: Sequence[str] | None = None, *,
+            per_class: int | None = None, indices: Sequence[int] | None = None,
+            batch_size: int = 128, progress: bool = True) -> Profile:
+    """Select the most confident samples per class (MDA §1.1) from ``dataset`` (restricted to
+    ``indices``) and accumulate per-class contributions over them (§1.2), streamed."""
+    labels = _labels_of(dataset)
+    pool = torch.arange(len(labels)) if indices is None else torch.as_tensor(list(indices))
+    num_classes = len(class_names) if class_names is not None else int(labels.max()) + 1
+    counts = torch.bincount(labels[pool], minlength=num_classes)
+    empty = [c for c in range(num_classes) if counts[c] == 0]
+    if empty:
+        names = [class_names[c] if class_names else str(c) for c in empty]
+        raise PreconditionError(f"no samples of class(es) {names} to profile")
+    quota = ([per_class] * num_classes if per_class is not None
+             else [default_per_class(int(n)) for n in counts])
+    chosen = select_confident_samples(gm, _batches(dataset, pool.tolist(), batch_size, True),
+                                      num_classes, quota, progress=progress)
+    picked = chosen.all_indices()
+    return build_profile(gm, _batches(dataset, picked, batch_size), num_classes,
+                         class_names=class_names, progress=progress)
+
+
+def locate(gm: fx.GraphModule, prof: Profile | dict, thresholds: Thresholds = Thresholds(),
+           cg: ChannelGraph | None = None) -> ChannelMasks:
+    """Per-class channel masks of every tensor (MDA §1.3)."""
+    if isinstance(prof, Profile):
+        prof.check_matches(gm)
+        contributions = prof.contributions
+    else:
+        contributions = prof
+    return _locate(gm, cg or channel_groups(gm), contributions, thresholds)
+
+
+def resolve_classes(task, class_names: Sequence[str] | None, num_classes: int) -> list[int]:
+    """Class indices of ``task`` (indices or names), checked, in the given order."""
+    out = []
+    for t in task:
+        if isinstance(t, str) and not t.lstrip("-").isdigit():
+            if not class_names or t not in class_names:
+                known = ", ".join(class_names or []) or "none (pass class names)"
+                raise PreconditionError(f"unknown class {t!r}; known classes: {known}")
+            out.append(list(class_names).index(t))
+        else:
+            c = int(t)
+            if not 0 <= c < num_classes:
+                raise PreconditionError(f"class index {c} out of range 0..{num_classes - 1}")
+            out.append(c)
+    if not out:
+        raise PreconditionError("the task has no classes")
+    if len(set(out)) != len(out):
+        raise PreconditionError(f"the task repeats a class: {list(task)}")
+    return out
+
+
+@dataclass
+class Component:
+    """A standalone model for a task: logits of ``classes`` (source indices) in that order."""
+
+    module: fx.GraphModule
+    classes: list[int]
+    class_names: list[str]
+    source: str = "model"
+    input_shape: tuple[int, ...] = ()
+    metadata: dict = field(default_factory=dict)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    @property
+    def params(self) -> int:
+        return count_params(self.module)
+
+
+def disassemble(gm: fx.GraphModule, masks: ChannelMasks, task, *,
+                class_names: Sequence[str] | None = None, source: str = "model",
+                cg: ChannelGraph | None = None, instruments=None) -> Component:
+    """Cut the task-aware component of ``task`` (MDA §1.4) out of ``gm``: keep every channel
+    some class of the task relies on (coupled groups keep the union), only the task's logits."""
+    cg = cg or channel_groups(gm)
+    classes = resolve_classes(task, class_names, masks.num_classes)
+    plan = plan_from_votes(cg, masks.votes(classes), classes)
+    module = _prune(gm, plan, cg, instruments)
+    names = [class_names[c] if class_names else str(c) for c in classes]
+    shape = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["tensor_meta"].shape
+    kept, total = _kept_share(cg, plan)
+    meta = {"source": source, "classes": classes, "class_names": names,
+            "thresholds": vars(masks.thresholds), "channels_kept": kept, "channels_total": total,
+            "params_source": count_params(gm), "params": count_params(module)}
+    return Component(module, classes, names, source, tuple(shape), meta)
+
+
+def _kept_share(cg: ChannelGraph, plan: ChannelPlan) -> tuple[int, int]:
+    roots = cg.prunable_roots()
+    return int(plan.keep[roots].sum()), int(roots.numel())

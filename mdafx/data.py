@@ -31,6 +31,7 @@ import hashlib
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +39,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mdafx.errors import MdafxError
+
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "IMAGE_EXTENSIONS",
     "ArrayDataset",
+    "DataError",
+    "DataNotFoundError",
     "ImageArrays",
     "default_cache_dir",
     "load_imagefolder",
@@ -55,6 +60,16 @@ CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"})
+
+
+
+class DataError(MdafxError, ValueError):
+    """A data set on disk is malformed (no classes, an empty class, a bad or odd-sized image)."""
+
+
+class DataNotFoundError(MdafxError, FileNotFoundError):
+    """A data folder does not exist (the message says how to point mdafx at the data)."""
+
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _CACHE_VERSION = 1  # bump when the .npz layout changes, so stale caches are ignored
@@ -99,7 +114,7 @@ class ImageArrays:
 
 def _list_imagefolder(split_dir: Path) -> tuple[list[str], list[list[Path]]]:
     if not split_dir.is_dir():
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"image folder {str(split_dir)!r} does not exist (expected <split>/<class>/<image>; "
             "set the data root with --data or MDAFX_DATA)"
         )
@@ -108,7 +123,7 @@ def _list_imagefolder(split_dir: Path) -> tuple[list[str], list[list[Path]]]:
         key=lambda p: p.name,
     )
     if not class_dirs:
-        raise ValueError(f"image folder {str(split_dir)!r} has no class sub-folders")
+        raise DataError(f"image folder {str(split_dir)!r} has no class sub-folders")
     files = []
     for d in class_dirs:
         imgs = sorted(
@@ -116,7 +131,7 @@ def _list_imagefolder(split_dir: Path) -> tuple[list[str], list[list[Path]]]:
             key=lambda p: p.name,
         )
         if not imgs:
-            raise ValueError(
+            raise DataError(
                 f"class folder {str(d)!r} contains no images "
                 f"(extensions {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
@@ -146,12 +161,12 @@ def _decode(class_files: list[list[Path]]) -> tuple[np.ndarray, np.ndarray]:
                 with Image.open(path) as im:
                     arr = np.asarray(im.convert("RGB"))
             except (UnidentifiedImageError, OSError, ValueError) as e:
-                raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
+                raise DataError(f"cannot read image {str(path)!r}: {e}") from e
             if images is None:
                 images = np.empty((n, *arr.shape), dtype=np.uint8)
                 first = path
             elif arr.shape != images.shape[1:]:
-                raise ValueError(
+                raise DataError(
                     f"images of mixed sizes: {str(path)!r} is {arr.shape[1]}x{arr.shape[0]} "
                     f"but {str(first)!r} is {images.shape[2]}x{images.shape[1]}"
                 )
@@ -188,9 +203,10 @@ def load_imagefolder(
     :func:`default_cache_dir`), keyed by the absolute path of ``split_dir`` and its image count,
     and written atomically; ``use_cache=False`` neither reads nor writes it.
 
-    Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` (naming the path) for a
-    folder without classes, a class folder without images, an unreadable image, or images of
-    mixed sizes.
+    Raises :class:`DataNotFoundError` (a ``FileNotFoundError``) for a missing folder and
+    :class:`DataError` (a ``ValueError``) naming the path for a folder without classes, a class
+    folder without images, an unreadable image, or images of mixed sizes. Both are
+    :class:`~mdafx.errors.MdafxError`.
     """
     split_dir = Path(split_dir).expanduser().resolve()
     class_names, class_files = _list_imagefolder(split_dir)
@@ -210,7 +226,10 @@ def load_imagefolder(
     images, labels = _decode(class_files)
     result = ImageArrays(images, labels, class_names)
     if use_cache:
-        _atomic_savez(cache, images=images, labels=labels, class_names=np.array(class_names))
+        try:
+            _atomic_savez(cache, images=images, labels=labels, class_names=np.array(class_names))
+        except OSError as e:  # a read-only or full cache only costs speed, never the data
+            warnings.warn(f"could not write the data cache {str(cache)!r}: {e}", stacklevel=2)
     return result
 
 

@@ -118,7 +118,8 @@ class ResNetCifar(nn.Module):
         cin = width
         for i, stride in enumerate((1, 2, 2)):
             cout = width * 2**i
-            blocks = [BasicBlock(cin, cout, stride)] + [BasicBlock(cout, cout) for _ in range(n - 1)]
+            blocks = [BasicBlock(cin, cout, stride)]
+            blocks += [BasicBlock(cout, cout) for _ in range(n - 1)]
             stages.append(nn.Sequential(*blocks))
             cin = cout
         self.layer1, self.layer2, self.layer3 = stages

@@ -6,7 +6,15 @@ import torch
 from PIL import Image
 
 from mdafx import data
-from mdafx.data import ArrayDataset, load_imagefolder, resolve_data_root, split_per_class
+from mdafx.data import (
+    ArrayDataset,
+    DataError,
+    DataNotFoundError,
+    load_imagefolder,
+    resolve_data_root,
+    split_per_class,
+)
+from mdafx.errors import MdafxError
 
 
 # --- split_per_class ------------------------------------------------------------------------
@@ -115,35 +123,36 @@ def test_load_imagefolder_cache_env(tmp_path, monkeypatch):
 
 def test_load_imagefolder_missing_dir(tmp_path):
     missing = tmp_path / "nope" / "train"
-    with pytest.raises(FileNotFoundError, match=str(missing)):
+    with pytest.raises(DataNotFoundError, match=str(missing)) as e:
         load_imagefolder(missing, use_cache=False)
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, MdafxError)
 
 
 def test_load_imagefolder_empty_class(tmp_path):
     _make_folder(tmp_path / "train", {"a": 1})
     (tmp_path / "train" / "b").mkdir()
     (tmp_path / "train" / "b" / "notes.txt").write_text("not an image")
-    with pytest.raises(ValueError, match=r"class folder .*train/b.* contains no images"):
+    with pytest.raises(DataError, match=r"class folder .*train/b.* contains no images"):
         load_imagefolder(tmp_path / "train", use_cache=False)
 
 
 def test_load_imagefolder_no_classes(tmp_path):
     (tmp_path / "train").mkdir()
-    with pytest.raises(ValueError, match="no class sub-folders"):
+    with pytest.raises(DataError, match="no class sub-folders"):
         load_imagefolder(tmp_path / "train", use_cache=False)
 
 
 def test_load_imagefolder_unreadable_image(tmp_path):
     _make_folder(tmp_path / "train", {"a": 1})
     (tmp_path / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(ValueError, match=r"cannot read image .*broken\.jpg"):
+    with pytest.raises(DataError, match=r"cannot read image .*broken\.jpg"):
         load_imagefolder(tmp_path / "train", use_cache=False)
 
 
 def test_load_imagefolder_mixed_sizes(tmp_path):
     _make_folder(tmp_path / "train", {"a": 1})
     Image.fromarray(np.zeros((7, 7, 3), np.uint8)).save(tmp_path / "train/a/0001.png")
-    with pytest.raises(ValueError, match=r"mixed sizes: .*0001\.png.* is 7x7"):
+    with pytest.raises(DataError, match=r"mixed sizes: .*0001\.png.* is 7x7"):
         load_imagefolder(tmp_path / "train", use_cache=False)
 
 

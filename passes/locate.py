@@ -1,0 +1,232 @@
+"""Locate (analysis): per-class channel masks of every tensor (MDA.md §1.3).
+
+Given per-class contributions ``A^c[o, i]`` of every weighted layer (passes/contributions.py), the
+masks are propagated backwards over the graph, from ``M^c = onehot(c)`` on the logits:
+
+* weighted layer (conv, linear) with output mask ``M^c``::
+
+      R^c[o,i] = minmax_i(A^c[o,·])[i]          (over the inputs i that o sees: its group)
+      B^c[o,i] = 1[R^c[o,i] > α]
+      N^c[i]   = Σ_o M^c[o] · B^c[o,i]
+      M'^c[i]  = 1[minmax_i(N^c)[i] > β]         (the mask of the layer's input tensor)
+
+  with ``minmax(v) = (v − min v)/(max v − min v + ε)``, ε = 1e-5. A constant vector has no spread
+  to normalise: mdafx defines its min-max as 1 where it is positive and 0 elsewhere (the formula
+  would give 0 everywhere and silently drop, e.g., every input of a depthwise conv, whose output
+  channel sees exactly one input).
+* ops that move channels (rules with ``mask=BY_ID``: activations, BN, pooling, view/flatten, cat,
+  split, permute, ...): an input position matters for class c iff some output position holding the
+  same channel id does (so a flattened feature's channel matters if any of its features does,
+  and cat/split masks split/join by offsets);
+* element-wise ops of several tensors: each operand gets the output mask, reduced with OR over the
+  dims it is broadcast along;
+* a tensor read by several nodes: OR of what each reader asks of it;
+* a barrier (no exact rule): every input channel is kept for every class.
+
+Writes ``node.meta["mdafx.mask"]`` (bool ``[num_classes, *ids.shape]``) and changes nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from mdafx.errors import PreconditionError
+from mdafx.ir import META_MASK
+from mdafx.rules import BY_ID, POSITIONAL, WEIGHTED, lookup
+from passes.channel_groups import ChannelGraph
+
+EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """α (relative contribution) and β (input-channel score) per layer type; MDA's defaults."""
+
+    conv_alpha: float = 0.3
+    conv_beta: float = 0.2
+    linear_alpha: float = 0.4
+    linear_beta: float = 0.3
+
+    def scaled(self, factor: float) -> "Thresholds":
+        return Thresholds(self.conv_alpha * factor, self.conv_beta * factor,
+                          self.linear_alpha * factor, self.linear_beta * factor)
+
+    def for_module(self, module: nn.Module) -> tuple[float, float]:
+        if isinstance(module, nn.Linear):
+            return self.linear_alpha, self.linear_beta
+        return self.conv_alpha, self.conv_beta
+
+
+def minmax(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Min-max normalisation along ``dim`` with ε = 1e-5; constant vectors map to 1[v > 0]."""
+    lo, hi = v.amin(dim, keepdim=True), v.amax(dim, keepdim=True)
+    spread = hi - lo
+    out = (v - lo) / (spread + EPS)
+    return torch.where(spread > 0, out, (v > 0).to(out.dtype))
+
+
+def weighted_input_mask(A: torch.Tensor, out_mask: torch.Tensor, groups: int,
+                        alpha: float, beta: float) -> torch.Tensor:
+    """``M'`` ([K, I]) of a weighted layer from ``A`` ([K, O, I/g]) and ``M`` ([K, O])."""
+    K, O, Ig = A.shape
+    B = (minmax(A, dim=2) > alpha).to(A.dtype)                    # [K, O, I/g]
+    N = torch.einsum("ko,koj->koj", out_mask.to(A.dtype), B)      # contributions of wanted o
+    N = N.reshape(K, groups, O // groups, Ig).sum(2).reshape(K, groups * Ig)  # [K, I]
+    return minmax(N, dim=1) > beta
+
+
+@dataclass
+class ChannelMasks:
+    """Per node name, bool ``[num_classes, *ids.shape]``: does class c rely on that channel."""
+
+    masks: dict[str, torch.Tensor]
+    num_classes: int
+    thresholds: Thresholds
+    kept_barriers: list[str] = field(default_factory=list)
+
+    def votes(self, classes) -> dict[str, torch.Tensor]:
+        """OR over ``classes`` per node: the keep votes of the task (MDA.md §1.4)."""
+        index = torch.as_tensor(list(classes), dtype=torch.long)
+        return {name: m[index].any(0) for name, m in self.masks.items() if isinstance(m, torch.Tensor)}
+
+
+def _or_into(store: dict, name: str, mask) -> None:
+    if mask is None:
+        return
+    prev = store.get(name)
+    if prev is None:
+        store[name] = mask
+    elif isinstance(prev, tuple):
+        store[name] = tuple(_or(p, m) for p, m in zip(prev, mask))
+    else:
+        store[name] = prev | mask
+
+
+def _or(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a | b
+
+
+def _by_id(out_ids: torch.Tensor, out_mask: torch.Tensor, in_ids: torch.Tensor) -> torch.Tensor:
+    """Input mask: position p matters iff an output position with the same id does."""
+    K = out_mask.shape[0]
+    flat_ids = out_ids.expand(out_mask.shape[1:]).reshape(-1)
+    distinct, where = torch.unique(flat_ids, return_inverse=True)
+    table = torch.zeros(K, distinct.numel(), dtype=torch.uint8)
+    table.scatter_reduce_(1, where.expand(K, -1), out_mask.reshape(K, -1).to(torch.uint8), "amax")
+    pos = torch.searchsorted(distinct, in_ids.reshape(-1)).clamp(max=distinct.numel() - 1)
+    hit = distinct[pos] == in_ids.reshape(-1)
+    return (table[:, pos].bool() & hit).reshape(K, *in_ids.shape)
+
+
+def _broadcast_back(out_mask: torch.Tensor, in_ids: torch.Tensor) -> torch.Tensor:
+    K, out_nd = out_mask.shape[0], out_mask.dim() - 1
+    lifted = in_ids.reshape((1,) * (out_nd - in_ids.dim()) + tuple(in_ids.shape))
+    m = out_mask
+    for d in range(out_nd):
+        if lifted.shape[d] == 1 and m.shape[d + 1] > 1:
+            m = m.any(d + 1, keepdim=True)
+    return m.expand(K, *lifted.shape).reshape(K, *in_ids.shape)
+
+
+def _reduce_to(mask_1d: torch.Tensor, in_ids: torch.Tensor, axis: int) -> torch.Tensor:
+    """Lay a per-feature mask [K, F] onto ids compressed or not along ``axis``."""
+    K = mask_1d.shape[0]
+    axis %= in_ids.dim()
+    if in_ids.shape[axis] == 1 and mask_1d.shape[1] != 1:
+        mask_1d = mask_1d.any(1, keepdim=True)
+    shape = [1] * in_ids.dim()
+    shape[axis] = mask_1d.shape[1]
+    return mask_1d.reshape(K, *shape).expand(K, *in_ids.shape).clone()
+
+
+def locate(gm: fx.GraphModule, cg: ChannelGraph, contributions: dict[str, torch.Tensor],
+           thresholds: Thresholds = Thresholds()) -> ChannelMasks:
+    """Backward mask propagation (module docstring) for every class of the contributions."""
+    if not contributions:
+        raise PreconditionError("no contributions: run the contribution analysis first")
+    K = next(iter(contributions.values())).shape[0]
+    out_name = cg.output
+    logits = cg.ids.get(out_name)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] != K:
+        raise PreconditionError(f"the model output {out_name!r} is not [batch, {K}] logits")
+    masks: dict[str, object] = {out_name: torch.eye(K, dtype=torch.bool).reshape(K, 1, K)}
+    kept_barriers = []
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for node in reversed(gm.graph.nodes):
+        if node.op in ("output", "placeholder", "get_attr"):
+            continue
+        out_mask = masks.get(node.name)
+        out_ids = cg.ids.get(node.name)
+        if out_mask is None or out_ids is None:
+            continue
+        inputs = [a for a in node.all_input_nodes if cg.ids.get(a.name) is not None]
+        if node.name in cg.barriers:
+            kept_barriers.append(node.name)
+            for a in inputs:
+                _or_into(masks, a.name, _full(cg.ids[a.name], K))
+            continue
+        rule = lookup(node, gm)
+        kind = rule.mask if rule is not None else None
+        if kind == WEIGHTED:
+            module = gm.get_submodule(node.target)
+            a = node.args[0]
+            in_ids = cg.ids[a.name]
+            is_linear = isinstance(module, nn.Linear)
+            out_axis = -1 if is_linear else 1
+            m_out = _along_mask(out_mask, out_axis)
+            A = contributions.get(node.target)
+            if A is None:
+                in_mask = _full(in_ids, K)
+            else:
+                alpha, beta = thresholds.for_module(module)
+                m_in = weighted_input_mask(A.float(), m_out, getattr(module, "groups", 1), alpha, beta)
+                in_mask = _reduce_to(m_in, in_ids, out_axis)
+            _or_into(masks, a.name, in_mask)
+        elif kind == POSITIONAL:
+            for a in inputs:
+                _or_into(masks, a.name, _broadcast_back(out_mask, cg.ids[a.name]))
+        elif kind == BY_ID or node.op == "call_function" and rule is None:
+            for a in inputs:
+                _or_into(masks, a.name, _map_by_id(out_ids, out_mask, cg.ids[a.name]))
+        # shape queries and scalar nodes carry no channels
+    result = {n: m for n, m in masks.items() if isinstance(m, torch.Tensor)}
+    for name, m in result.items():
+        nodes[name].meta[META_MASK] = m
+    return ChannelMasks(result, K, thresholds, kept_barriers)
+
+
+def _map_by_id(out_ids, out_mask, in_ids):
+    """BY_ID through tensors or tuples (split outputs, getitem of a tuple)."""
+    if isinstance(in_ids, tuple):
+        if isinstance(out_ids, tuple):  # e.g. passing a tuple through
+            return tuple(_map_by_id(o, m, i) for o, m, i in zip(out_ids, out_mask, in_ids))
+        return tuple(_by_id(out_ids, out_mask, i) if out_mask is not None else None for i in in_ids)
+    if isinstance(out_ids, tuple):
+        parts = [_by_id(o, m, in_ids) for o, m in zip(out_ids, out_mask) if m is not None]
+        if not parts:
+            return None
+        acc = parts[0]
+        for p in parts[1:]:
+            acc = acc | p
+        return acc
+    return _by_id(out_ids, out_mask, in_ids)
+
+
+def _along_mask(mask: torch.Tensor, axis: int) -> torch.Tensor:
+    """[K, *shape] -> [K, C] along ``axis`` (OR over the other dims)."""
+    K = mask.shape[0]
+    axis = axis % (mask.dim() - 1) + 1
+    return mask.transpose(1, axis).reshape(K, mask.shape[axis], -1).any(2)
+
+
+def _full(ids, K):
+    if isinstance(ids, tuple):
+        return tuple(_full(i, K) for i in ids)
+    return torch.ones((K, *ids.shape), dtype=torch.bool)
