@@ -2,9 +2,9 @@
 
 Math
 ----
-For a weighted layer with weight ``W`` and one sample ``x`` (the layer's *input*), the contribution
-of input channel ``i`` to output channel ``o`` is the part of output map ``o`` that comes from ``i``,
-summed over all output positions, without bias, before any norm/activation:
+For a weighted layer with weight ``W`` and one sample ``x`` (the layer's *input*), the
+contribution of input channel ``i`` to output channel ``o`` is the part of output map ``o`` that
+comes from ``i``, summed over all output positions, without bias, before any norm/activation:
 
 - Conv2d (weight ``[O, I/g, kh, kw]``, ``K = kh·kw``)::
 
@@ -34,20 +34,31 @@ Per class ``c`` over the samples of that class (ReLU after the spatial / token s
 
     A[c, o, i] = Σ_{x of class c} ReLU(c[o,i](x))
 
-Cost: per sample, the box sums read the layer input ``kw`` times (linear in the activation size)
-and ``c = W·S`` costs ``O·(I/g)·K`` multiply-adds, i.e. one multiply-add per weight: far below
-the layer's own ``O·(I/g)·K·H_out·W_out``. Everything is linear in the number of samples. The
-per-sample ``[b, O, I/g]`` block is the only large temporary; it is processed in chunks of
-samples (and, for layers where one sample alone exceeds the budget, of output channels) so that
-it stays within ``chunk_bytes``.
+Sign split for ``K = 1`` (Linear, 1×1 conv): for scalars ``ReLU(w·s) = w⁺·s⁺ + w⁻·s⁻`` with
+``w⁺ = max(w, 0)``, ``w⁻ = min(w, 0)``, hence exactly::
 
-Precision (why float32 accumulation by default): ``A`` has ``num_classes · Σ O·I/g`` entries
+    A[c, o, i] = W⁺[o,i] · Σ_{x of c} S_x[i]⁺  +  W⁻[o,i] · Σ_{x of c} S_x[i]⁻
+
+so such a layer costs ``O(I)`` per sample (two per-class sums, kept in float64) and ``A`` is
+formed once at the end. For ``K > 1`` the ReLU acts on a sum over taps and does not split.
+
+Cost: per sample, the box sums read the layer input ``kw`` times (linear in the activation size)
+and, for ``K > 1``, ``c = W·S`` costs ``O·(I/g)·K`` multiply-adds, one per weight: far below
+the layer's own ``O·(I/g)·K·H_out·W_out``. Everything is linear in the number of samples. The
+per-sample ``[b, O, I/g]`` block of a ``K > 1`` layer is the only large temporary; it is
+processed in chunks of samples (and, where one sample alone exceeds the budget, of output
+channels) written into one reused buffer of at most ``chunk_bytes``.
+
+Precision (why ``A`` is float32 by default): ``A`` has ``num_classes · Σ O·I/g`` entries
 (torchvision's VGG-16 head alone is 4096×25088, i.e. 4.1 GB per 10 classes in float32, 8.2 GB
-in float64), so its dtype sets the memory floor. The box sums run in (at least) float32 and CPU
-sum reductions accumulate in double internally; each chunk's per-class sum is rounded once
-into ``A``. The relative error of ``A`` is thus ``O(#chunks · 2^-24)``, far below the
-differences the α/β thresholds of MDA §1.3 resolve. ``dtype=torch.float64`` gives the exact
-form to ~1e-15 (the tests use it to compare with the naive formula).
+in float64), so its dtype sets the memory floor. The box sums run in (at least) float32 with
+torch's cascade summation; ``K = 1`` layers keep their class sums in float64 and round once.
+``K > 1`` layers add each sample's ReLU'd block into ``A`` in the dataset order of its class
+(the batch is sorted by label, stably), one rounding per sample: the relative error is at most
+``n_c · 2^-24`` (n_c samples of class c; typically ``√n_c · 2^-24``), far below what the α/β
+thresholds of MDA §1.3 resolve, and the summation order does not depend on the batch size.
+``dtype=torch.float64`` gives the exact form to ~1e-15 (the tests compare it with the naive
+formula that way).
 """
 
 from __future__ import annotations
@@ -305,7 +316,8 @@ class _Workspace:
 
 
 class _CheapLayer:
-    """Accumulates ``A`` of one layer from per-batch inputs; memory bounded by ``chunk_bytes``.
+    """Accumulates ``A`` of a ``K > 1`` conv from per-batch inputs; the per-sample block is
+    bounded by ``chunk_bytes``.
 
     Internal layout: ``acc[c, g·(I/g) + j, o']`` for output ``o = g·(O/g) + o'``, so that one
     sample's block ``[g·I/g, O/g]`` (the bmm output with the sample index outside) adds to it
@@ -348,10 +360,7 @@ class _CheapLayer:
             for o0 in range(0, o_per_g, o_chunk):
                 o1 = min(o_per_g, o0 + o_chunk)
                 c = self.workspace.get((g * i_per_g, b, o1 - o0), self.dtype, self.acc.device)
-                if st.shape[-1] == 1:  # 1×1 conv / Linear: an outer product per channel
-                    torch.mul(st, self.wt[:, :, o0:o1], out=c).relu_()
-                else:
-                    torch.bmm(st, self.wt[:, :, o0:o1], out=c).relu_()
+                torch.bmm(st, self.wt[:, :, o0:o1], out=c).relu_()
                 for n in range(b):
                     self.acc[labels[start + n], :, o0:o1].add_(c[:, n])
 
@@ -360,6 +369,55 @@ class _CheapLayer:
         num_classes = self.acc.shape[0]
         view = self.acc.view(num_classes, g, i_per_g, o_per_g).transpose(2, 3)
         return view.reshape(num_classes, g * o_per_g, i_per_g)
+
+
+class _PointwiseLayer:
+    """Accumulates ``A`` of a ``K = 1`` layer (Linear, 1×1 conv) through the sign split.
+
+    For scalars ``ReLU(w·s) = w⁺·s⁺ + w⁻·s⁻`` (``w⁺ = max(w, 0)``, ``w⁻ = min(w, 0)``), so
+    ``A[c, o, j] = W⁺[o, j]·P[c, i] + W⁻[o, j]·N[c, i]`` with ``P[c, i] = Σ_{x of c} S_x[i]⁺``,
+    ``N[c, i] = Σ_{x of c} S_x[i]⁻`` and ``i`` the global index of ``o``'s ``j``-th input. A
+    sample costs ``O(I)``; ``A`` is formed once, in :meth:`result`.
+    """
+
+    def __init__(self, mod: WeightedLayer, num_classes: int, dtype: torch.dtype,
+                 chunk_bytes: int, device: torch.device) -> None:
+        self.mod = mod
+        self.dtype = dtype
+        self.chunk_bytes = chunk_bytes
+        in_ch = mod.weight.shape[1] * (mod.groups if isinstance(mod, nn.Conv2d) else 1)
+        # float64: these are O(C·I) and make A independent of the batching to ~1e-16
+        self.pos = torch.zeros(num_classes, in_ch, dtype=torch.float64, device=device)
+        self.neg = torch.zeros_like(self.pos)
+
+    def add(self, x: Tensor, labels: Tensor) -> None:
+        sample_bytes = max(1, x[:1].numel() * x.element_size())
+        sums_chunk = max(1, self.chunk_bytes // sample_bytes)
+        s = torch.cat([_input_sums(self.mod, x[i:i + sums_chunk])[..., 0]
+                       for i in range(0, x.shape[0], sums_chunk)]).double()  # [B, I]
+        # one-hot matmul instead of index_add_: deterministic on every device
+        onehot = F.one_hot(labels, self.pos.shape[0]).T.double()  # [C, B]
+        self.pos += onehot @ s.clamp_min(0)
+        self.neg += onehot @ s.clamp_max(0)
+
+    def result(self) -> Tensor:
+        wb, groups = _weight_blocks(self.mod, self.dtype)
+        w = wb[..., 0].to(self.pos.device)  # [g, O/g, I/g]
+        w_pos, w_neg = w.clamp_min(0), w.clamp_max(0)
+        num_classes = self.pos.shape[0]
+        out = torch.empty((num_classes,) + w.shape, dtype=self.dtype, device=w.device)
+        for c in range(num_classes):  # per class keeps the temporaries to one weight size
+            p = self.pos[c].to(self.dtype).view(groups, 1, -1)
+            n = self.neg[c].to(self.dtype).view(groups, 1, -1)
+            torch.mul(w_pos, p, out=out[c]).addcmul_(w_neg, n)
+        return out.reshape(num_classes, -1, w.shape[-1])
+
+
+def _cheap_layer(mod: WeightedLayer, num_classes: int, dtype: torch.dtype, chunk_bytes: int,
+                 device: torch.device, workspace: _Workspace) -> _CheapLayer | _PointwiseLayer:
+    if mod.weight[0, 0].numel() == 1:
+        return _PointwiseLayer(mod, num_classes, dtype, chunk_bytes, device)
+    return _CheapLayer(mod, num_classes, dtype, chunk_bytes, device, workspace)
 
 
 class _NaiveLayer:
@@ -487,10 +545,11 @@ def contributions(gm: nn.Module, batches: Iterable[Sequence[Any]], num_classes: 
     items (e.g. dataset indices) are ignored. The model runs once per batch in eval mode under
     ``no_grad``; forward hooks capture each layer's input and fold it into ``A`` immediately, so
     no activation is kept beyond its layer. ``layers`` defaults to :func:`weighted_layers`.
-    Returns CPU tensors ``[num_classes, O, I/groups]`` in ``dtype``, keyed by layer name.
+    Returns CPU tensors ``[num_classes, O, I/groups]`` in ``dtype``, keyed by layer name (some
+    are transposed views of the accumulator: call ``.contiguous()`` where layout matters).
     """
     layers = _resolve_layers(gm, layers)
-    result, _ = _stream(gm, batches, num_classes, layers, _CheapLayer, dtype, chunk_bytes,
+    result, _ = _stream(gm, batches, num_classes, layers, _cheap_layer, dtype, chunk_bytes,
                         progress)
     return result
 
@@ -714,7 +773,7 @@ def build_profile(gm: nn.Module, batches: Iterable[Sequence[Any]], num_classes: 
     names = [str(c) for c in range(num_classes)] if class_names is None else list(class_names)
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for {num_classes} classes")
-    result, counts = _stream(gm, batches, num_classes, layers, _CheapLayer, dtype,
+    result, counts = _stream(gm, batches, num_classes, layers, _cheap_layer, dtype,
                              chunk_bytes, progress)
     fingerprint, digests = model_fingerprint(gm, layers)
     mods = {name: gm.get_submodule(name) for name in layers}

@@ -9,8 +9,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "models"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tests run many tiny ops, where a second thread costs more in synchronisation than it gains.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -86,14 +86,15 @@ def _build(args: argparse.Namespace) -> tuple[Any, list[tuple[Any, Any]]]:
     return gm, batches
 
 
-def _masks(a: Any, alpha: float, beta: float, eps: float) -> tuple[Any, Any]:
-    """α-mask ``[O, I]`` and β-mask ``[I]`` of one class's ``A[O, I]`` (all-ones output mask)."""
+def _masks(a: Any, alpha: float, beta: float, eps: float) -> tuple[Any, Any, Any]:
+    """``R``, the α-mask ``[O, I]`` and the β-mask ``[I]`` of one class's ``A[O, I]`` (for an
+    all-ones output mask)."""
     lo = a.amin(1, keepdim=True)
     r = (a - lo) / (a.amax(1, keepdim=True) - lo + eps)
     b = r > alpha
     n = b.sum(0).double()
     n = (n - n.min()) / (n.max() - n.min() + eps)
-    return b, n > beta
+    return r, b, n > beta
 
 
 def _compare(cheap_path: str, naive: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -102,6 +103,7 @@ def _compare(cheap_path: str, naive: dict[str, Any], args: argparse.Namespace) -
     cheap = torch.load(cheap_path, map_location="cpu", weights_only=True, mmap=True)
     worst, worst_layer = 0.0, ""
     alpha_diff = alpha_total = beta_diff = beta_total = 0
+    gap = 0.0
     for name, a_naive in naive.items():
         a_cheap = cheap[name]
         diff = scale = 0.0
@@ -109,9 +111,12 @@ def _compare(cheap_path: str, naive: dict[str, Any], args: argparse.Namespace) -
             an, ac = a_naive[c].double(), a_cheap[c].double()
             diff = max(diff, (ac - an).abs().max().item())
             scale = max(scale, an.abs().max().item())
-            bn, mn = _masks(an, args.alpha, args.beta, args.eps)
-            bc, mc = _masks(ac, args.alpha, args.beta, args.eps)
-            alpha_diff += int((bn != bc).sum())
+            rn, bn, mn = _masks(an, args.alpha, args.beta, args.eps)
+            _, bc, mc = _masks(ac, args.alpha, args.beta, args.eps)
+            differ = bn != bc
+            if differ.any():  # how close to the threshold the disagreeing entries are
+                gap = max(gap, (rn[differ] - args.alpha).abs().max().item())
+            alpha_diff += int(differ.sum())
             alpha_total += bn.numel()
             beta_diff += int((mn != mc).sum())
             beta_total += mn.numel()
@@ -119,13 +124,18 @@ def _compare(cheap_path: str, naive: dict[str, Any], args: argparse.Namespace) -
         if rel >= worst:
             worst, worst_layer = rel, name
     return {"max_rel_diff": worst, "worst_layer": worst_layer, "alpha_diff": alpha_diff,
-            "alpha_total": alpha_total, "beta_diff": beta_diff, "beta_total": beta_total}
+            "alpha_total": alpha_total, "alpha_gap": gap, "beta_diff": beta_diff,
+            "beta_total": beta_total}
+
+
+def _limit_data(gb: float | None) -> None:
+    """Soft ``RLIMIT_DATA`` for the measured phase only (``None``: back to the hard limit)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    soft = hard if gb is None else int(gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
-    if args.mem_limit_gb:
-        limit = int(args.mem_limit_gb * 2**30)
-        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     import torch
 
     from passes.contributions import contributions, naive_contributions
@@ -138,6 +148,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             gm(x)
     measured = _reset_peak()
     rss_before = _status_mib("VmRSS")
+    if args.mem_limit_gb:
+        _limit_data(args.mem_limit_gb)
     start = time.perf_counter()
     try:
         with torch.no_grad():
@@ -153,7 +165,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     except (RuntimeError, MemoryError) as err:
         if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
             raise
-        return {**result, "status": "OOM", "detail": str(err).splitlines()[0][:200]}
+        return {**result, "status": f"OOM (>{args.mem_limit_gb:g} GB)" if args.mem_limit_gb
+                else "OOM", "detail": str(err).splitlines()[0][:200]}
+    finally:
+        if args.mem_limit_gb:
+            _limit_data(None)
     result["time_s"] = time.perf_counter() - start
     peak = _status_mib("VmHWM") if measured else resource.getrusage(
         resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -193,8 +209,9 @@ def _run_worker(args: argparse.Namespace, model: str, mode: str, cheap_out: str,
         if proc.returncode != 0:
             if proc.returncode < 0:
                 return {"status": f"killed (signal {-proc.returncode}, OOM?)"}
+            print(proc.stderr[-4000:], file=sys.stderr)
             tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
-            return {"status": f"error rc={proc.returncode}: {tail[0][:120]}"}
+            return {"status": f"error rc={proc.returncode}: {tail[0][:80]}"}
         with open(out) as f:
             return json.load(f)
     finally:
@@ -239,7 +256,8 @@ def drive(args: argparse.Namespace) -> None:
             acc_rows.append([
                 model, f"{naive['max_rel_diff']:.2e} ({naive['worst_layer']})",
                 "yes" if naive["alpha_diff"] == 0 else "no",
-                f"{naive['alpha_diff']}/{naive['alpha_total']}",
+                f"{naive['alpha_diff']}/{naive['alpha_total']}"
+                + (f" (|R−α| ≤ {naive['alpha_gap']:.1e})" if naive["alpha_diff"] else ""),
                 "yes" if naive["beta_diff"] == 0 else "no",
                 f"{naive['beta_diff']}/{naive['beta_total']}"])
         else:

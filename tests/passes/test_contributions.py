@@ -90,6 +90,8 @@ CONV_CASES = {
     "same_dilated": (dict(in_channels=3, out_channels=4, kernel_size=(3, 2), padding="same",
                           dilation=2), (9, 7)),
     "pointwise": (dict(in_channels=6, out_channels=3, kernel_size=1), (5, 5)),
+    "pointwise_grouped_strided": (dict(in_channels=6, out_channels=4, kernel_size=1, groups=2,
+                                       stride=2, padding=1), (5, 6)),
     "kernel_exceeds_input_pad": (dict(in_channels=2, out_channels=3, kernel_size=5, padding=3,
                                       stride=3), (4, 4)),
     "reflect": (dict(in_channels=3, out_channels=4, kernel_size=3, padding=2,
@@ -293,7 +295,8 @@ def test_select_confident_samples_top_k() -> None:
                            [0.0, 0.0, 9.0]])
     labels = torch.tensor([0, 1, 1, 0, 0, 0, 2])
     model = nn.Identity()
-    for order, batch in [(list(range(7)), 7), ([6, 5, 4, 3, 2, 1, 0], 2), ([4, 0, 5, 2, 3, 6, 1], 3)]:
+    orders = [(list(range(7)), 7), ([6, 5, 4, 3, 2, 1, 0], 2), ([4, 0, 5, 2, 3, 6, 1], 3)]
+    for order, batch in orders:
         sel = select_confident_samples(model, logit_batches(logits, labels, order, batch), 3, 2,
                                        progress=False)
         assert sel.indices == {0: [3, 5], 1: [1, 2], 2: [6]}

@@ -1,0 +1,120 @@
+"""Assembly oracles (MDA.md §2): every assembled logit equals the scaled component logit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mdafx
+from mdafx.api import channel_groups, disassemble, locate
+from mdafx.assemble import InputFormat, assemble
+from mdafx.errors import PreconditionError
+from mdafx.passmanager import AnalysisManager
+from passes.contributions import contributions
+from passes.logit_scaling import FoldLogitScale, InsertLogitScale, calibrate_scales
+from zoo import build
+
+NAMES = [f"c{i}" for i in range(10)]
+
+
+def component(name, task, seed=0, size=None, fmt=None):
+    model, example = build(name, seed=seed)
+    if size is not None:
+        example = torch.randn(1, 3, size, size)
+    gm = mdafx.trace(model, example)
+    x = torch.randn(20, *example.shape[1:], generator=torch.Generator().manual_seed(seed))
+    A = contributions(gm, [(x, torch.arange(20) % 10)], 10, progress=False)
+    cg = channel_groups(gm)
+    comp = disassemble(gm, locate(gm, A, cg=cg), task, cg=cg, source=f"{name}#{seed}",
+                       class_names=NAMES)
+    if fmt is not None:
+        comp.metadata["input"] = fmt.to_dict()
+    return comp
+
+
+def expected(comps, scales, x_per_comp):
+    with torch.no_grad():
+        return torch.cat([c(x) * s for c, s, x in zip(comps, scales, x_per_comp)], 1)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121", "googlenet", "mobilenet_v3_small"])
+@pytest.mark.parametrize("layout", ["parallel", "merged"])
+def test_assembled_logits_equal_scaled_components(arch, layout):
+    comps = [component(arch, [3, 5], seed=0), component(arch, [8, 1, 0], seed=1)]
+    scales = [torch.tensor([0.5, 2.0]), torch.tensor([1.5, 0.25, 3.0])]
+    asm = assemble(comps, scales, layout=layout)
+    x = torch.randn(3, *comps[0].input_shape[1:])
+    with torch.no_grad():
+        got = asm(x)
+    want = expected(comps, scales, [x, x])
+    assert asm.class_names == ["c3", "c5", "c8", "c1", "c0"]
+    assert got.shape == (3, 5)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert [s["sources"][0]["component"] for s in asm.class_map] == [0, 0, 1, 1, 1]
+
+
+def test_parallel_across_architectures_and_input_formats():
+    fmt_a = InputFormat((32, 32), 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    fmt_b = InputFormat((48, 48), 3, (0.4, 0.45, 0.5), (0.2, 0.2, 0.2))
+    a = component("resnet18", [2, 4], fmt=fmt_a)
+    b = component("mobilenet_v3_small", [6, 7], seed=1, size=48, fmt=fmt_b)
+    asm = assemble([a, b], [torch.ones(2), torch.tensor([2.0, 0.5])])
+    pixels = torch.rand(2, 3, 32, 32)
+    x_shared = (pixels - torch.tensor(fmt_a.mean).view(1, 3, 1, 1)) / torch.tensor(fmt_a.std).view(1, 3, 1, 1)
+    x_b = torch.nn.functional.interpolate(pixels, size=(48, 48), mode="bilinear", align_corners=False)
+    x_b = (x_b - torch.tensor(fmt_b.mean).view(1, 3, 1, 1)) / torch.tensor(fmt_b.std).view(1, 3, 1, 1)
+    want = expected([a, b], [torch.ones(2), torch.tensor([2.0, 0.5])], [x_shared, x_b])
+    with torch.no_grad():
+        got = asm(x_shared)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    with pytest.raises(PreconditionError, match="same input format"):
+        assemble([a, b], layout="merged")
+
+
+def test_duplicate_class_names_merge_by_max():
+    a, b = component("resnet18", [3, 5]), component("resnet18", [5, 7], seed=1)
+    asm = assemble([a, b])
+    assert asm.class_names == ["c3", "c5", "c7"]
+    assert len(asm.class_map[1]["sources"]) == 2
+    x = torch.randn(2, *a.input_shape[1:])
+    with torch.no_grad():
+        la, lb, got = a(x), b(x), asm(x)
+    want = torch.stack([la[:, 0], torch.maximum(la[:, 1], lb[:, 0]), lb[:, 1]], 1)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_merged_needs_isomorphic_components():
+    with pytest.raises(PreconditionError, match="isomorphic"):
+        assemble([component("resnet18", [1, 2]), component("squeezenet1_1", [3, 4])], layout="merged")
+
+
+def test_calibrate_scales_and_degenerate_classes():
+    logits = torch.tensor([[4.0, 1.0, 0.0], [2.0, 1.0, 0.0], [0.0, 5.0, 1.0], [3.0, 0.0, 2.0]])
+    labels = torch.tensor([0, 0, 1, 2])  # sample 3 (class 2) is misclassified
+    s = calibrate_scales(logits, labels)
+    assert torch.allclose(s.factors[:2], torch.tensor([1 / 3.0, 1 / 5.0]))
+    assert torch.isclose(s.factors[2], torch.tensor(1 / ((4 + 2 + 5) / 3)))  # component-wide
+    assert 2 in s.fallbacks and "no correctly classified" in s.fallbacks[2]
+    negative = calibrate_scales(torch.tensor([[-1.0, -3.0]]), torch.tensor([0]))
+    assert torch.equal(negative.factors, torch.ones(2)) and set(negative.fallbacks) == {0, 1}
+    assert bool(torch.isfinite(negative.factors).all())
+
+
+def test_insert_and_fold_logit_scale_are_equivalent():
+    comp = component("resnet18", [3, 5])  # sorted task: the head Linear is the output
+    gm = comp.module
+    x = torch.randn(2, *comp.input_shape[1:])
+    with torch.no_grad():
+        before = gm(x)
+    factors = torch.tensor([0.5, 4.0])
+    assert InsertLogitScale(factors).run(gm, AnalysisManager(gm)) is True
+    gm.recompile()
+    with torch.no_grad():
+        scaled = gm(x)
+    assert torch.allclose(scaled, before * factors, atol=1e-5)
+    n_nodes = len(gm.graph.nodes)
+    assert FoldLogitScale().run(gm, AnalysisManager(gm)) is True
+    gm.recompile()
+    assert len(gm.graph.nodes) == n_nodes - 2  # the mul and its constant
+    with torch.no_grad():
+        assert torch.allclose(gm(x), scaled, atol=1e-5)
+    assert FoldLogitScale().run(gm, AnalysisManager(gm)) is False  # nothing left to fold
