@@ -152,7 +152,7 @@ def disassemble(gm: fx.GraphModule, masks: ChannelMasks, task, *,
     cg = cg or channel_groups(gm)
     classes = resolve_classes(task, class_names, masks.num_classes)
     plan = plan_from_votes(cg, masks.votes(classes), classes)
-    module = _prune(gm, plan, cg, instruments)
+    module = _prune(gm, plan, cg, instruments, name=source)
     names = [class_names[c] if class_names else str(c) for c in classes]
     shape = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["tensor_meta"].shape
     kept, total = _kept_share(cg, plan)

@@ -130,7 +130,7 @@ class _Merger:
                 raise PreconditionError(f"merged layout: unsupported node {n0.format_node()}")
         gm = fx.GraphModule(self.root, self.graph, "Merged")
         gm.graph.lint()
-        return gm
+        return gm.eval()
 
     def _arg(self, a):
         return fx.node.map_arg(a, lambda n: self.env[n.name])

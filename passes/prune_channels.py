@@ -173,20 +173,23 @@ def _append_getitem(gm: fx.GraphModule, index: list[int], name: str) -> bool:
 
 
 def prune(gm: fx.GraphModule, plan: ChannelPlan, cg: ChannelGraph | None = None,
-          instruments=None) -> fx.GraphModule:
-    """A physically smaller copy of ``gm`` for ``plan`` (``gm`` is left untouched)."""
+          instruments=None, name: str = "model") -> fx.GraphModule:
+    """A physically smaller copy of ``gm`` for ``plan`` (``gm`` is left untouched), through
+    ``passes.disassembly_pipeline``. ``instruments`` default to what MDAFX_DUMP / MDAFX_VERIFY
+    ask for (mdafx.config), dumping under ``name``."""
     example = _example_input(gm)
     pruned = copy.deepcopy(gm)
     am = AnalysisManager(pruned)
     if cg is not None:
-        am.provide(ChannelGroups, _rename(cg))
-    PassManager([PruneChannels(plan)], instruments).run(pruned, am)
+        am.provide(ChannelGroups, cg)  # node names survive deepcopy
+    from mdafx.config import default_instruments
+    from passes import disassembly_pipeline
+
+    if instruments is None:
+        instruments = default_instruments(name)
+    PassManager(disassembly_pipeline(plan), instruments).run(pruned, am)
     propagate_shapes(pruned, torch.randn(example))
     return pruned
-
-
-def _rename(cg: ChannelGraph) -> ChannelGraph:
-    return cg  # node names survive deepcopy
 
 
 def _example_input(gm: fx.GraphModule) -> tuple[int, ...]:

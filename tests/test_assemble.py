@@ -118,3 +118,25 @@ def test_insert_and_fold_logit_scale_are_equivalent():
     with torch.no_grad():
         assert torch.allclose(gm(x), scaled, atol=1e-5)
     assert FoldLogitScale().run(gm, AnalysisManager(gm)) is False  # nothing left to fold
+
+
+@pytest.mark.ort
+@pytest.mark.parametrize("layout", ["parallel", "merged"])
+def test_components_and_assembled_models_export_and_round_trip(layout, tmp_path):
+    from mdafx.export import export_onnx, read_onnx_metadata
+    from mdafx.serialize import load_model, save_model
+
+    comps = [component("densenet121", [3, 5]), component("densenet121", [9, 1], seed=1)]
+    asm = assemble(comps, [torch.tensor([0.5, 2.0]), torch.tensor([1.0, 3.0])], layout=layout)
+    example = torch.randn(1, *comps[0].input_shape[1:])
+    for name, model, meta in [("component", comps[1].module, comps[1].metadata),
+                              ("assembled", asm.module, asm.metadata)]:
+        report = export_onnx(model, tmp_path / f"{name}.onnx", example, metadata=meta)
+        assert max(report.max_abs_err.values()) <= 1e-4 * 10  # parity is checked inside too
+        assert read_onnx_metadata(tmp_path / f"{name}.onnx")["class_names"] == meta["class_names"]
+        save_model(model, tmp_path / f"{name}.mdafx", meta, example)
+        loaded = load_model(tmp_path / f"{name}.mdafx")
+        x = torch.randn(3, *example.shape[1:])
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))
+        assert loaded.metadata["class_names"] == meta["class_names"]

@@ -88,18 +88,24 @@ def squeeze_rule(ctx: RuleContext):
     return _finish(ctx, _run_on_ids(ctx))
 
 
+def _int_list(c) -> bool:
+    return isinstance(c, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in c)
+
+
 def _index_components(index, ndim: int) -> list[tuple[int, object]]:
     """(input dim, component) for each int/slice component of a basic index; raises Barrier."""
     if not isinstance(index, tuple):
         index = (index,)
-    consumed = sum(1 for c in index if isinstance(c, (int, slice)))
+    consumed = sum(1 for c in index if isinstance(c, (int, slice)) or _int_list(c))
+    if sum(1 for c in index if _int_list(c)) > 1:
+        raise Barrier("more than one list index")
     out, dim = [], 0
     for c in index:
         if c is Ellipsis:
             dim += ndim - consumed
         elif c is None:
             continue
-        elif isinstance(c, (int, slice)) and not isinstance(c, bool):
+        elif isinstance(c, (int, slice)) and not isinstance(c, bool) or _int_list(c):
             out.append((dim, c))
             dim += 1
         else:
@@ -120,6 +126,8 @@ def getitem_rule(ctx: RuleContext):
             continue
         if isinstance(c, int):
             ctx.forest.freeze(full.select(dim, c))
+        elif not isinstance(c, slice):  # a list picks channels: keep each one it names
+            ctx.forest.freeze(full.index_select(dim, torch.tensor(c)))
         elif c.step not in (None, 1):
             raise Barrier("strided slice of a channel dim")
     return _finish(ctx, _run_on_ids(ctx))
@@ -192,10 +200,13 @@ def prune_getitem(p: PruneContext) -> None:
     positions = {d: i for i, (d, _) in enumerate(_index_components(tuple(components), roots.dim()))}
     if dim not in positions:
         return
-    slot = [i for i, c in enumerate(components) if c is not None and c is not Ellipsis][positions[dim]]
+    slot = [i for i, c in enumerate(components)
+            if isinstance(c, (int, slice)) or _int_list(c)][positions[dim]]
     c, n = components[slot], kept.numel()
     if isinstance(c, int):
         components[slot] = int(before[c % n])
+    elif not isinstance(c, slice):
+        components[slot] = [int(before[i % n]) for i in c]
     else:
         lo, hi, _ = c.indices(n)
         components[slot] = slice(int(before[lo]), int(before[max(hi, lo)]), c.step)
