@@ -37,6 +37,7 @@ class ChannelGraph:
     ids: dict[str, Any]                      # node name -> ids (tensor, tuple of them, or None)
     barriers: dict[str, str] = field(default_factory=dict)   # node name -> reason
     output: str = ""                         # name of the node whose value is the model output
+    output_width: int | None = None          # size of the output's last dim (the logits)
 
     def roots(self, name: str):
         return _map_ids(self.ids[name], self.forest.find)
@@ -174,5 +175,8 @@ class ChannelGroups(Analysis):
         with torch.no_grad():
             interp.run(*_example_of(gm))
         out_node = next(n for n in gm.graph.nodes if n.op == "output")
-        return ChannelGraph(interp.forest, interp.ids, interp.barriers, out_node.args[0].name
-                            if isinstance(out_node.args[0], fx.Node) else "")
+        value = out_node.args[0]
+        name = value.name if isinstance(value, fx.Node) else ""
+        out_shape = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
+        width = int(out_shape.shape[-1]) if hasattr(out_shape, "shape") else None
+        return ChannelGraph(interp.forest, interp.ids, interp.barriers, name, width)

@@ -106,11 +106,11 @@ def finalize_plan(cg: ChannelGraph, keep: torch.Tensor, classes=None) -> Channel
 
 
 def _logit_roots(cg: ChannelGraph) -> torch.Tensor:
+    """The group root of each logit (a frozen output has its one root repeated)."""
     ids = cg.ids.get(cg.output)
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or cg.output_width is None:
         raise PreconditionError("class selection needs a model whose output is one [batch, classes] tensor")
-    tm_roots = cg.forest.find(ids)
-    return tm_roots.reshape(-1) if tm_roots.shape[1] > 1 else tm_roots.reshape(-1)
+    return along(cg.forest.find(ids), 1, cg.output_width).clone()
 
 
 class PruneChannels(Pass):

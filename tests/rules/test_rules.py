@@ -211,3 +211,24 @@ def test_unknown_op_is_a_barrier_and_strict_raises():
     assert bool((cg.roots("a_2") == 0).all()) and bool((cg.roots("cumsum") == 0).all())
     with pytest.raises(UnsupportedOpError, match="cumsum"):
         channel_groups(gm, strict=True)
+
+
+class FrozenLogits(nn.Module):
+    """Logits from a barrier: classes are selected by an index node instead of pruning."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return torch.cumsum(self.fc(self.a(x).mean((2, 3))), dim=1)
+
+
+def test_class_selection_on_frozen_logits():
+    m = _seeded(FrozenLogits)
+    assert_exact(m, torch.randn(1, 3, 8, 8), 0.5, classes=[4, 1])
+    gm, cg, plan, pruned, _ = assert_exact(m, torch.randn(1, 3, 8, 8), 1.0, classes=[4, 1])
+    assert pruned.fc.out_features == 5  # frozen logits are not pruned, only selected
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(pruned(x), m(x)[:, [4, 1]], atol=1e-5)
