@@ -290,16 +290,6 @@ def naive_sample_contributions(mod: WeightedLayer, x: Tensor) -> Tensor:
 # streaming accumulation over batches
 
 
-def _label_runs(labels: Tensor) -> list[tuple[int, int, int]]:
-    """``(label, start, stop)`` runs of a sorted label vector."""
-    values, counts = torch.unique_consecutive(labels, return_counts=True)
-    runs, start = [], 0
-    for value, count in zip(values.tolist(), counts.tolist()):
-        runs.append((value, start, start + count))
-        start += count
-    return runs
-
-
 class _Workspace:
     """One flat scratch buffer shared by all layers of a run: the per-sample block is written
     into it (``bmm(out=...)``) instead of being allocated, and page-faulted, per chunk."""
@@ -746,7 +736,10 @@ class Profile:
                 found = layers[pos] if pos < len(layers) else "nothing"
                 raise ProfileMismatchError(
                     f"profile layer #{pos} is {name!r} but the model has {found!r} there")
-            mod = gm.get_submodule(name)
+            try:
+                mod = gm.get_submodule(name)
+            except AttributeError:
+                raise ProfileMismatchError(f"profile layer {name!r} is not in the model") from None
             shape = list(mod.weight.shape)
             if shape != self.weight_shapes[name]:
                 raise ProfileMismatchError(f"layer {name!r}: weight shape {shape} != profile's "

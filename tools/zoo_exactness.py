@@ -26,7 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "models")]
 
 from mdafx.api import channel_groups, masked_model, plan_random, prune, trace  # noqa: E402
 from mdafx.ir import count_params  # noqa: E402
-from zoo import randomize_  # noqa: E402
+from zoo import calibrate_norms_, randomize_  # noqa: E402
 
 
 def build(name: str, size: int):
@@ -45,8 +45,7 @@ def run_one(name: str, sizes: list[int], density: float):
         try:
             model = build(name, size)
             example = torch.randn(1, 3, size, size)
-            with torch.no_grad():
-                model(example)
+            calibrate_norms_(model, example)
             break
         except Exception as e:  # too small for this architecture: try the next size
             last = e

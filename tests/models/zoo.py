@@ -43,8 +43,28 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def calibrate_norms_(model: nn.Module, example: torch.Tensor, seed: int = 0) -> nn.Module:
+    """Set BatchNorm running statistics to the batch statistics of random inputs, as training
+    would: without it, deep random nets have activations that grow layer after layer until
+    float32 rounding alone makes two equal computations disagree."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn((4, *example.shape[1:]), generator=g))
+    for m in norms:
+        m.momentum = 0.1
+    return model.eval()
+
+
 def build(name: str, seed: int = 0, num_classes: int = 10) -> tuple[nn.Module, torch.Tensor]:
     kwargs, size = CI_ZOO.get(name, ({}, 64))
     model = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
     randomize_(model, seed)
-    return model, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return calibrate_norms_(model, example, seed), example

@@ -370,6 +370,8 @@ def test_profile_mismatch_names_the_layer() -> None:
     other = torch.fx.symbolic_trace(SmallNet(width=8))
     with pytest.raises(ProfileMismatchError, match="'conv1': weight shape"):
         profile.check_matches(other)
+    with pytest.raises(ProfileMismatchError, match="#0 is 'conv1' but the model has '0'"):
+        profile.check_matches(traced(nn.Conv2d(3, 6, 3)))
     same_arch, _ = small_profile(seed=1)
     with pytest.raises(ProfileMismatchError, match="'conv1'"):
         profile.check_matches(same_arch)
