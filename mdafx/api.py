@@ -65,7 +65,9 @@ def _batches(dataset, indices, batch_size: int, with_index: bool = False):
 
 
 def _labels_of(dataset) -> torch.Tensor:
-    labels = getattr(dataset, "labels", None) or getattr(dataset, "targets", None)
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = getattr(dataset, "targets", None)
     if labels is None:
         labels = [int(dataset[i][1]) for i in range(len(dataset))]
     return torch.as_tensor(labels)
