@@ -31,6 +31,7 @@ class _ReportingTracer(fx.Tracer):
         super().__init__()
         self.leaf_types = tuple(leaf_modules)
         self.path: list[str] = []
+        self.failed_in: list[str] | None = None  # the module path when tracing first failed
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
@@ -41,6 +42,10 @@ class _ReportingTracer(fx.Tracer):
         self.path.append(self.path_of_module(m) or type(m).__name__)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = list(self.path)
+            raise
         finally:
             self.path.pop()
 
@@ -65,7 +70,7 @@ def trace(
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
         except Exception as e:  # fx raises many types; all mean "not traceable"
-            where = ".".join(tracer.path) or type(model).__name__
+            where = (tracer.failed_in or [type(model).__name__])[-1]
             frames = [f for f in traceback.extract_tb(e.__traceback__) if "torch/fx" not in f.filename]
             line = f"{frames[-1].filename}:{frames[-1].lineno} `{frames[-1].line}`" if frames else "?"
             raise TraceError(
