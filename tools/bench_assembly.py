@@ -216,9 +216,8 @@ def bench_assembly(sources: dict[str, torch.nn.Module], train_ds: ArrayDataset,
         if latency and (latency_specs is None or k in latency_specs):
             meta = {"layout": scaled.layout, "class_names": scaled.class_names,
                     "class_map": scaled.class_map, "scales": scaled.metadata["scales"]}
-            row["latency_ms"] = _latency(scaled.module,
-                                         onnx_dir / f"{k:02d}_{spec.layout}_{_slug(spec.label)}.onnx",
-                                         meta, threads, latency_iters)
+            path = onnx_dir / f"{k:02d}_{spec.layout}_{_slug(spec.label)}.onnx"
+            row["latency_ms"] = _latency(scaled.module, path, meta, threads, latency_iters)
         report.rows.append(row)
     return report
 

@@ -112,18 +112,20 @@ def task_label(task: Sequence[str]) -> str:
 # ------------------------------------------------------------------------------------ sources
 
 
-def load_sources(names: Sequence[str], sources_dir: Path) -> dict[str, tuple[torch.nn.Module, dict]]:
+def load_sources(names: Sequence[str],
+                 sources_dir: Path) -> dict[str, tuple[torch.nn.Module, dict]]:
     """``name -> (model in eval mode, its .json info)`` for models cached by train_sources.py.
 
     Exits with a message naming the command to run when a model is not cached.
     """
     out = {}
-    missing = [n for n in names
-               if not ((sources_dir / f"{n}.pt").is_file() and (sources_dir / f"{n}.json").is_file())]
+    missing = [n for n in names if not ((sources_dir / f"{n}.pt").is_file()
+                                        and (sources_dir / f"{n}.json").is_file())]
     if missing:
         raise SystemExit(
             f"source model(s) {', '.join(missing)} not cached in {sources_dir}: train them first "
-            f"with\n    python tools/train_sources.py --models {','.join(missing)} --threads 1\n"
+            f"with\n    python tools/train_sources.py --data <folder holding cifar10/> "
+            f"--models {','.join(missing)} --threads 1\n"
             "(the .json appears when a model is done)")
     for name in names:
         info = json.loads((sources_dir / f"{name}.json").read_text())
