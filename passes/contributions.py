@@ -39,15 +39,34 @@ Sign split for ``K = 1`` (Linear, 1×1 conv): for scalars ``ReLU(w·s) = w⁺·s
 
     A[c, o, i] = W⁺[o,i] · Σ_{x of c} S_x[i]⁺  +  W⁻[o,i] · Σ_{x of c} S_x[i]⁻
 
-so such a layer costs ``O(I)`` per sample (two per-class sums, kept in float64) and ``A`` is
-formed once at the end. For ``K > 1`` the ReLU acts on a sum over taps and does not split.
+so such a layer costs ``O(I)`` per sample (two per-class sums, kept in float64). For ``K > 1``
+the ReLU acts on a sum over taps and does not split.
+
+Result representation
+---------------------
+:func:`contributions` returns, per layer, either
+
+- a dense ``Tensor`` ``[C, O, I/g]`` (``K > 1`` convs), or
+- a :class:`FactoredContribution` (Linear and 1×1 convs, any groups): the two class sums
+  ``pos = Σ S⁺``, ``neg = Σ S⁻`` (``[C, I]``, float64) and the layer's weight ``[O, I/g]``.
+  ``A`` of one class is formed on demand (:meth:`FactoredContribution.for_class`, ``.chunk``,
+  ``.rows``; ``.dense()`` materialises all of it), so the ``C×O×I`` tensor — 4.1 GB for the
+  25088→4096 head of torchvision's VGG-16 and 10 classes — never has to exist.
+  ``A[c, o, j] = w·pos`` if ``w = W[o, j] > 0`` else ``w·neg`` (one rounded product in ``dtype``
+  after rounding the class sum to ``dtype``): bit-identical to the dense tensor that
+  ``dense=True`` returns.
+
+Both expose ``.shape == (C, O, I/g)``. ``dense=True`` gives plain tensors for every layer (the
+pre-factored behaviour).
 
 Cost: per sample, the box sums read the layer input ``kw`` times (linear in the activation size)
 and, for ``K > 1``, ``c = W·S`` costs ``O·(I/g)·K`` multiply-adds, one per weight: far below
 the layer's own ``O·(I/g)·K·H_out·W_out``. Everything is linear in the number of samples. The
 per-sample ``[b, O, I/g]`` block of a ``K > 1`` layer is the only large temporary; it is
 processed in chunks of samples (and, where one sample alone exceeds the budget, of output
-channels) written into one reused buffer of at most ``chunk_bytes``.
+channels) written into one reused buffer of at most ``chunk_bytes``. The ``bmm`` layout of a
+layer's weight is a transient copy made per batch (one layer's weight at a time), not one copy
+per layer held for the whole run.
 
 Precision (why ``A`` is float32 by default): ``A`` has ``num_classes · Σ O·I/g`` entries
 (torchvision's VGG-16 head alone is 4096×25088, i.e. 4.1 GB per 10 classes in float32, 8.2 GB
@@ -71,6 +90,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -83,11 +103,14 @@ __all__ = [
     "CHUNK_BYTES",
     "DEFAULT_SAMPLE_FRACTION",
     "ConfidentSamples",
+    "Contribution",
+    "FactoredContribution",
     "Profile",
     "ProfileMismatchError",
     "build_profile",
     "contributions",
     "conv_padding",
+    "densify",
     "default_per_class",
     "model_fingerprint",
     "naive_contributions",
@@ -104,7 +127,8 @@ DEFAULT_SAMPLE_FRACTION: float = 0.01
 """MDA §1.1: keep 1% of each class's training samples (at least one)."""
 
 PROFILE_FORMAT = "mdafx.profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # 1: dense tensors only; 2: factored layers as plain dicts
 
 WeightedLayer = nn.Conv2d | nn.Linear
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -287,6 +311,183 @@ def naive_sample_contributions(mod: WeightedLayer, x: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# factored result of a single-tap layer
+
+
+_FACTORED_KIND = "mdafx.factored_contribution"
+
+
+class FactoredContribution:
+    """``A`` of a single-tap layer (Linear, 1×1 conv, any groups) without the ``[C, O, I/g]``
+    tensor.
+
+    ``A[c, o, j] = W⁺[o, j]·pos[c, i] + W⁻[o, j]·neg[c, i]`` with ``i = g(o)·(I/g) + j`` the global
+    input channel of ``o``'s ``j``-th input (``g(o) = o // (O/g)``), ``pos[c] = Σ_{x of c} S_x⁺``
+    and ``neg[c] = Σ_{x of c} S_x⁻``. Since one of ``W⁺``, ``W⁻`` is zero, every entry is a single
+    product ``w · (pos if w > 0 else neg)``, computed in :attr:`dtype` after rounding the class sum
+    to :attr:`dtype`, so any chunking gives the same bits as :meth:`dense`.
+
+    Attributes: ``pos``, ``neg`` (``[C, I]``, float64), ``weight`` (``[O, I/g]``; from
+    :func:`contributions` a view of the layer's own weight, not a copy), ``groups``, ``dtype``
+    (of the materialised ``A``). ``shape`` is ``(C, O, I/g)`` like the dense tensor's.
+
+    Sharing the weight keeps the factored form's own memory at ``O(C·I)``. Its version counter is
+    recorded, so using the object after the weight was changed in place (``optimizer.step()``,
+    ``weight.mul_()``, ...) raises instead of giving the contributions of other weights.
+    """
+
+    __slots__ = ("pos", "neg", "weight", "groups", "dtype", "_version")
+
+    def __init__(self, pos: Tensor, neg: Tensor, weight: Tensor, groups: int = 1,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if weight.dim() == 4:
+            if weight.shape[2:] != (1, 1):
+                raise ValueError(f"a factored contribution needs a 1×1 kernel, got weight "
+                                 f"{tuple(weight.shape)}")
+            weight = weight.reshape(weight.shape[0], weight.shape[1])
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be [O, I/g] (or [O, I/g, 1, 1]), got "
+                             f"{tuple(weight.shape)}")
+        out_ch, in_per_group = weight.shape
+        if groups < 1 or out_ch % groups:
+            raise ValueError(f"groups={groups} does not divide the {out_ch} output channels")
+        if pos.dim() != 2 or pos.shape != neg.shape or pos.shape[1] != groups * in_per_group:
+            raise ValueError(f"pos/neg must both be [C, {groups * in_per_group}], got "
+                             f"{tuple(pos.shape)} and {tuple(neg.shape)}")
+        self.pos, self.neg, self.weight = pos, neg, weight.detach()
+        self.groups, self.dtype = int(groups), dtype
+        self._version = _version_of(self.weight)
+
+    # -- shape-like metadata -----------------------------------------------------------------
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.pos.shape[0],) + tuple(self.weight.shape))
+
+    @property
+    def num_classes(self) -> int:
+        return self.pos.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def dim(self) -> int:
+        return 3
+
+    def numel(self) -> int:
+        """Entries of the dense ``A`` this object stands for."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the class sums (the weight belongs to the layer)."""
+        return self.pos.numel() * self.pos.element_size() * 2
+
+    def dense_nbytes(self) -> int:
+        """Bytes :meth:`dense` would allocate."""
+        return self.numel() * torch.empty((), dtype=self.dtype).element_size()
+
+    def __repr__(self) -> str:
+        return (f"FactoredContribution(shape={tuple(self.shape)}, groups={self.groups}, "
+                f"dtype={self.dtype})")
+
+    # -- materialisation ---------------------------------------------------------------------
+
+    def _checked_weight(self) -> Tensor:
+        if self._version is not None and _version_of(self.weight) != self._version:
+            raise RuntimeError(
+                "the layer's weight was modified in place after its contributions were "
+                "computed; recompute them (the factored form shares the weight's storage)")
+        return self.weight
+
+    def rows(self, c: int, index: slice | Tensor | Sequence[int] = slice(None)) -> Tensor:
+        """``A[c, index, :]``: ``[r, I/g]`` in :attr:`dtype` for output channels ``index``."""
+        w = self._checked_weight()
+        out_ch, in_per_group = w.shape
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.long, device=w.device)
+        w = w[index].to(self.dtype)
+        p = self.pos[c].to(device=w.device, dtype=self.dtype)
+        n = self.neg[c].to(device=w.device, dtype=self.dtype)
+        if self.groups == 1:
+            p, n = p[None], n[None]
+        else:
+            group = torch.arange(out_ch, device=w.device)[index] // (out_ch // self.groups)
+            p = p.view(self.groups, in_per_group)[group]
+            n = n.view(self.groups, in_per_group)[group]
+        return w * torch.where(w > 0, p, n)
+
+    def for_class(self, c: int) -> Tensor:
+        """``A[c]``: ``[O, I/g]`` in :attr:`dtype`."""
+        return self.rows(c)
+
+    def chunk(self, classes: slice | range | Sequence[int]) -> Tensor:
+        """``A[classes]``: ``[len(classes), O, I/g]`` in :attr:`dtype`."""
+        if isinstance(classes, slice):
+            classes = range(*classes.indices(self.num_classes))
+        classes = [int(c) for c in classes]
+        out = torch.empty((len(classes),) + tuple(self.weight.shape), dtype=self.dtype,
+                          device=self.device)
+        for k, c in enumerate(classes):  # per class: temporaries of one [O, I/g]
+            out[k] = self.rows(c)
+        return out
+
+    def dense(self) -> Tensor:
+        """The whole ``A``: ``[C, O, I/g]`` in :attr:`dtype` (``C·O·I/g`` entries)."""
+        return self.chunk(range(self.num_classes))
+
+    # -- plain-data form (Profile files, weights_only=True) ----------------------------------
+
+    def cpu(self) -> FactoredContribution:
+        return self.to(torch.device("cpu"))
+
+    def to(self, device: torch.device | str) -> FactoredContribution:
+        w = self._checked_weight()
+        if all(t.device == torch.device(device) for t in (self.pos, self.neg, w)):
+            return self
+        return FactoredContribution(self.pos.to(device), self.neg.to(device), w.to(device),
+                                    self.groups, self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain tensors / str / int (loadable with ``torch.load(weights_only=True)``)."""
+        return {"kind": _FACTORED_KIND, "pos": self.pos.detach().cpu(),
+                "neg": self.neg.detach().cpu(), "weight": self._checked_weight().cpu(),
+                "groups": self.groups, "dtype": str(self.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FactoredContribution:
+        if data.get("kind") != _FACTORED_KIND:
+            raise ValueError(f"not a factored contribution: kind={data.get('kind')!r}")
+        dtype = getattr(torch, str(data["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {data['dtype']!r}")
+        return cls(data["pos"], data["neg"], data["weight"], int(data["groups"]), dtype)
+
+    @staticmethod
+    def is_dict(data: Any) -> bool:
+        return isinstance(data, Mapping) and data.get("kind") == _FACTORED_KIND
+
+
+def _version_of(t: Tensor) -> int | None:
+    """In-place modification counter (shared by views and ``detach()``); ``None`` for inference
+    tensors, which have none (and cannot be modified in place outside inference mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+Contribution = Tensor | FactoredContribution
+"""A layer's entry in :func:`contributions`' result: dense ``[C, O, I/g]`` or factored."""
+
+
+def densify(a: Contribution) -> Tensor:
+    """The dense ``[C, O, I/g]`` tensor of either form (a tensor is returned as is)."""
+    return a.dense() if isinstance(a, FactoredContribution) else a
+
+
+# --------------------------------------------------------------------------------------------
 # streaming accumulation over batches
 
 
@@ -323,8 +524,10 @@ class _CheapLayer:
         wb, self.groups = _weight_blocks(mod, dtype)
         g, o_per_g, i_per_g, k = wb.shape
         self.shape = (g, o_per_g, i_per_g)
-        # bmm batched over (group, input channel): [b, K] @ [K, O/g] per channel
-        self.wt = wb.permute(0, 2, 3, 1).reshape(g * i_per_g, k, o_per_g).to(device).contiguous()
+        # bmm batched over (group, input channel): [b, K] @ [K, O/g] per channel. Kept as a view
+        # of the weight where reshape allows it (groups = 1 or depthwise) and made contiguous
+        # per call in add(): a transient copy of one layer's weight, not of every layer's at once
+        self.wt = wb.permute(0, 2, 3, 1).reshape(g * i_per_g, k, o_per_g).to(device)
         self.acc = torch.zeros(num_classes, g * i_per_g, o_per_g, dtype=dtype, device=device)
 
     def add(self, x: Tensor, labels: Tensor) -> None:
@@ -343,6 +546,7 @@ class _CheapLayer:
                           for i in range(0, x.shape[0], sums_chunk)])  # [B, I, K]
         order = torch.argsort(labels, stable=True)
         sums, labels = sums[order], labels[order].tolist()
+        wt = self.wt.contiguous()
         for start in range(0, len(labels), batch_chunk):
             s = sums[start:start + batch_chunk]
             b = s.shape[0]
@@ -350,7 +554,7 @@ class _CheapLayer:
             for o0 in range(0, o_per_g, o_chunk):
                 o1 = min(o_per_g, o0 + o_chunk)
                 c = self.workspace.get((g * i_per_g, b, o1 - o0), self.dtype, self.acc.device)
-                torch.bmm(st, self.wt[:, :, o0:o1], out=c).relu_()
+                torch.bmm(st, wt[:, :, o0:o1], out=c).relu_()
                 for n in range(b):
                     self.acc[labels[start + n], :, o0:o1].add_(c[:, n])
 
@@ -367,14 +571,16 @@ class _PointwiseLayer:
     For scalars ``ReLU(w·s) = w⁺·s⁺ + w⁻·s⁻`` (``w⁺ = max(w, 0)``, ``w⁻ = min(w, 0)``), so
     ``A[c, o, j] = W⁺[o, j]·P[c, i] + W⁻[o, j]·N[c, i]`` with ``P[c, i] = Σ_{x of c} S_x[i]⁺``,
     ``N[c, i] = Σ_{x of c} S_x[i]⁻`` and ``i`` the global index of ``o``'s ``j``-th input. A
-    sample costs ``O(I)``; ``A`` is formed once, in :meth:`result`.
+    sample costs ``O(I)``. :meth:`result` returns them as a :class:`FactoredContribution`
+    (or, with ``dense=True``, the materialised ``A``).
     """
 
     def __init__(self, mod: WeightedLayer, num_classes: int, dtype: torch.dtype,
-                 chunk_bytes: int, device: torch.device) -> None:
+                 chunk_bytes: int, device: torch.device, dense: bool = False) -> None:
         self.mod = mod
         self.dtype = dtype
         self.chunk_bytes = chunk_bytes
+        self.dense = dense
         in_ch = mod.weight.shape[1] * (mod.groups if isinstance(mod, nn.Conv2d) else 1)
         # float64: these are O(C·I) and make A independent of the batching to ~1e-16
         self.pos = torch.zeros(num_classes, in_ch, dtype=torch.float64, device=device)
@@ -390,23 +596,19 @@ class _PointwiseLayer:
         self.pos += onehot @ s.clamp_min(0)
         self.neg += onehot @ s.clamp_max(0)
 
-    def result(self) -> Tensor:
-        wb, groups = _weight_blocks(self.mod, self.dtype)
-        w = wb[..., 0].to(self.pos.device)  # [g, O/g, I/g]
-        w_pos, w_neg = w.clamp_min(0), w.clamp_max(0)
-        num_classes = self.pos.shape[0]
-        out = torch.empty((num_classes,) + w.shape, dtype=self.dtype, device=w.device)
-        for c in range(num_classes):  # per class keeps the temporaries to one weight size
-            p = self.pos[c].to(self.dtype).view(groups, 1, -1)
-            n = self.neg[c].to(self.dtype).view(groups, 1, -1)
-            torch.mul(w_pos, p, out=out[c]).addcmul_(w_neg, n)
-        return out.reshape(num_classes, -1, w.shape[-1])
+    def result(self) -> Tensor | FactoredContribution:
+        groups = self.mod.groups if isinstance(self.mod, nn.Conv2d) else 1
+        weight = self.mod.weight.detach()
+        factored = FactoredContribution(self.pos, self.neg, weight.reshape(weight.shape[0], -1),
+                                        groups, self.dtype)
+        return factored.dense() if self.dense else factored
 
 
 def _cheap_layer(mod: WeightedLayer, num_classes: int, dtype: torch.dtype, chunk_bytes: int,
-                 device: torch.device, workspace: _Workspace) -> _CheapLayer | _PointwiseLayer:
+                 device: torch.device, workspace: _Workspace, dense: bool = False
+                 ) -> _CheapLayer | _PointwiseLayer:
     if mod.weight[0, 0].numel() == 1:
-        return _PointwiseLayer(mod, num_classes, dtype, chunk_bytes, device)
+        return _PointwiseLayer(mod, num_classes, dtype, chunk_bytes, device, dense)
     return _CheapLayer(mod, num_classes, dtype, chunk_bytes, device, workspace)
 
 
@@ -463,10 +665,14 @@ class _EvalMode:
 
 def _stream(model: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int,
             layers: Sequence[str], make: Callable[..., Any], dtype: torch.dtype,
-            chunk_bytes: int, progress: bool) -> tuple[dict[str, Tensor], list[int]]:
-    """Run ``model`` on every batch and feed each listed layer's input to its accumulator."""
+            chunk_bytes: int, progress: bool, forward_batch: int | None = None
+            ) -> tuple[dict[str, Contribution], list[int]]:
+    """Run ``model`` on every batch (in slices of ``forward_batch`` rows if given) and feed each
+    listed layer's input to its accumulator."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if forward_batch is not None and forward_batch < 1:
+        raise ValueError(f"forward_batch must be >= 1, got {forward_batch}")
     device = _model_device(model)
     mods = {name: model.get_submodule(name) for name in layers}
     for name, mod in mods.items():
@@ -504,11 +710,18 @@ def _stream(model: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int
                               disable=not progress):
                 x, y = batch[0], batch[1]
                 labels = _as_labels(y, num_classes, device)
-                state["labels"], state["calls"] = labels, {}
-                model(x.to(device))
-                missing = [name for name in layers if name not in state["calls"]]
-                if missing:
-                    raise RuntimeError(f"layers not called in the forward pass: {missing}")
+                step = labels.shape[0] if forward_batch is None else forward_batch
+                if step < labels.shape[0] and x.shape[0] != labels.shape[0]:
+                    raise ValueError(f"forward_batch needs one input row per label, got "
+                                     f"{tuple(x.shape)} for {labels.shape[0]} labels")
+                for start in range(0, max(1, labels.shape[0]), max(1, step)):
+                    part = (x, labels) if step >= labels.shape[0] else (
+                        x[start:start + step], labels[start:start + step])
+                    state["labels"], state["calls"] = part[1], {}
+                    model(part[0].to(device))
+                    missing = [name for name in layers if name not in state["calls"]]
+                    if missing:
+                        raise RuntimeError(f"layers not called in the forward pass: {missing}")
                 counts += torch.bincount(labels.cpu(), minlength=num_classes)
     finally:
         for handle in handles:
@@ -527,28 +740,40 @@ def _resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]
 
 def contributions(gm: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int,
                   layers: Sequence[str] | None = None, progress: bool = True, *,
-                  dtype: torch.dtype = torch.float32, chunk_bytes: int = CHUNK_BYTES
-                  ) -> dict[str, Tensor]:
+                  dtype: torch.dtype = torch.float32, chunk_bytes: int = CHUNK_BYTES,
+                  dense: bool = False, forward_batch: int | None = None
+                  ) -> dict[str, Contribution]:
     """``A[c, o, j] = Σ_{x of class c} ReLU(c[o,j](x))`` for every layer (see module docstring).
 
     ``batches`` yields ``(x, y, ...)`` with ``y`` the class labels of the rows of ``x``; extra
     items (e.g. dataset indices) are ignored. The model runs once per batch in eval mode under
     ``no_grad``; forward hooks capture each layer's input and fold it into ``A`` immediately, so
     no activation is kept beyond its layer. ``layers`` defaults to :func:`weighted_layers`.
-    Returns CPU tensors ``[num_classes, O, I/groups]`` in ``dtype``, keyed by layer name (some
-    are transposed views of the accumulator: call ``.contiguous()`` where layout matters).
+
+    Returns a dict keyed by layer name (graph order). Each value has ``.shape ==
+    (num_classes, O, I/groups)`` and is either a CPU tensor in ``dtype`` (``K > 1`` convs; some
+    are transposed views of the accumulator: call ``.contiguous()`` where layout matters) or,
+    for Linear and 1×1 convs, a :class:`FactoredContribution` (``.for_class(c)``, ``.chunk``,
+    ``.dense()``; :func:`densify` accepts both). ``dense=True`` returns tensors for every layer
+    (``C·O·I/g`` entries each: mind the memory of large Linear heads).
+
+    ``forward_batch`` runs the model on slices of at most that many rows of each batch: the
+    activations of one slice are then the only ones alive, at the price of a less batched
+    forward. ``A`` is the same up to the forward's own rounding (a conv may round differently at
+    another batch size); the summation order into ``A`` does not depend on it.
     """
     layers = _resolve_layers(gm, layers)
-    result, _ = _stream(gm, batches, num_classes, layers, _cheap_layer, dtype, chunk_bytes,
-                        progress)
+    result, _ = _stream(gm, batches, num_classes, layers, partial(_cheap_layer, dense=dense),
+                        dtype, chunk_bytes, progress, forward_batch)
     return result
 
 
 def naive_contributions(gm: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int,
                         layers: Sequence[str] | None = None, progress: bool = True, *,
                         dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """Same result as :func:`contributions` by the reference's formula (``unfold`` and the
-    ``B×O×I×H×W`` product per layer and batch). For tests and benchmarks only."""
+    """Same result as ``contributions(..., dense=True)`` by the reference's formula (``unfold``
+    and the ``B×O×I×H×W`` product per layer and batch; dense tensors for every layer). For tests
+    and benchmarks only."""
     layers = _resolve_layers(gm, layers)
     result, _ = _stream(gm, batches, num_classes, layers, _NaiveLayer, dtype, 0, progress)
     return result
@@ -668,12 +893,15 @@ def model_fingerprint(gm: nn.Module, layers: Sequence[str] | None = None
 class Profile:
     """Per-class contributions of a model (MDA §1.2), with what is needed to trust them later.
 
-    ``contributions[layer]`` is ``A`` with shape ``[len(class_names), O, I/groups]``;
-    ``samples_per_class[c]`` samples of class ``c`` were summed into it.
+    ``contributions[layer]`` is ``A`` with shape ``[len(class_names), O, I/groups]``: a tensor
+    or a :class:`FactoredContribution` (see :func:`contributions`); ``samples_per_class[c]``
+    samples of class ``c`` were summed into it. On disk (``save``/``to_dict``) a factored layer is
+    a plain dict of tensors (``FactoredContribution.to_dict``) so that the file loads with
+    ``weights_only=True``; ``load`` turns it back into the object.
     """
 
     layers: list[str]
-    contributions: dict[str, Tensor]
+    contributions: dict[str, Contribution]
     class_names: list[str]
     samples_per_class: list[int]
     weight_shapes: dict[str, list[int]]
@@ -686,7 +914,9 @@ class Profile:
         return {
             "format": PROFILE_FORMAT, "version": PROFILE_VERSION,
             "layers": list(self.layers),
-            "contributions": {k: v.detach().cpu() for k, v in self.contributions.items()},
+            "contributions": {k: (v.to_dict() if isinstance(v, FactoredContribution)
+                                  else v.detach().cpu())
+                              for k, v in self.contributions.items()},
             "class_names": list(self.class_names),
             "samples_per_class": [int(n) for n in self.samples_per_class],
             "weight_shapes": {k: [int(d) for d in v] for k, v in self.weight_shapes.items()},
@@ -717,10 +947,12 @@ class Profile:
         data = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=mmap)
         if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
             raise ValueError(f"{os.fspath(path)!r} is not an mdafx contribution profile")
-        if data.get("version") != PROFILE_VERSION:
+        if data.get("version") not in _READABLE_VERSIONS:
             raise ValueError(f"{os.fspath(path)!r}: profile version {data.get('version')} "
-                             f"(this mdafx reads version {PROFILE_VERSION})")
-        return cls(layers=list(data["layers"]), contributions=dict(data["contributions"]),
+                             f"(this mdafx reads versions {list(_READABLE_VERSIONS)})")
+        contribs = {k: (FactoredContribution.from_dict(v) if FactoredContribution.is_dict(v)
+                        else v) for k, v in data["contributions"].items()}
+        return cls(layers=list(data["layers"]), contributions=contribs,
                    class_names=list(data["class_names"]),
                    samples_per_class=list(data["samples_per_class"]),
                    weight_shapes={k: list(v) for k, v in data["weight_shapes"].items()},
@@ -759,15 +991,17 @@ class Profile:
 def build_profile(gm: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int,
                   class_names: Sequence[str] | None = None,
                   layers: Sequence[str] | None = None, progress: bool = True, *,
-                  dtype: torch.dtype = torch.float32, chunk_bytes: int = CHUNK_BYTES
-                  ) -> Profile:
-    """:func:`contributions` plus the sample counts and the model fingerprint."""
+                  dtype: torch.dtype = torch.float32, chunk_bytes: int = CHUNK_BYTES,
+                  dense: bool = False, forward_batch: int | None = None) -> Profile:
+    """:func:`contributions` (factored single-tap layers unless ``dense=True``) plus the
+    sample counts and the model fingerprint."""
     layers = _resolve_layers(gm, layers)
     names = [str(c) for c in range(num_classes)] if class_names is None else list(class_names)
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for {num_classes} classes")
-    result, counts = _stream(gm, batches, num_classes, layers, _cheap_layer, dtype,
-                             chunk_bytes, progress)
+    result, counts = _stream(gm, batches, num_classes, layers,
+                             partial(_cheap_layer, dense=dense), dtype, chunk_bytes, progress,
+                             forward_batch)
     fingerprint, digests = model_fingerprint(gm, layers)
     mods = {name: gm.get_submodule(name) for name in layers}
     return Profile(

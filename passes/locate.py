@@ -23,6 +23,13 @@ masks are propagated backwards over the graph, from ``M^c = onehot(c)`` on the l
 * a tensor read by several nodes: OR of what each reader asks of it;
 * a barrier (no exact rule): every input channel is kept for every class.
 
+The contributions of a layer may be a dense tensor ``[K, O, I/g]`` or a factored one
+(``passes.contributions.FactoredContribution``, Linear and 1×1 convs). Either way
+:func:`layer_input_mask` works one class at a time, on chunks of the output rows that class wants
+(rows with ``M^c[o] = 0`` add nothing to ``N^c`` and are skipped), so a layer never needs more
+than about ``chunk_bytes`` of ``A`` at once, whatever ``K``; ``N^c`` is a sum of 0/1 terms, hence
+exact in any order, and the masks are identical to :func:`weighted_input_mask` on the dense ``A``.
+
 Writes ``node.meta["mdafx.mask"]`` (bool ``[num_classes, *ids.shape]``) and changes nothing else.
 """
 from __future__ import annotations
@@ -37,8 +44,11 @@ from mdafx.errors import PreconditionError
 from mdafx.ir import META_MASK
 from mdafx.rules import BY_ID, POSITIONAL, WEIGHTED, lookup
 from passes.channel_groups import ChannelGraph
+from passes.contributions import FactoredContribution
 
 EPS = 1e-5
+LOCATE_CHUNK_BYTES: int = 16 * 2**20
+"""Default budget for the rows of ``A`` that :func:`layer_input_mask` forms at once."""
 
 
 @dataclass(frozen=True)
@@ -70,11 +80,48 @@ def minmax(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 def weighted_input_mask(A: torch.Tensor, out_mask: torch.Tensor, groups: int,
                         alpha: float, beta: float) -> torch.Tensor:
-    """``M'`` ([K, I]) of a weighted layer from ``A`` ([K, O, I/g]) and ``M`` ([K, O])."""
+    """``M'`` ([K, I]) of a weighted layer from ``A`` ([K, O, I/g]) and ``M`` ([K, O]).
+
+    All classes at once on a dense ``A``; :func:`layer_input_mask` gives the same masks one class
+    (and row chunk) at a time, and also takes a ``FactoredContribution``."""
     K, O, Ig = A.shape
     B = (minmax(A, dim=2) > alpha).to(A.dtype)                    # [K, O, I/g]
     N = torch.einsum("ko,koj->koj", out_mask.to(A.dtype), B)      # contributions of wanted o
     N = N.reshape(K, groups, O // groups, Ig).sum(2).reshape(K, groups * Ig)  # [K, I]
+    return minmax(N, dim=1) > beta
+
+
+def layer_input_mask(A: torch.Tensor | FactoredContribution, out_mask: torch.Tensor,
+                     groups: int, alpha: float, beta: float, *,
+                     chunk_bytes: int = LOCATE_CHUNK_BYTES) -> torch.Tensor:
+    """:func:`weighted_input_mask` for a dense or factored ``A``, one class at a time.
+
+    Same result as ``weighted_input_mask(densify(A).float(), out_mask, groups, alpha, beta)``
+    (``A`` is compared in float32, as :func:`locate` always did), but only the rows ``o`` with
+    ``out_mask[k, o]`` are formed, at most ``chunk_bytes`` of them (≥ 1 row) at a time.
+    """
+    K, O, Ig = A.shape
+    if out_mask.shape != (K, O):
+        raise ValueError(f"out_mask must be [{K}, {O}], got {tuple(out_mask.shape)}")
+    if groups < 1 or O % groups:
+        raise ValueError(f"groups={groups} does not divide the {O} output channels")
+    factored = isinstance(A, FactoredContribution)
+    rows_per_chunk = max(1, chunk_bytes // max(1, Ig * 4))
+    out_per_group = O // groups
+    counts = torch.zeros(K, groups, Ig, dtype=torch.long)
+    for k in range(K):
+        wanted = torch.nonzero(out_mask[k]).flatten()
+        for start in range(0, wanted.numel(), rows_per_chunk):
+            idx = wanted[start:start + rows_per_chunk]
+            lo, hi = int(idx[0]), int(idx[-1]) + 1
+            index = slice(lo, hi) if hi - lo == idx.numel() else idx  # contiguous: a view
+            rows = A.rows(k, index) if factored else A[k, index]
+            B = minmax(rows.float(), dim=1) > alpha                  # [r, I/g]
+            if groups == 1:
+                counts[k, 0] += B.sum(0).cpu()
+            else:
+                counts[k].index_add_(0, idx // out_per_group, B.long().cpu())
+    N = counts.reshape(K, groups * Ig).float()  # exact integers, as the dense sum of 0/1
     return minmax(N, dim=1) > beta
 
 
@@ -146,9 +193,15 @@ def _reduce_to(mask_1d: torch.Tensor, in_ids: torch.Tensor, axis: int) -> torch.
     return mask_1d.reshape(K, *shape).expand(K, *in_ids.shape).clone()
 
 
-def locate(gm: fx.GraphModule, cg: ChannelGraph, contributions: dict[str, torch.Tensor],
-           thresholds: Thresholds = Thresholds()) -> ChannelMasks:
-    """Backward mask propagation (module docstring) for every class of the contributions."""
+def locate(gm: fx.GraphModule, cg: ChannelGraph,
+           contributions: dict[str, torch.Tensor | FactoredContribution],
+           thresholds: Thresholds = Thresholds(), *,
+           chunk_bytes: int = LOCATE_CHUNK_BYTES) -> ChannelMasks:
+    """Backward mask propagation (module docstring) for every class of the contributions.
+
+    ``contributions[layer]`` is a dense ``[K, O, I/g]`` tensor or a ``FactoredContribution``;
+    ``chunk_bytes`` bounds the part of one layer's ``A`` formed at once (:func:`layer_input_mask`).
+    """
     if not contributions:
         raise PreconditionError("no contributions: run the contribution analysis first")
     K = next(iter(contributions.values())).shape[0]
@@ -186,7 +239,13 @@ def locate(gm: fx.GraphModule, cg: ChannelGraph, contributions: dict[str, torch.
                 in_mask = _full(in_ids, K)
             else:
                 alpha, beta = thresholds.for_module(module)
-                m_in = weighted_input_mask(A.float(), m_out, getattr(module, "groups", 1), alpha, beta)
+                groups = getattr(module, "groups", 1)
+                want = (K, module.weight.shape[0], module.weight.shape[1])
+                if tuple(A.shape) != want:
+                    raise PreconditionError(
+                        f"contributions of layer {node.target!r} have shape {tuple(A.shape)}, "
+                        f"expected {list(want)} (classes, out, in/groups) for its weight")
+                m_in = layer_input_mask(A, m_out, groups, alpha, beta, chunk_bytes=chunk_bytes)
                 in_mask = _reduce_to(m_in, in_ids, out_axis)
             _or_into(masks, a.name, in_mask)
         elif kind == POSITIONAL:

@@ -5,24 +5,38 @@ weights, ``--num-classes`` outputs, random inputs and labels, all seeded) it mea
 fresh worker subprocess:
 
 - ``inference``: plain eval-mode forward over the samples;
-- ``cheap``: :func:`passes.contributions.contributions` (box sums, chunked ``W·S``);
+- ``cheap``: :func:`passes.contributions.contributions` (box sums, chunked ``W·S`` for ``K > 1``
+  convs; Linear and 1×1 convs keep only the per-class sums ``Σ S⁺``, ``Σ S⁻`` and return a
+  ``FactoredContribution`` that shares the layer's weight, so their ``[C, O, I]`` never exists;
+  ``--forward-batch N`` makes it run the model on slices of N rows of each batch, which bounds
+  the activations alive at once — off by default, so every phase sees the same forward);
 - ``naive``: :func:`passes.contributions.naive_contributions` (``unfold`` and the ``B×O×I×H×W``
   product per layer), under ``--naive-timeout``; running out of memory (``--mem-limit-gb``
   caps the workers' data segment via ``RLIMIT_DATA``) or time is reported, not raised.
 
 Memory: the worker resets the kernel's peak-RSS mark (``/proc/self/clear_refs`` ← 5) right
 before the measured phase and reports ``VmHWM − VmRSS_before``: the peak resident memory that
-the phase added on top of the model and the pre-generated inputs. Both forms hold the
-``[C, O, I]`` accumulators (column "A MB"), which are part of that peak.
+the phase added on top of the model and the pre-generated inputs. "A MB" is what the result
+holds beyond the model (dense ``[C, O, I/g]`` tensors of ``K > 1`` convs plus the float64 class
+sums of factored layers), part of that peak; "dense A MB" is the ``C·Σ O·I/g`` float32 tensors
+that the naive form holds (and the cheap form held before factoring).
 
-Accuracy: per layer, ``max|A_cheap − A_naive| / max|A_naive|`` (the table shows the worst
-layer), and the masks the two A's induce (MDA §1.3, per class c and output channel o):
-``R = (A − min_i A) / (max_i A − min_i A + ε)``, α-mask ``1[R > α]``, and the β-mask of the
-input channels for an all-ones output mask, ``1[minmax_i(Σ_o 1[R > α]) > β]``.
+Accuracy (after the measurements, not timed): per layer, ``max|A_cheap − A_naive| /
+max|A_naive|`` (the table shows the worst layer), with a factored ``A_cheap`` densified one class
+at a time (``FactoredContribution.for_class``), and the masks the two A's induce (MDA §1.3,
+per class c and output channel o): ``R = (A − min_i A) / (max_i A − min_i A + ε)``, α-mask
+``1[R > α]``, and the β-mask of the input channels for an all-ones output mask,
+``1[minmax_i(Σ_o 1[R > α]) > β]``.
+
+Note: the "infer peak MB" column can read ~0: the untimed warm-up forward leaves its freed
+activations in the allocator's heap, which the measured forward then reuses. The cheap phase
+allocates ``A`` after the warm-up (partly in that reused heap), so its peak is about ``A`` plus
+the activations of one forward slice (see ``--forward-batch``).
 
 Example::
 
-    python tools/bench_contributions.py --samples 20 --batch 10 --naive-timeout 600
+    python tools/bench_contributions.py --samples 20 --batch 10 --threads 1 \
+        --naive-timeout 300 --mem-limit-gb 12
 """
 
 from __future__ import annotations
@@ -100,7 +114,11 @@ def _masks(a: Any, alpha: float, beta: float, eps: float) -> tuple[Any, Any, Any
 def _compare(cheap_path: str, naive: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from passes.contributions import FactoredContribution
+
     cheap = torch.load(cheap_path, map_location="cpu", weights_only=True, mmap=True)
+    cheap = {k: FactoredContribution.from_dict(v) if FactoredContribution.is_dict(v) else v
+             for k, v in cheap.items()}
     worst, worst_layer = 0.0, ""
     alpha_diff = alpha_total = beta_diff = beta_total = 0
     gap = 0.0
@@ -108,7 +126,9 @@ def _compare(cheap_path: str, naive: dict[str, Any], args: argparse.Namespace) -
         a_cheap = cheap[name]
         diff = scale = 0.0
         for c in range(a_naive.shape[0]):  # per class keeps the temporaries to one [O, I]
-            an, ac = a_naive[c].double(), a_cheap[c].double()
+            an = a_naive[c].double()
+            ac = (a_cheap.for_class(c) if isinstance(a_cheap, FactoredContribution)
+                  else a_cheap[c]).double()
             diff = max(diff, (ac - an).abs().max().item())
             scale = max(scale, an.abs().max().item())
             rn, bn, mn = _masks(an, args.alpha, args.beta, args.eps)
@@ -138,7 +158,7 @@ def _limit_data(gb: float | None) -> None:
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from passes.contributions import contributions, naive_contributions
+    from passes.contributions import FactoredContribution, contributions, naive_contributions
 
     torch.set_num_threads(args.threads)
     gm, batches = _build(args)
@@ -159,7 +179,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                 a = None
             elif args.worker == "cheap":
                 a = contributions(gm, batches, args.num_classes, progress=False,
-                                  chunk_bytes=args.chunk_mb * MIB)
+                                  chunk_bytes=args.chunk_mb * MIB,
+                                  forward_batch=args.forward_batch)
             else:
                 a = naive_contributions(gm, batches, args.num_classes, progress=False)
     except (RuntimeError, MemoryError) as err:
@@ -177,9 +198,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                   peak_method="VmHWM after clear_refs" if measured else "ru_maxrss (no reset)")
     if a is not None:
         result["layers"] = len(a)
-        result["a_mib"] = sum(t.numel() * t.element_size() for t in a.values()) / MIB
+        result["factored"] = sum(isinstance(t, FactoredContribution) for t in a.values())
+        result["a_mib"] = sum(t.nbytes if isinstance(t, FactoredContribution)
+                              else t.numel() * t.element_size() for t in a.values()) / MIB
+        result["dense_a_mib"] = sum(t.numel() for t in a.values()) * 4 / MIB
         if args.worker == "cheap":
-            torch.save(a, args.cheap_out)
+            torch.save({k: t.to_dict() if isinstance(t, FactoredContribution) else t
+                        for k, t in a.items()}, args.cheap_out)
         else:
             del gm, batches
             result.update(_compare(args.cheap_out, a, args))
@@ -197,7 +222,7 @@ def _run_worker(args: argparse.Namespace, model: str, mode: str, cheap_out: str,
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--model", model,
            "--json-out", out, "--cheap-out", cheap_out]
     for key in ("samples", "batch", "num_classes", "seed", "warmup", "threads", "chunk_mb",
-                "alpha", "beta", "eps", "mem_limit_gb", "size"):
+                "alpha", "beta", "eps", "mem_limit_gb", "size", "forward_batch"):
         value = getattr(args, key)
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -246,7 +271,10 @@ def drive(args: argparse.Namespace) -> None:
         inf, cheap, naive = runs["inference"], runs["cheap"], runs["naive"]
         size = args.size or MODELS[model]
         perf_rows.append([
-            f"{model} {size}x{size}", cheap.get("layers"), _fmt(cheap.get("a_mib"), ".0f"),
+            f"{model} {size}x{size}",
+            f"{cheap.get('layers')} ({cheap.get('factored')} factored)"
+            if cheap.get("status") == "ok" else cheap.get("status"),
+            _fmt(cheap.get("a_mib"), ".0f"), _fmt(cheap.get("dense_a_mib"), ".0f"),
             _fmt(inf.get("time_s"), ".2f"), _fmt(cheap.get("time_s"), ".2f"),
             _fmt(naive.get("time_s"), ".2f") if naive["status"] == "ok" else naive["status"],
             _ratio(naive, cheap, "time_s"), _ratio(cheap, inf, "time_s"),
@@ -264,11 +292,12 @@ def drive(args: argparse.Namespace) -> None:
             acc_rows.append([model, f"naive: {naive['status']}", "-", "-", "-", "-"])
     print(f"CPU: {platform.processor() or platform.machine()}, torch threads: {threads}, "
           f"samples: {args.samples}, batch: {args.batch}, classes: {args.num_classes}, "
-          f"chunk budget: {args.chunk_mb} MiB, peak memory: VmHWM − VmRSS before the phase "
+          f"chunk budget: {args.chunk_mb} MiB, cheap forward batch: "
+          f"{args.forward_batch or args.batch}, peak memory: VmHWM − VmRSS before the phase "
           "(fresh subprocess per measurement)")
     print(tabulate(perf_rows, headers=[
-        "model", "layers", "A MB", "infer s", "cheap s", "naive s", "naive/cheap time",
-        "cheap/infer time", "infer peak MB", "cheap peak MB", "naive peak MB",
+        "model", "layers", "A MB", "dense A MB", "infer s", "cheap s", "naive s",
+        "naive/cheap time", "cheap/infer time", "infer peak MB", "cheap peak MB", "naive peak MB",
         "naive/cheap mem"], tablefmt="github"))
     print()
     print(tabulate(acc_rows, headers=[
@@ -288,6 +317,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed forward batches per worker")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--chunk-mb", type=int, default=256, help="cheap form's chunk budget")
+    p.add_argument("--forward-batch", type=int, default=None,
+                   help="cheap form: run the model on slices of this many rows of each batch "
+                        "(default: whole batches, like inference and naive)")
     p.add_argument("--naive-timeout", type=float, default=600.0, help="seconds")
     p.add_argument("--mem-limit-gb", type=float, default=None,
                    help="RLIMIT_DATA of each worker (an allocation beyond it reports OOM)")

@@ -18,8 +18,10 @@ from passes.contributions import (
     Profile,
     ProfileMismatchError,
     build_profile,
+    FactoredContribution,
     contributions,
     default_per_class,
+    densify,
     naive_contributions,
     naive_sample_contributions,
     sample_contributions,
@@ -119,7 +121,7 @@ def test_conv_cheap_equals_literal_float64(name: str) -> None:
     got = contributions(traced(mod), make_batches(x, y, 3), NUM_CLASSES, progress=False,
                         dtype=torch.float64)
     assert list(got) == ["0"]
-    a = got["0"]
+    a = densify(got["0"])
     assert a.shape == (NUM_CLASSES, mod.out_channels, mod.in_channels // mod.groups)
     assert expected.abs().max() > 0 and (a > 0).any()
     assert max_rel(a, expected) < RTOL64
@@ -130,7 +132,7 @@ def test_conv_cheap_equals_literal_float64(name: str) -> None:
 def test_conv_cheap_equals_naive_float32(name: str) -> None:
     mod, x, y = conv_case(name, torch.float32)
     batches = make_batches(x, y, 4)
-    cheap = contributions(traced(mod), batches, NUM_CLASSES, progress=False)["0"]
+    cheap = densify(contributions(traced(mod), batches, NUM_CLASSES, progress=False)["0"])
     naive = naive_contributions(traced(mod), batches, NUM_CLASSES, progress=False)["0"]
     assert cheap.dtype == naive.dtype == torch.float32
     assert max_rel(cheap, naive) < RTOL32
@@ -164,8 +166,8 @@ def test_linear_2d_and_tokens() -> None:
         x = torch.randn(shape, dtype=torch.float64)
         y = torch.tensor([0, 2, 1, 2, 0, 2])
         expected = per_class_sum(literal_contributions(mod, x), y, NUM_CLASSES)
-        got = contributions(traced(mod), make_batches(x, y, 4), NUM_CLASSES, progress=False,
-                            dtype=torch.float64)["0"]
+        got = densify(contributions(traced(mod), make_batches(x, y, 4), NUM_CLASSES,
+                                    progress=False, dtype=torch.float64)["0"])
         naive = naive_contributions(traced(mod), make_batches(x, y, 4), NUM_CLASSES,
                                     progress=False, dtype=torch.float64)["0"]
         assert got.shape == (NUM_CLASSES, 3, 5)
@@ -179,12 +181,12 @@ def test_linear_relu_after_token_sum_and_per_sample() -> None:
         mod.weight.fill_(1.0)
     gm = traced(mod)
     # two samples of class 0: +2 and -3 -> ReLU per sample -> 2 (not relu(-1) = 0)
-    a = contributions(gm, [(torch.tensor([[2.0], [-3.0]]), torch.tensor([0, 0]))], 1,
-                      progress=False)["0"]
+    a = densify(contributions(gm, [(torch.tensor([[2.0], [-3.0]]), torch.tensor([0, 0]))], 1,
+                              progress=False)["0"])
     assert a.item() == 2.0
     # one sample with tokens +2 and -3: summed before the ReLU -> 0
-    a = contributions(gm, [(torch.tensor([[[2.0], [-3.0]]]), torch.tensor([0]))], 1,
-                      progress=False)["0"]
+    a = densify(contributions(gm, [(torch.tensor([[[2.0], [-3.0]]]), torch.tensor([0]))], 1,
+                              progress=False)["0"])
     assert a.item() == 0.0
 
 
@@ -355,7 +357,8 @@ def test_profile_round_trip(tmp_path: os.PathLike[str]) -> None:
         assert getattr(loaded, key) == getattr(profile, key), key
     assert loaded.contributions.keys() == profile.contributions.keys()
     for name, a in profile.contributions.items():
-        assert torch.equal(loaded.contributions[name], a)
+        assert type(loaded.contributions[name]) is type(a)
+        assert torch.equal(densify(loaded.contributions[name]), densify(a))
     loaded.check_matches(gm)
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == "mdafx.profile"
@@ -382,3 +385,183 @@ def test_profile_load_rejects_other_files(tmp_path: os.PathLike[str]) -> None:
     torch.save({"a": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="not an mdafx contribution profile"):
         Profile.load(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# factored single-tap layers (Linear, 1×1 conv): A = W⁺ ⊙ Σ S⁺ + W⁻ ⊙ Σ S⁻, never [C, O, I]
+
+
+POINTWISE_CASES = {
+    "linear_2d": (lambda: nn.Linear(6, 5), (6,)),
+    "linear_3d_tokens": (lambda: nn.Linear(6, 5), (4, 6)),
+    "linear_4d_tokens": (lambda: nn.Linear(6, 5, bias=False), (2, 3, 6)),
+    "conv1x1": (lambda: nn.Conv2d(6, 5, 1), (6, 4, 5)),
+    "conv1x1_groups2": (lambda: nn.Conv2d(6, 4, 1, groups=2), (6, 5, 4)),
+    "conv1x1_depthwise": (lambda: nn.Conv2d(6, 6, 1, groups=6), (6, 4, 4)),
+    "conv1x1_depthwise_x2": (lambda: nn.Conv2d(3, 6, 1, groups=3, stride=2, padding=1),
+                             (3, 5, 4)),
+}
+
+
+def pointwise_case(name: str, batch: int = 9) -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(sorted(POINTWISE_CASES).index(name) + 100)
+    make, shape = POINTWISE_CASES[name]
+    mod = make().double()
+    x = torch.randn(batch, *shape, dtype=torch.float64)
+    y = torch.randint(0, NUM_CLASSES - 1, (batch,))  # the last class gets no sample
+    return mod, x, y
+
+
+@pytest.mark.parametrize("name", sorted(POINTWISE_CASES))
+def test_factored_equals_dense_and_literal_float64(name: str) -> None:
+    mod, x, y = pointwise_case(name)
+    gm = traced(mod)
+    batches = make_batches(x, y, 4)
+    fac = contributions(gm, batches, NUM_CLASSES, progress=False, dtype=torch.float64)["0"]
+    dense = contributions(gm, batches, NUM_CLASSES, progress=False, dtype=torch.float64,
+                          dense=True)["0"]
+    expected = per_class_sum(literal_contributions(mod, x), y, NUM_CLASSES)
+    groups = getattr(mod, "groups", 1)
+    assert isinstance(fac, FactoredContribution) and isinstance(dense, Tensor)
+    assert fac.shape == dense.shape == expected.shape == (NUM_CLASSES, mod.weight.shape[0],
+                                                          mod.weight.shape[1])
+    assert fac.groups == groups and fac.dtype == torch.float64
+    assert fac.pos.shape == fac.neg.shape == (NUM_CLASSES, mod.weight.shape[1] * groups)
+    assert expected.abs().max() > 0
+    assert max_rel(fac.dense(), expected) <= RTOL64
+    assert torch.equal(fac.dense(), dense)  # dense=True is the same numbers, materialised
+    for c in range(NUM_CLASSES):
+        assert torch.equal(fac.for_class(c), dense[c])
+        odd = torch.arange(1, dense.shape[1], 2)
+        assert torch.equal(fac.rows(c, odd), dense[c, odd])
+        assert torch.equal(fac.rows(c, slice(1, 3)), dense[c, 1:3])
+    assert torch.equal(fac.chunk([2, 0]), dense[[2, 0]])
+    assert torch.equal(fac.chunk(slice(1, 3)), dense[1:3])
+    assert torch.all(fac.for_class(NUM_CLASSES - 1) == 0)
+    naive = naive_contributions(gm, batches, NUM_CLASSES, progress=False,
+                                dtype=torch.float64)["0"]
+    assert max_rel(fac.dense(), naive) <= RTOL64
+
+
+def test_factored_float32_is_bitwise_the_dense_form() -> None:
+    mod, x, y = pointwise_case("conv1x1_groups2")
+    gm = traced(mod.float())
+    batches = make_batches(x.float(), y, 4)
+    fac = contributions(gm, batches, NUM_CLASSES, progress=False)["0"]
+    dense = contributions(gm, batches, NUM_CLASSES, progress=False, dense=True)["0"]
+    assert fac.dtype == dense.dtype == torch.float32
+    assert torch.equal(fac.dense(), dense)
+    naive = naive_contributions(gm, batches, NUM_CLASSES, progress=False)["0"]
+    assert max_rel(fac.dense(), naive) < RTOL32
+
+
+def test_factored_memory_is_per_input_not_per_pair() -> None:
+    """The head of a wide Linear: the object holds two [C, I] sums and shares the weight."""
+    mod = nn.Linear(4096, 1024)
+    x, y = torch.randn(8, 4096), torch.arange(8) % NUM_CLASSES
+    fac = contributions(traced(mod), [(x, y)], NUM_CLASSES, progress=False)["0"]
+    assert fac.nbytes == 2 * NUM_CLASSES * 4096 * 8
+    assert fac.dense_nbytes() == NUM_CLASSES * 1024 * 4096 * 4
+    assert fac.weight.untyped_storage().data_ptr() == mod.weight.untyped_storage().data_ptr()
+
+
+def test_factored_refuses_a_weight_changed_in_place() -> None:
+    mod, x, y = pointwise_case("conv1x1")
+    gm = traced(mod)
+    fac = contributions(gm, [(x, y)], NUM_CLASSES, progress=False, dtype=torch.float64)["0"]
+    fac.for_class(0)
+    with torch.no_grad():
+        gm.get_submodule("0").weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        fac.for_class(0)
+
+
+def test_factored_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="1×1 kernel"):
+        FactoredContribution(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(4, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"pos/neg must both be \[C, 6\]"):
+        FactoredContribution(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(4, 3), groups=2)
+    with pytest.raises(ValueError, match="groups=3"):
+        FactoredContribution(torch.zeros(2, 9), torch.zeros(2, 9), torch.zeros(4, 3), groups=3)
+
+
+class PointwiseNet(nn.Module):
+    """Every kind of layer: 3×3 conv (dense A), 1×1 convs of groups 1/2/depthwise and two
+    Linears (factored A)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pw = nn.Conv2d(8, 6, 1)
+        self.gpw = nn.Conv2d(6, 6, 1, groups=2)
+        self.dw = nn.Conv2d(6, 12, 1, groups=6)
+        self.fc1 = nn.Linear(12, 10)
+        self.fc2 = nn.Linear(10, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.gpw(self.pw(self.stem(x).relu()).relu()).relu()
+        x = self.dw(x).relu().mean((2, 3))
+        return self.fc2(self.fc1(x).relu())
+
+
+def test_profile_round_trip_factored(tmp_path: os.PathLike[str]) -> None:
+    torch.manual_seed(3)
+    gm = torch.fx.symbolic_trace(PointwiseNet())
+    x, y = torch.randn(10, 3, 5, 5), torch.arange(10) % NUM_CLASSES
+    profile = build_profile(gm, make_batches(x, y, 4), NUM_CLASSES, progress=False)
+    kinds = {k: type(v).__name__ for k, v in profile.contributions.items()}
+    assert kinds == {"stem": "Tensor", "pw": "FactoredContribution",
+                     "gpw": "FactoredContribution", "dw": "FactoredContribution",
+                     "fc1": "FactoredContribution", "fc2": "FactoredContribution"}
+    path = os.path.join(tmp_path, "p.pt")
+    profile.save(path)
+    raw = torch.load(path, weights_only=True)  # plain data only: no custom class in the file
+    assert raw["version"] == 2
+    assert isinstance(raw["contributions"]["pw"], dict)
+    assert set(raw["contributions"]["pw"]) == {"kind", "pos", "neg", "weight", "groups", "dtype"}
+    for mmap in (False, True):
+        loaded = Profile.load(path, mmap=mmap)
+        loaded.check_matches(gm)
+        for name, a in profile.contributions.items():
+            b = loaded.contributions[name]
+            assert type(b) is type(a) and b.shape == a.shape
+            assert torch.equal(densify(b), densify(a)), name
+        assert loaded.contributions["gpw"].groups == 2 and loaded.contributions["dw"].groups == 6
+    dense = build_profile(gm, make_batches(x, y, 4), NUM_CLASSES, progress=False, dense=True)
+    for name, a in profile.contributions.items():
+        assert torch.equal(dense.contributions[name], densify(a)), name
+
+
+def test_profile_version_1_still_loads(tmp_path: os.PathLike[str]) -> None:
+    gm, profile = small_profile()
+    data = profile.to_dict()
+    data["version"] = 1
+    data["contributions"] = {k: densify(v) for k, v in profile.contributions.items()}
+    path = os.path.join(tmp_path, "v1.pt")
+    torch.save(data, path)
+    loaded = Profile.load(path)
+    loaded.check_matches(gm)
+    assert all(isinstance(v, Tensor) for v in loaded.contributions.values())
+    data["version"] = 99
+    torch.save(data, path)
+    with pytest.raises(ValueError, match="version 99"):
+        Profile.load(path)
+
+
+def test_forward_batch_slices_give_the_same_contributions() -> None:
+    torch.manual_seed(4)
+    gm = torch.fx.symbolic_trace(PointwiseNet().double())
+    x = torch.randn(11, 3, 5, 5, dtype=torch.float64)
+    y = torch.tensor([0, 3, 1, 1, 0, 2, 3, 0, 1, 2, 2])
+    batches = make_batches(x, y, 6)
+    ref = build_profile(gm, batches, NUM_CLASSES, progress=False, dtype=torch.float64)
+    for fb in (1, 4, 6, 50):
+        got = build_profile(gm, batches, NUM_CLASSES, progress=False, dtype=torch.float64,
+                            forward_batch=fb)
+        assert got.samples_per_class == ref.samples_per_class == [3, 3, 3, 2]
+        for name, a in ref.contributions.items():
+            assert max_rel(densify(got.contributions[name]), densify(a)) < 1e-12, (fb, name)
+    with pytest.raises(ValueError, match="forward_batch must be >= 1"):
+        contributions(gm, batches, NUM_CLASSES, progress=False, forward_batch=0)
+    with pytest.raises(ValueError, match="one input row per label"):
+        contributions(gm, [(x[:3], y[:4])], NUM_CLASSES, progress=False, forward_batch=2)

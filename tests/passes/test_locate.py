@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from mdafx.api import channel_groups, locate, trace
 from mdafx.errors import PreconditionError
 from mdafx.ir import META_MASK
-from passes.contributions import weighted_layers
-from passes.locate import EPS, Thresholds, minmax, weighted_input_mask
+from passes.contributions import FactoredContribution, contributions, densify, weighted_layers
+from passes.locate import EPS, Thresholds, layer_input_mask, minmax, weighted_input_mask
+from passes.locate import locate as locate_pass
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -439,4 +440,83 @@ def test_class_count_must_match_the_logits():
     A = {k: torch.cat([v, v[:1]]) for k, v in chain_contributions().items()}  # 3 classes
     gm = trace(ChainNet(), torch.randn(1, 3, 4, 4))
     with pytest.raises(PreconditionError, match="logits"):
+        locate(gm, A)
+
+
+# ------------------------------------------------------------------- factored contributions
+
+@pytest.mark.parametrize("groups, O, Ig", [(1, 7, 5), (2, 6, 4), (3, 6, 1), (4, 8, 2)])
+def test_layer_input_mask_equals_weighted_input_mask(groups, O, Ig):
+    """Per class, wanted rows only, in row chunks: the same masks as the dense formula."""
+    g = torch.Generator().manual_seed(O * 10 + Ig)
+    K = 5
+    A = torch.rand(K, O, Ig, generator=g)
+    A[0, 1] = 3.0                          # constant rows (the degenerate min-max rule)
+    A[1, 2] = 0.0
+    A[2] = (A[2] * 4).round()              # ties
+    M = torch.rand(K, O, generator=g) > 0.4
+    M[3] = False                           # no wanted output
+    M[4] = True
+    for alpha, beta in [(0.3, 0.2), (0.4, 0.3), (0.0, 0.0), (0.5, -0.1), (1.0, 0.5)]:
+        want = weighted_input_mask(A, M, groups, alpha, beta)
+        for chunk in (1, Ig * 4, 3 * Ig * 4, 2**20):
+            got = layer_input_mask(A, M, groups, alpha, beta, chunk_bytes=chunk)
+            assert torch.equal(got, want), (alpha, beta, chunk)
+
+
+class FactoredNet(nn.Module):
+    """3×3 stem (dense A), 1×1 convs of groups 1 / 2 / depthwise and two Linears (factored)."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(8, 12, 1)
+        self.gpw = nn.Conv2d(12, 12, 1, groups=2)
+        self.dw = nn.Conv2d(12, 24, 1, groups=12)
+        self.fc1 = nn.Linear(24 * 4, 16)
+        self.fc2 = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = F.relu(self.gpw(F.relu(self.pw(x))) + x.repeat(1, 3, 1, 1)[:, :12])
+        x = F.adaptive_avg_pool2d(F.relu(self.dw(x)), 2)
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def test_locate_factored_equals_dense_profile():
+    torch.manual_seed(0)
+    K = 5
+    gm = trace(FactoredNet(K), torch.randn(1, 3, 6, 6))
+    cg = channel_groups(gm)
+    x = torch.randn(4 * K, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(4 * K) % K
+    fac = contributions(gm, [(x[:7], y[:7]), (x[7:], y[7:])], K, progress=False)
+    kinds = {k: isinstance(v, FactoredContribution) for k, v in fac.items()}
+    assert kinds == {"stem": False, "pw": True, "gpw": True, "dw": True, "fc1": True,
+                     "fc2": True}
+    dense = {k: densify(v) for k, v in fac.items()}
+    sizes = set()
+    for scale in (0.5, 1.0, 1.5, 2.0):
+        t = Thresholds().scaled(scale)
+        want = locate(gm, dense, t, cg=cg)
+        got = locate(gm, fac, t, cg=cg)
+        one_row = locate_pass(gm, cg, fac, t, chunk_bytes=1)   # one row of A at a time
+        assert want.masks.keys() == got.masks.keys() == one_row.masks.keys()
+        for name in want.masks:
+            assert torch.equal(got.masks[name], want.masks[name]), (scale, name)
+            assert torch.equal(one_row.masks[name], want.masks[name]), (scale, name)
+        for name in ("pw", "gpw", "dw", "flatten", "relu_3"):
+            m = channel_mask(want, name)
+            sizes.add((name, int(m.sum()), m.numel()))
+    # the masks are not trivial: some channels kept, some dropped, and they move with α/β
+    assert any(0 < kept < total for _, kept, total in sizes)
+    assert len({kept for _, kept, _ in sizes}) > 3
+
+
+def test_locate_rejects_contributions_of_another_shape():
+    A = chain_contributions()
+    A["c2"] = A["c2"][:, :, :3]
+    gm = trace(ChainNet(), torch.randn(1, 3, 4, 4))
+    with pytest.raises(PreconditionError, match="'c2'.*shape"):
         locate(gm, A)

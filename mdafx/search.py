@@ -1,0 +1,416 @@
+"""Accuracy-targeted disassembly: state a budget, get the smallest component that meets it.
+
+MDA's thresholds (conv α=0.3, β=0.2; linear α=0.4, β=0.3) fix how aggressively a component is
+cut, whatever it costs in accuracy (issue #6: {cat, dog} from our VGG drops 85.8% -> 71.7% at the
+defaults). :func:`search_thresholds` instead explores a fixed, bounded list of threshold
+settings and returns the smallest component that meets a :class:`Budget`, e.g. "at most 1 point
+below the source on the task".
+
+One profile, many candidates. The contributions (MDA §1.2) do not depend on the thresholds, so
+the model is profiled once (``mdafx.api.profile``) and each candidate only costs
+
+    locate (§1.3, thresholds × scale) -> plan -> prune (§1.4) [-> re-estimate norms] -> score
+
+where *score* is the component's task accuracy on **calibration** images: indices of a training
+split, disjoint from the profiling samples, handed in by the caller. The search never sees a
+test split; it reads the dataset only at ``calib_indices`` (and ``reestimate_indices``). Images
+are loaded once and kept in memory for all candidates; candidates whose plan keeps exactly the
+same channels as an earlier one reuse its component and scores.
+
+Parametrisation: two multipliers, one on the conv thresholds (α, β) and one on the linear ones,
+over the fixed grid :data:`DEFAULT_SCALES` (conv x 0.25 .. 1.25 in 8 steps, linear x {0, 0.1, 1}:
+24 candidates, so at most 24 prunes and 24 scorings). Measured on the cached CIFAR-10 VGG with
+norms re-estimated (tools/report_accuracy.py and the issue #6 report), the linear thresholds are
+the ones that hurt most for their cost: MDA's linear α=0.4 keeps 2 of the 256 hidden units of the
+VGG classifier for a two-class task, and {airplane, ship} is within 1 point at 84.9% of the MACs
+with (conv x0.75, linear x0) but only at ~89% with one global multiplier (which must lower the
+conv thresholds too to spare the classifier). On ResNet-20 (one Linear after global pooling) the
+linear multiplier hardly matters and the conv one decides. A per-layer search would need
+thousands of candidates and would fit the calibration images. ``scales`` also accepts plain
+floats (one global multiplier, e.g. :data:`GLOBAL_SCALES`).
+
+Candidates are pruned and measured first (cheap) and scored in order of increasing MACs. With an
+accuracy budget the search stops at the first candidate that meets it: every larger candidate
+could not be chosen anyway, so the result equals scoring everything (``score_all=True`` scores
+every candidate, for trade-off curves); unscored rows say so.
+
+Budgets (:class:`Budget`): ``max_acc_drop`` in percentage points below the source's task
+accuracy on the same calibration images (default 1); ``max_params_frac`` / ``max_macs_frac`` as
+fractions of the source's parameters / multiply-accumulates (batch 1, ``FlopCounterMode``,
+MACs = FLOPs / 2). With an accuracy budget the result is the smallest candidate meeting every
+constraint (by MACs, then parameters); with only size budgets it is the most accurate candidate
+within them. When no candidate meets the budget, the most accurate candidate is returned with
+``met=False`` and a message saying so.
+
+Norm re-estimation (``reestimate=True``, passes/reestimate_norms.py) uses images of *every*
+class the caller passes (by default all of ``calib_indices``), not only the task's: the
+component's layers were trained on features normalised with statistics of the whole training
+distribution, and re-estimating on the task's classes alone shifts them (on VGG {cat, dog} at
+x0.1 it costs 5 points, where all-class statistics cost nothing and recover 10-12 points on
+heavily pruned candidates).
+
+Deterministic: the grid is fixed and every step is deterministic on CPU for a fixed thread count;
+``seed`` only orders the re-estimation images (shuffled so that each batch mixes classes).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .api import Component, channel_groups, disassemble, locate, resolve_classes
+from .errors import PreconditionError
+from .ir import count_params
+from passes.channel_groups import ChannelGraph
+from passes.contributions import Profile
+from passes.locate import Thresholds
+from passes.prune_channels import plan_from_votes
+from passes.reestimate_norms import reestimate_norms
+
+__all__ = ["Budget", "Candidate", "SearchResult", "DEFAULT_SCALES", "GLOBAL_SCALES",
+           "count_macs", "search_thresholds"]
+
+CONV_SCALES: tuple[float, ...] = (0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25)
+LINEAR_SCALES: tuple[float, ...] = (0.0, 0.1, 1.0)
+DEFAULT_SCALES: tuple[tuple[float, float], ...] = tuple(
+    (c, lin) for lin in LINEAR_SCALES for c in CONV_SCALES)
+"""The default grid: (conv multiplier, linear multiplier) of MDA's thresholds, 8 x 3 = 24
+candidates ((1.0, 1.0) = MDA's defaults)."""
+GLOBAL_SCALES: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
+                                    0.9, 1.0, 1.25)
+"""One global multiplier on all four thresholds (the alternative we measured against)."""
+
+Scale = float | tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a component may cost. Fields left ``None`` are unconstrained; with none given, the
+    budget is ``max_acc_drop=1.0`` (at most one percentage point below the source)."""
+
+    max_acc_drop: float | None = None       # percentage points, on the calibration images
+    max_params_frac: float | None = None    # of the source's parameters
+    max_macs_frac: float | None = None      # of the source's MACs
+
+    def __post_init__(self) -> None:
+        if (self.max_acc_drop, self.max_params_frac, self.max_macs_frac) == (None, None, None):
+            object.__setattr__(self, "max_acc_drop", 1.0)
+        for name in ("max_params_frac", "max_macs_frac"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v <= 1:
+                raise PreconditionError(f"Budget.{name} must be in (0, 1], got {v}")
+
+    def meets(self, acc_drop: float, params_frac: float, macs_frac: float) -> bool:
+        return ((self.max_acc_drop is None or acc_drop <= self.max_acc_drop + 1e-9)
+                and (self.max_params_frac is None or params_frac <= self.max_params_frac)
+                and (self.max_macs_frac is None or macs_frac <= self.max_macs_frac))
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_acc_drop is not None:
+            parts.append(f"accuracy drop <= {self.max_acc_drop:g} pts")
+        if self.max_params_frac is not None:
+            parts.append(f"params <= {self.max_params_frac:.0%} of the source")
+        if self.max_macs_frac is not None:
+            parts.append(f"MACs <= {self.max_macs_frac:.0%} of the source")
+        return ", ".join(parts)
+
+
+@dataclass
+class Candidate:
+    """One explored threshold setting and the component it gives (scores on calibration)."""
+
+    scale: Scale
+    thresholds: Thresholds
+    params: int
+    macs: int
+    params_frac: float
+    macs_frac: float
+    channels_kept: int
+    accuracy: float | None = None   # task accuracy on the calibration images, 0..1
+    acc_drop: float | None = None   # source accuracy - accuracy, in percentage points
+    meets: bool | None = None       # None: not scored (it could not have been chosen)
+    same_as: int | None = None      # index of an earlier candidate with the same kept channels
+
+
+@dataclass
+class SearchResult:
+    """The chosen component, whether it meets the budget, and the explored trade-off."""
+
+    component: Component
+    candidate: Candidate
+    met: bool
+    message: str
+    budget: Budget
+    candidates: list[Candidate]
+    source_accuracy: float      # on the same calibration images
+    source_params: int
+    source_macs: int
+    calib_images: int
+    reestimated: bool
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return self.candidate.thresholds
+
+    @property
+    def scale(self) -> Scale:
+        return self.candidate.scale
+
+    def table(self, tablefmt: str = "simple") -> str:
+        """The explored candidates, one row each; ``*`` marks the chosen one."""
+        from tabulate import tabulate
+
+        rows = []
+        for c in self.candidates:
+            t = c.thresholds
+            rows.append([
+                "*" if c is self.candidate else "",
+                _scale_text(c.scale),
+                f"{t.conv_alpha:.3g}/{t.conv_beta:.3g}",
+                f"{t.linear_alpha:.3g}/{t.linear_beta:.3g}",
+                f"{c.params:,} ({c.params_frac:.1%})", f"{c.macs:,} ({c.macs_frac:.1%})",
+                "-" if c.accuracy is None else f"{c.accuracy:.2%}",
+                "-" if c.acc_drop is None else f"{0.0 - c.acc_drop:+.2f}",
+                {True: "yes", False: "no", None: "not scored"}[c.meets],
+            ])
+        head = (f"source: {self.source_params:,} params, {self.source_macs:,} MACs, "
+                f"{self.source_accuracy:.2%} on {self.calib_images} calibration images; "
+                f"budget: {self.budget.describe()}"
+                f"{'; norms re-estimated' if self.reestimated else ''}\n")
+        return head + tabulate(rows, headers=["", "scale", "conv a/b", "linear a/b", "params",
+                                              "MACs", "calib acc", "delta pts", "meets"],
+                               tablefmt=tablefmt, disable_numparse=True) + "\n" + self.message
+
+
+def _scale_text(scale: Scale) -> str:
+    if isinstance(scale, tuple):
+        return f"conv x{scale[0]:g}, linear x{scale[1]:g}"
+    return f"x{scale:g}"
+
+
+def scaled_thresholds(base: Thresholds, scale: Scale) -> Thresholds:
+    """``base`` times one global ``scale``, or times ``(conv_scale, linear_scale)``."""
+    if isinstance(scale, tuple):
+        sc, sl = (float(v) for v in scale)
+        return Thresholds(base.conv_alpha * sc, base.conv_beta * sc,
+                          base.linear_alpha * sl, base.linear_beta * sl)
+    return base.scaled(float(scale))
+
+
+def count_macs(module: torch.nn.Module, input_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one forward at ``input_shape`` (FLOPs / 2, FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(torch.zeros(*input_shape))
+    finally:
+        module.train(was_training)
+    return int(counter.get_total_flops()) // 2
+
+
+def _input_shape(gm: fx.GraphModule) -> tuple[int, ...]:
+    ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    tm = ph.meta.get("tensor_meta")
+    if tm is None:
+        raise PreconditionError("the graph has no shapes: trace it with mdafx.trace first")
+    return (1, *tuple(tm.shape)[1:])
+
+
+def labels_at(dataset: Any, indices: Sequence[int]) -> torch.Tensor:
+    """Labels of ``dataset`` at ``indices`` only (never reads any other sample)."""
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = getattr(dataset, "targets", None)
+    if labels is not None:
+        return torch.as_tensor(labels[idx] if isinstance(labels, torch.Tensor) else
+                               [labels[int(i)] for i in idx]).long().reshape(-1)
+    return torch.as_tensor([int(dataset[int(i)][1]) for i in idx], dtype=torch.long)
+
+
+def load_images(dataset: Any, indices: Sequence[int], batch_size: int = 500) -> torch.Tensor:
+    """The inputs of ``dataset`` at ``indices`` (in that order) as one tensor."""
+    indices = [int(i) for i in indices]
+    if not indices:
+        raise PreconditionError("no images to load")
+    parts = []
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        if hasattr(dataset, "batches"):
+            x, _ = next(iter(dataset.batches(len(chunk), chunk)))
+        else:
+            x = torch.stack([torch.as_tensor(dataset[i][0]) for i in chunk])
+        parts.append(x)
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def _logits(module: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    was_training = module.training
+    module.eval()
+    try:
+        return torch.cat([module(x[s:s + batch_size]).float()
+                          for s in range(0, len(x), batch_size)])
+    finally:
+        module.train(was_training)
+
+
+def norm_batches(x: torch.Tensor, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """``x`` shuffled (seeded) and split into nearly equal batches of at most ``batch_size``:
+    shuffled so that every batch mixes the task's classes (the per-batch variances that
+    ``reestimate_norms`` averages would otherwise miss the between-class spread), nearly equal
+    so that every image weighs about the same in the cumulative average."""
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_batches = -(-len(x) // batch_size)
+    return list(torch.tensor_split(x[perm], n_batches))
+
+
+def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
+                      calib_indices: Sequence[int], budget: Budget = Budget(), *,
+                      class_names: Sequence[str] | None = None, reestimate: bool = False,
+                      reestimate_indices: Sequence[int] | None = None,
+                      scales: Sequence[Scale] = DEFAULT_SCALES, seed: int = 0,
+                      base: Thresholds = Thresholds(), cg: ChannelGraph | None = None,
+                      batch_size: int = 250, source: str = "model",
+                      score_all: bool = False) -> SearchResult:
+    """Explore ``scales`` (multipliers of ``base``, MDA's thresholds) for ``task`` and return the
+    component that best fits ``budget`` (module docstring), scored on the images of
+    ``calib_dataset`` at ``calib_indices`` whose label is in the task.
+
+    ``reestimate=True`` re-estimates every scored candidate's BatchNorm statistics
+    (passes/reestimate_norms.py) on the images at ``reestimate_indices`` (default: every
+    calibration image, of every class) before scoring it. ``len(scales)`` bounds the number of candidates.
+    Candidates are scored smallest first; with an accuracy budget, those larger than the first
+    one meeting it are left unscored (``meets=None``; the choice is the same), unless
+    ``score_all=True`` (for trade-off curves).
+    """
+    if not scales:
+        raise PreconditionError("search_thresholds needs at least one scale")
+    if isinstance(profile, Profile):
+        profile.check_matches(gm)
+        contributions = profile.contributions
+        names = list(class_names) if class_names is not None else list(profile.class_names)
+    else:
+        contributions, names = profile, list(class_names) if class_names is not None else None
+    num_classes = next(iter(contributions.values())).shape[0]
+    classes = resolve_classes(task, names, num_classes)
+    cg = cg or channel_groups(gm)
+
+    calib_indices = [int(i) for i in calib_indices]
+    calib_labels = labels_at(calib_dataset, calib_indices)
+    in_task = torch.isin(calib_labels, torch.as_tensor(classes))
+    task_idx = [i for i, keep in zip(calib_indices, in_task.tolist()) if keep]
+    if not task_idx:
+        raise PreconditionError(f"no calibration image of the task's classes {classes}")
+    position = {c: p for p, c in enumerate(classes)}
+    targets = torch.as_tensor([position[int(y)] for y in calib_labels[in_task].tolist()])
+    x_calib = load_images(calib_dataset, task_idx, batch_size)
+
+    src_logits = _logits(gm, x_calib, batch_size)[:, classes]
+    source_acc = float((src_logits.argmax(1) == targets).float().mean())
+    shape = _input_shape(gm)
+    source_params, source_macs = count_params(gm), count_macs(gm, shape)
+
+    norm_x = None
+    if reestimate:
+        # every class the caller gave, not only the task's: the component's downstream layers
+        # were trained on features normalised with statistics of the whole data distribution
+        r_idx = calib_indices if reestimate_indices is None else [int(i) for i in
+                                                                  reestimate_indices]
+        if not r_idx:
+            raise PreconditionError("no images to re-estimate the norms on")
+        norm_x = load_images(calib_dataset, r_idx, batch_size)
+
+    # Phase 1 (cheap): every candidate's plan, component, size. Phase 2 (the cost): scoring on
+    # the calibration images, in order of increasing size; with an accuracy budget, a candidate
+    # larger than one already meeting the budget can never be chosen, so it is not scored
+    # (unless score_all) and the result is the same as scoring everything.
+    candidates: list[Candidate] = []
+    components: dict[int, Component] = {}
+    seen: dict[bytes, int] = {}
+    for scale in scales:
+        thresholds = scaled_thresholds(base, scale)
+        masks = locate(gm, contributions, thresholds, cg)
+        plan = plan_from_votes(cg, masks.votes(classes), classes)
+        key = plan.keep.numpy().tobytes()
+        if key in seen:
+            first = candidates[seen[key]]
+            candidates.append(Candidate(scale, thresholds, first.params, first.macs,
+                                        params_frac=first.params_frac, macs_frac=first.macs_frac,
+                                        channels_kept=first.channels_kept, same_as=seen[key]))
+            continue
+        comp = disassemble(gm, masks, classes, class_names=names, source=source, cg=cg)
+        params, macs = comp.params, count_macs(comp.module, shape)
+        seen[key] = len(candidates)
+        components[len(candidates)] = comp
+        candidates.append(Candidate(scale, thresholds, params, macs,
+                                    params_frac=params / source_params,
+                                    macs_frac=macs / source_macs,
+                                    channels_kept=comp.metadata["channels_kept"]))
+
+    def score(i: int) -> None:
+        c, comp = candidates[i], components[i]
+        if norm_x is not None:
+            reestimate_norms(comp.module, norm_batches(norm_x, batch_size, seed))
+            comp.metadata["norms_reestimated_on"] = int(len(norm_x))
+        logits = _logits(comp.module, x_calib, batch_size)
+        c.accuracy = float((logits.argmax(1) == targets).float().mean())
+        c.acc_drop = 100.0 * (source_acc - c.accuracy)
+        c.meets = budget.meets(c.acc_drop, c.params_frac, c.macs_frac)
+
+    distinct = sorted((i for i, c in enumerate(candidates) if c.same_as is None),
+                      key=lambda i: (candidates[i].macs, candidates[i].params, i))
+    fits = [i for i in distinct if budget.meets(float("-inf"), candidates[i].params_frac,
+                                                candidates[i].macs_frac)]
+    for i in distinct if score_all else fits:
+        score(i)
+        if candidates[i].meets and budget.max_acc_drop is not None and not score_all:
+            break
+    if not any(candidates[i].meets for i in distinct):
+        for i in distinct:              # the fallback needs every accuracy
+            if candidates[i].accuracy is None:
+                score(i)
+    for c in candidates:
+        if c.same_as is not None and candidates[c.same_as].accuracy is not None:
+            first = candidates[c.same_as]
+            c.accuracy, c.acc_drop, c.meets = first.accuracy, first.acc_drop, first.meets
+
+    scored = [i for i in distinct if candidates[i].accuracy is not None]
+    meeting = [i for i in scored if candidates[i].meets]
+    if meeting and budget.max_acc_drop is not None:
+        best = min(meeting, key=lambda i: (candidates[i].macs, candidates[i].params,
+                                           -candidates[i].accuracy))
+        met = True
+    elif meeting:
+        best = max(meeting, key=lambda i: (candidates[i].accuracy, -candidates[i].macs,
+                                           -candidates[i].params))
+        met = True
+    else:
+        best = max(scored, key=lambda i: (candidates[i].accuracy, -candidates[i].macs,
+                                          -candidates[i].params))
+        met = False
+    chosen = candidates[best]
+    summary = (f"scale {_scale_text(chosen.scale)}: {chosen.macs_frac:.1%} of the source's MACs, "
+               f"{chosen.params_frac:.1%} of its params, {chosen.accuracy:.2%} vs source "
+               f"{source_acc:.2%} on {len(task_idx)} calibration images")
+    if met:
+        message = f"budget met ({budget.describe()}) by {summary}"
+    else:
+        message = (f"BUDGET NOT MET: none of the {len(candidates)} candidates meets "
+                   f"{budget.describe()}; returning the most accurate one, {summary}")
+    comp = components[best]
+    comp.metadata.update({"search": {"scale": chosen.scale, "budget": vars(budget).copy(),
+                                     "met": met, "calib_accuracy": chosen.accuracy,
+                                     "source_calib_accuracy": source_acc,
+                                     "calib_images": len(task_idx), "candidates": len(candidates),
+                                     "seed": seed}})
+    return SearchResult(comp, chosen, met, message, budget, candidates, source_acc,
+                        source_params, source_macs, len(task_idx), norm_x is not None)

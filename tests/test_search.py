@@ -1,0 +1,215 @@
+"""search_thresholds (mdafx/search.py) on a tiny CNN trained for a few seconds on synthetic data.
+
+The data: 16x16 images of 4 classes, each a noisy class-specific pattern at a random position,
+so a TinyCNN learns them in about a second and pruning too hard visibly costs accuracy. The
+training split is divided per class into profiling, calibration and unused parts; a separate
+"test" split exists only to prove the search never reads it.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from mdafx.api import trace
+from mdafx.data import ArrayDataset, split_per_class
+from mdafx.models import tiny_cnn
+from mdafx.search import DEFAULT_SCALES, Budget, search_thresholds
+from mdafx.training import train_classifier
+from passes.contributions import build_profile
+
+K = 4
+SIZE = 16
+TASK = [2, 0]            # not sorted: the component's logits come out in this order
+SCALES = (0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+
+
+def synthetic(n_per_class: int, seed: int) -> ArrayDataset:
+    """Class 0: red square, 1: green square, 2: horizontal blue bars, 3: vertical blue bars;
+    each at a random position on a noisy grey background."""
+    rng = np.random.default_rng(seed)
+    n = n_per_class * K
+    labels = np.repeat(np.arange(K), n_per_class)
+    imgs = rng.normal(110, 35, size=(n, SIZE, SIZE, 3))
+    for i, c in enumerate(labels):
+        r, q = rng.integers(0, SIZE - 7, size=2)
+        patch = imgs[i, r:r + 7, q:q + 7]
+        if c == 0:
+            patch[..., 0] += 90
+        elif c == 1:
+            patch[..., 1] += 90
+        elif c == 2:
+            patch[::2, :, 2] += 110
+        else:
+            patch[:, ::2, 2] += 110
+    imgs = np.clip(imgs, 0, 255).astype(np.uint8)
+    return ArrayDataset(imgs, labels, mean=(0.45,) * 3, std=(0.2,) * 3)
+
+
+@functools.lru_cache(maxsize=1)
+def setup():
+    """(gm, profile, train dataset, profiling idx, calibration idx, test dataset); trained once."""
+    torch.manual_seed(0)
+    train = synthetic(200, seed=0)
+    test = synthetic(50, seed=1)
+    select, calib, fit = split_per_class(train.labels.numpy(), [20, 60, 120], seed=0)
+    model = tiny_cnn(K)
+    train_classifier(model, train, epochs=3, lr=0.05, batch_size=32, weight_decay=5e-4, seed=0,
+                     progress=False, indices=fit)
+    gm = trace(model, torch.zeros(1, 3, SIZE, SIZE))
+    prof = build_profile(gm, train.batches(64, select), K, progress=False)
+    return gm, prof, train, select, calib, test
+
+
+class Guarded:
+    """A dataset view that raises on any read outside ``allowed`` (images or labels)."""
+
+    def __init__(self, dataset: ArrayDataset, allowed) -> None:
+        self.dataset = dataset
+        self.allowed = {int(i) for i in allowed}
+        self.reads = set()
+        self.labels = _GuardedLabels(self)
+
+    def check(self, indices) -> list[int]:
+        indices = [int(i) for i in torch.as_tensor(np.asarray(indices)).reshape(-1).tolist()]
+        bad = [i for i in indices if i not in self.allowed]
+        if bad:
+            raise AssertionError(f"read outside the calibration indices: {bad[:5]}")
+        self.reads.update(indices)
+        return indices
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.check([i])
+        return self.dataset[i]
+
+    def batches(self, batch_size, indices=None, *args, **kwargs):
+        if indices is None:
+            raise AssertionError("read the whole dataset")
+        return self.dataset.batches(batch_size, self.check(indices), *args, **kwargs)
+
+
+class _GuardedLabels:
+    def __init__(self, owner: Guarded) -> None:
+        self.owner = owner
+
+    def __getitem__(self, idx):
+        return self.owner.dataset.labels[torch.as_tensor(self.owner.check(idx))]
+
+
+def test_meets_accuracy_budget_on_calibration():
+    gm, prof, train, _, calib, _ = setup()
+    budget = Budget(max_acc_drop=2.0)
+    res = search_thresholds(gm, prof, TASK, train, calib, budget, scales=SCALES)
+    assert res.met and res.candidate.meets, res.table()
+    assert res.candidate.accuracy >= res.source_accuracy - 0.02 - 1e-9
+    # the smallest (by MACs) of the candidates meeting the budget
+    meeting = [c for c in res.candidates if c.meets]
+    assert res.candidate.macs == min(c.macs for c in meeting)
+    # the search pruned something, and the defaults-or-larger candidates pruned more
+    assert res.candidate.macs < res.source_macs
+    assert max(c.macs for c in res.candidates) > min(c.macs for c in res.candidates)
+    # reported scores are the component's real calibration accuracy
+    idx = [i for i in calib if int(train.labels[i]) in TASK]
+    x, y = next(iter(train.batches(len(idx), idx)))
+    pos = torch.tensor([TASK.index(int(v)) for v in y])
+    with torch.no_grad():
+        acc = float((res.component.module(x).argmax(1) == pos).float().mean())
+    assert acc == pytest.approx(res.candidate.accuracy)
+    assert res.calib_images == len(idx)
+    assert res.component.classes == TASK
+    assert res.component.metadata["search"]["met"] is True
+    table = res.table()
+    assert table.count("\n") >= len(SCALES) + 2 and "*" in table and "budget met" in table
+
+
+@pytest.mark.parametrize("reestimate", [False, True])
+def test_lazy_scoring_chooses_what_scoring_everything_chooses(reestimate):
+    gm, prof, train, _, calib, _ = setup()
+    args = (gm, prof, TASK, train, calib, Budget(max_acc_drop=2.0))
+    lazy = search_thresholds(*args, scales=SCALES, reestimate=reestimate)
+    full = search_thresholds(*args, scales=SCALES, reestimate=reestimate, score_all=True)
+    assert lazy.scale == full.scale and lazy.candidate.accuracy == full.candidate.accuracy
+    assert all(c.accuracy is not None for c in full.candidates)
+    unscored = [c for c in lazy.candidates if c.accuracy is None]
+    assert unscored and all(c.meets is None and c.macs > lazy.candidate.macs for c in unscored)
+    assert "not scored" in lazy.table()
+
+
+def test_deterministic_for_a_seed():
+    gm, prof, train, _, calib, _ = setup()
+    runs = [search_thresholds(gm, prof, TASK, train, calib, Budget(max_acc_drop=2.0),
+                              scales=SCALES, reestimate=True, seed=3) for _ in range(2)]
+    a, b = runs
+    assert [(c.scale, c.params, c.macs, c.accuracy) for c in a.candidates] == \
+           [(c.scale, c.params, c.macs, c.accuracy) for c in b.candidates]
+    sa, sb = a.component.module.state_dict(), b.component.module.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_never_reads_outside_the_calibration_indices():
+    gm, prof, train, _, calib, test = setup()
+    # one dataset holding the training split and, after it, the test split
+    images = np.concatenate([train.images.numpy(), test.images.numpy()])
+    labels = np.concatenate([train.labels.numpy(), test.labels.numpy()])
+    both = ArrayDataset(images, labels, mean=(0.45,) * 3, std=(0.2,) * 3)
+    guarded = Guarded(both, calib)
+    res = search_thresholds(gm, prof, TASK, guarded, calib, Budget(), scales=SCALES,
+                            reestimate=True)
+    assert guarded.reads and guarded.reads <= set(map(int, calib))
+    assert len(res.candidates) == len(SCALES)
+    # the norms were re-estimated on every class given, not only the task's
+    assert {int(both.labels[i]) for i in guarded.reads} == set(range(K))
+    # and the guard works: a search given test indices as calibration trips it
+    with pytest.raises(AssertionError, match="outside"):
+        search_thresholds(gm, prof, TASK, Guarded(both, calib), [len(train)], scales=SCALES)
+
+
+def test_unreachable_budget_is_flagged_not_hidden():
+    gm, prof, train, _, calib, _ = setup()
+    res = search_thresholds(gm, prof, TASK, train, calib, Budget(max_acc_drop=-50.0),
+                            scales=SCALES)
+    assert not res.met and not res.candidate.meets
+    assert "NOT MET" in res.message and "NOT MET" in res.table()
+    assert res.candidate.accuracy == max(c.accuracy for c in res.candidates)
+    assert res.component.metadata["search"]["met"] is False
+
+
+def test_size_budget_picks_the_most_accurate_within_it():
+    gm, prof, train, _, calib, _ = setup()
+    res = search_thresholds(gm, prof, TASK, train, calib, Budget(max_macs_frac=0.5),
+                            scales=SCALES)
+    fitting = [c for c in res.candidates if c.macs_frac <= 0.5]
+    assert fitting, res.table()
+    assert res.met and res.candidate.macs_frac <= 0.5
+    assert res.candidate.accuracy == max(c.accuracy for c in fitting)
+
+
+def test_identical_plans_are_scored_once():
+    gm, prof, train, _, calib, _ = setup()
+    res = search_thresholds(gm, prof, TASK, train, calib, scales=(1.0, 1.0, 0.5))
+    assert res.candidates[1].same_as == 0
+    assert res.candidates[1].macs == res.candidates[0].macs
+
+
+def test_default_grid():
+    gm, prof, train, _, calib, _ = setup()
+    res = search_thresholds(gm, prof, TASK, train, calib)
+    assert len(res.candidates) == len(DEFAULT_SCALES) == 24
+    assert all(isinstance(c.scale, tuple) for c in res.candidates)
+    assert (1.0, 1.0) in DEFAULT_SCALES                  # MDA's defaults are a candidate
+    assert res.met
+
+
+def test_per_type_scales_and_bad_budgets():
+    gm, prof, train, _, calib, _ = setup()
+    res = search_thresholds(gm, prof, TASK, train, calib, scales=((1.0, 0.5), (2.0, 1.0)))
+    t = res.candidates[0].thresholds
+    assert (t.conv_alpha, t.linear_alpha) == pytest.approx((0.3, 0.2))
+    assert Budget().max_acc_drop == 1.0 and Budget(max_macs_frac=0.5).max_acc_drop is None
+    with pytest.raises(Exception, match="max_macs_frac"):
+        Budget(max_macs_frac=1.5)
