@@ -178,17 +178,7 @@ class _Merger:
             in_ch, groups = sum(c.in_channels for c in convs), sum(g)
         else:
             in_ch = c0.in_channels if layout is None else len(layout)
-            weight = torch.zeros(sum(outs), in_ch, *c0.kernel_size, dtype=c0.weight.dtype)
-            offset = 0
-            for k, c in enumerate(convs):
-                if layout is None:
-                    weight[offset:offset + c.out_channels] = c.weight
-                else:
-                    cols = [p for p, (kk, _) in enumerate(layout) if kk == k]
-                    src = [j for kk, j in layout if kk == k]
-                    weight[offset:offset + c.out_channels][:, cols] = c.weight[:, src]
-                offset += c.out_channels
-            groups = 1
+            weight, groups = _block_weight([c.weight for c in convs], layout, in_ch), 1
         merged = nn.Conv2d(in_ch, sum(outs), c0.kernel_size, c0.stride, c0.padding, c0.dilation,
                            groups, bias, c0.padding_mode)
         with torch.no_grad():
@@ -201,16 +191,7 @@ class _Merger:
     def _linear(self, lins, layout):
         outs = [m.out_features for m in lins]
         in_f = lins[0].in_features if layout is None else len(layout)
-        weight = torch.zeros(sum(outs), in_f)
-        offset = 0
-        for k, m in enumerate(lins):
-            if layout is None:
-                weight[offset:offset + m.out_features] = m.weight
-            else:
-                cols = [p for p, (kk, _) in enumerate(layout) if kk == k]
-                src = [j for kk, j in layout if kk == k]
-                weight[offset:offset + m.out_features][:, cols] = m.weight[:, src]
-            offset += m.out_features
+        weight = _block_weight([m.weight for m in lins], layout, in_f)
         bias = any(m.bias is not None for m in lins)
         merged = nn.Linear(in_f, sum(outs), bias)
         with torch.no_grad():
@@ -313,6 +294,24 @@ class _Merger:
                     cols.append(self.graph.call_method("amax", (sel, 1), {"keepdim": True}))
             x = self.graph.call_function(torch.cat, (cols, 1))
         self.graph.output(x)
+
+
+def _block_weight(weights: list[torch.Tensor], layout: Layout, in_width: int) -> torch.Tensor:
+    """Rows of component k come from ``weights[k]``; its columns go where ``layout`` holds
+    component k's input channels (all columns on the shared input), zeros elsewhere."""
+    out = torch.zeros(sum(w.shape[0] for w in weights), in_width, *weights[0].shape[2:],
+                      dtype=weights[0].dtype)
+    offset = 0
+    for k, w in enumerate(weights):
+        rows = slice(offset, offset + w.shape[0])
+        if layout is None:
+            out[rows] = w
+        else:
+            cols = [p for p, (kk, _) in enumerate(layout) if kk == k]
+            src = [j for kk, j in layout if kk == k]
+            out[rows, cols] = w[:, src]
+        offset += w.shape[0]
+    return out
 
 
 def _dims(n):
