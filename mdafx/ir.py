@@ -101,3 +101,17 @@ def shape_of(node: fx.Node) -> tuple[int, ...] | None:
 
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def count_macs(module: torch.nn.Module, input_shape) -> int:
+    """Multiply-accumulates of one forward at ``input_shape`` (FLOPs / 2, FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(torch.zeros(*input_shape))
+    finally:
+        module.train(was_training)
+    return int(counter.get_total_flops()) // 2

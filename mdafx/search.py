@@ -63,7 +63,7 @@ import torch.fx as fx
 
 from .api import Component, channel_groups, disassemble, locate, resolve_classes
 from .errors import PreconditionError
-from .ir import count_params
+from .ir import count_macs, count_params
 from passes.channel_groups import ChannelGraph
 from passes.contributions import Profile
 from passes.locate import Thresholds
@@ -202,18 +202,6 @@ def scaled_thresholds(base: Thresholds, scale: Scale) -> Thresholds:
     return base.scaled(float(scale))
 
 
-def count_macs(module: torch.nn.Module, input_shape: Sequence[int]) -> int:
-    """Multiply-accumulates of one forward at ``input_shape`` (FLOPs / 2, FlopCounterMode)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(torch.zeros(*input_shape))
-    finally:
-        module.train(was_training)
-    return int(counter.get_total_flops()) // 2
 
 
 def _input_shape(gm: fx.GraphModule) -> tuple[int, ...]:

@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mdafx import api  # noqa: E402
+from mdafx import api, ir  # noqa: E402
 from mdafx.data import (  # noqa: E402
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -150,17 +150,8 @@ def split_train(labels: np.ndarray, calib_frac: float = DEFAULT_CALIB_FRAC,
 
 
 def count_macs(module: torch.nn.Module, input_shape: Sequence[int] = INPUT_SHAPE) -> int:
-    """Multiply-accumulates of one forward at ``input_shape`` (FLOPs / 2, FlopCounterMode)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(torch.zeros(*input_shape))
-    finally:
-        module.train(was_training)
-    return int(counter.get_total_flops()) // 2
+    """MACs of one forward at the CIFAR input shape (mdafx.ir.count_macs)."""
+    return ir.count_macs(module, input_shape)
 
 
 def count_params(module: torch.nn.Module) -> int:
