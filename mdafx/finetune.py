@@ -10,7 +10,7 @@ c_n])``; an assembled model has one teacher per source, each covering its compon
 Per batch (``s`` student logits, ``t_k`` teacher k's logits, ``y`` the student position of the
 label, ``T`` the temperature)::
 
-    loss = α · CE(s, y)  +  (1 − α) · (1/K) · Σ_k T² · KL( softmax(t_k[L_k]/T) ‖ softmax(s[P_k]/T) )
+    loss = α · CE(s, y) + (1 − α) · (1/K) · Σ_k T² · KL(softmax(t_k[L_k]/T) ‖ softmax(s[P_k]/T))
 
 where ``L_k`` are teacher k's logits for the positions ``P_k`` (its *task logits*: the source's
 logits restricted to the classes it covers). Teachers are combined block-wise: each teacher's

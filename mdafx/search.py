@@ -73,11 +73,11 @@ from passes.reestimate_norms import reestimate_norms
 __all__ = ["Budget", "Candidate", "SearchResult", "DEFAULT_SCALES", "GLOBAL_SCALES",
            "count_macs", "search_thresholds"]
 
-CONV_SCALES: tuple[float, ...] = (0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25)
+CONV_SCALES: tuple[float, ...] = (0.1, 0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25)
 LINEAR_SCALES: tuple[float, ...] = (0.0, 0.1, 1.0)
 DEFAULT_SCALES: tuple[tuple[float, float], ...] = tuple(
     (c, lin) for lin in LINEAR_SCALES for c in CONV_SCALES)
-"""The default grid: (conv multiplier, linear multiplier) of MDA's thresholds, 8 x 3 = 24
+"""The default grid: (conv multiplier, linear multiplier) of MDA's thresholds, 9 x 3 = 27
 candidates ((1.0, 1.0) = MDA's defaults)."""
 GLOBAL_SCALES: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
                                     0.9, 1.0, 1.25)
@@ -275,9 +275,9 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
 
     ``reestimate=True`` re-estimates every scored candidate's BatchNorm statistics
     (passes/reestimate_norms.py) on the images at ``reestimate_indices`` (default: every
-    calibration image, of every class) before scoring it. ``len(scales)`` bounds the number of candidates.
-    Candidates are scored smallest first; with an accuracy budget, those larger than the first
-    one meeting it are left unscored (``meets=None``; the choice is the same), unless
+    calibration image, of every class) before scoring it. ``len(scales)`` bounds the number of
+    candidates. Candidates are scored smallest first; with an accuracy budget, those larger than
+    the first one meeting it are left unscored (``meets=None``; the choice is the same), unless
     ``score_all=True`` (for trade-off curves).
     """
     if not scales:

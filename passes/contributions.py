@@ -64,9 +64,8 @@ and, for ``K > 1``, ``c = W·S`` costs ``O·(I/g)·K`` multiply-adds, one per we
 the layer's own ``O·(I/g)·K·H_out·W_out``. Everything is linear in the number of samples. The
 per-sample ``[b, O, I/g]`` block of a ``K > 1`` layer is the only large temporary; it is
 processed in chunks of samples (and, where one sample alone exceeds the budget, of output
-channels) written into one reused buffer of at most ``chunk_bytes``. The ``bmm`` layout of a
-layer's weight is a transient copy made per batch (one layer's weight at a time), not one copy
-per layer held for the whole run.
+channels) written into one reused buffer of at most ``chunk_bytes``. The ``bmm`` reads the
+weight through a strided view (no per-layer copy of the weights is held).
 
 Precision (why ``A`` is float32 by default): ``A`` has ``num_classes · Σ O·I/g`` entries
 (torchvision's VGG-16 head alone is 4096×25088, i.e. 4.1 GB per 10 classes in float32, 8.2 GB
@@ -524,9 +523,9 @@ class _CheapLayer:
         wb, self.groups = _weight_blocks(mod, dtype)
         g, o_per_g, i_per_g, k = wb.shape
         self.shape = (g, o_per_g, i_per_g)
-        # bmm batched over (group, input channel): [b, K] @ [K, O/g] per channel. Kept as a view
-        # of the weight where reshape allows it (groups = 1 or depthwise) and made contiguous
-        # per call in add(): a transient copy of one layer's weight, not of every layer's at once
+        # bmm batched over (group, input channel): [b, K] @ [K, O/g] per channel. A strided view
+        # of the weight where reshape allows it (groups = 1 or depthwise: BLAS reads it through
+        # its leading dimension, no copy), else a copy of this (grouped, hence small) weight
         self.wt = wb.permute(0, 2, 3, 1).reshape(g * i_per_g, k, o_per_g).to(device)
         self.acc = torch.zeros(num_classes, g * i_per_g, o_per_g, dtype=dtype, device=device)
 
@@ -546,7 +545,6 @@ class _CheapLayer:
                           for i in range(0, x.shape[0], sums_chunk)])  # [B, I, K]
         order = torch.argsort(labels, stable=True)
         sums, labels = sums[order], labels[order].tolist()
-        wt = self.wt.contiguous()
         for start in range(0, len(labels), batch_chunk):
             s = sums[start:start + batch_chunk]
             b = s.shape[0]
@@ -554,7 +552,7 @@ class _CheapLayer:
             for o0 in range(0, o_per_g, o_chunk):
                 o1 = min(o_per_g, o0 + o_chunk)
                 c = self.workspace.get((g * i_per_g, b, o1 - o0), self.dtype, self.acc.device)
-                torch.bmm(st, wt[:, :, o0:o1], out=c).relu_()
+                torch.bmm(st, self.wt[:, :, o0:o1], out=c).relu_()
                 for n in range(b):
                     self.acc[labels[start + n], :, o0:o1].add_(c[:, n])
 

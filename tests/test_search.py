@@ -199,7 +199,7 @@ def test_identical_plans_are_scored_once():
 def test_default_grid():
     gm, prof, train, _, calib, _ = setup()
     res = search_thresholds(gm, prof, TASK, train, calib)
-    assert len(res.candidates) == len(DEFAULT_SCALES) == 24
+    assert len(res.candidates) == len(DEFAULT_SCALES) == 27
     assert all(isinstance(c.scale, tuple) for c in res.candidates)
     assert (1.0, 1.0) in DEFAULT_SCALES                  # MDA's defaults are a candidate
     assert res.met

@@ -14,9 +14,12 @@ fresh worker subprocess:
   product per layer), under ``--naive-timeout``; running out of memory (``--mem-limit-gb``
   caps the workers' data segment via ``RLIMIT_DATA``) or time is reported, not raised.
 
-Memory: the worker resets the kernel's peak-RSS mark (``/proc/self/clear_refs`` ← 5) right
+Memory: after the untimed warm-up the worker returns the allocator's free heap to the OS (glibc
+``malloc_trim(0)``), resets the kernel's peak-RSS mark (``/proc/self/clear_refs`` ← 5) right
 before the measured phase and reports ``VmHWM − VmRSS_before``: the peak resident memory that
-the phase added on top of the model and the pre-generated inputs. "A MB" is what the result
+the phase added on top of the model and the pre-generated inputs. (Without the trim, a phase
+could reuse pages the warm-up forward touched and freed, and its peak would read too low: ~0
+for inference, and less than its own ``A`` for the cheap form.) "A MB" is what the result
 holds beyond the model (dense ``[C, O, I/g]`` tensors of ``K > 1`` convs plus the float64 class
 sums of factored layers), part of that peak; "dense A MB" is the ``C·Σ O·I/g`` float32 tensors
 that the naive form holds (and the cheap form held before factoring).
@@ -28,10 +31,6 @@ per class c and output channel o): ``R = (A − min_i A) / (max_i A − min_i A 
 ``1[R > α]``, and the β-mask of the input channels for an all-ones output mask,
 ``1[minmax_i(Σ_o 1[R > α]) > β]``.
 
-Note: the "infer peak MB" column can read ~0: the untimed warm-up forward leaves its freed
-activations in the allocator's heap, which the measured forward then reuses. The cheap phase
-allocates ``A`` after the warm-up (partly in that reused heap), so its peak is about ``A`` plus
-the activations of one forward slice (see ``--forward-batch``).
 
 Example::
 
@@ -72,6 +71,17 @@ def _status_mib(key: str) -> float:
     if match is None:
         raise RuntimeError(f"/proc/self/status has no {key}")
     return int(match.group(1)) / 1024
+
+
+def _trim_heap() -> bool:
+    """Give the allocator's free heap back to the OS (glibc ``malloc_trim``), so that a phase
+    cannot hide its memory in pages that the warm-up touched and freed."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
+    except (OSError, AttributeError):
+        return False
 
 
 def _reset_peak() -> bool:
@@ -166,6 +176,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():  # one-time costs (allocator, kernel selection) out of every phase
         for x, _ in batches[:args.warmup]:
             gm(x)
+    trimmed = _trim_heap()
     measured = _reset_peak()
     rss_before = _status_mib("VmRSS")
     if args.mem_limit_gb:
@@ -195,7 +206,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     peak = _status_mib("VmHWM") if measured else resource.getrusage(
         resource.RUSAGE_SELF).ru_maxrss / 1024
     result.update(status="ok", peak_mib=peak - rss_before,
-                  peak_method="VmHWM after clear_refs" if measured else "ru_maxrss (no reset)")
+                  peak_method=("VmHWM after clear_refs" if measured else "ru_maxrss (no reset)")
+                  + (", heap trimmed" if trimmed else ""), heap_trimmed=trimmed)
     if a is not None:
         result["layers"] = len(a)
         result["factored"] = sum(isinstance(t, FactoredContribution) for t in a.values())
@@ -257,7 +269,7 @@ def drive(args: argparse.Namespace) -> None:
     from tabulate import tabulate
 
     os.makedirs(args.workdir, exist_ok=True)
-    perf_rows, acc_rows, threads = [], [], None
+    perf_rows, acc_rows, threads, trimmed = [], [], None, None
     for model in args.models:
         cheap_out = os.path.join(args.workdir, f"{model}.cheap.pt")
         runs: dict[str, dict[str, Any]] = {}
@@ -266,6 +278,7 @@ def drive(args: argparse.Namespace) -> None:
             print(f"[{model}] {mode} ...", file=sys.stderr, flush=True)
             runs[mode] = _run_worker(args, model, mode, cheap_out, timeout)
             threads = runs[mode].get("threads", threads)
+            trimmed = runs[mode].get("heap_trimmed", trimmed)
         if os.path.exists(cheap_out):
             os.unlink(cheap_out)
         inf, cheap, naive = runs["inference"], runs["cheap"], runs["naive"]
@@ -293,8 +306,8 @@ def drive(args: argparse.Namespace) -> None:
     print(f"CPU: {platform.processor() or platform.machine()}, torch threads: {threads}, "
           f"samples: {args.samples}, batch: {args.batch}, classes: {args.num_classes}, "
           f"chunk budget: {args.chunk_mb} MiB, cheap forward batch: "
-          f"{args.forward_batch or args.batch}, peak memory: VmHWM − VmRSS before the phase "
-          "(fresh subprocess per measurement)")
+          f"{args.forward_batch or args.batch}, peak memory: VmHWM − VmRSS before the phase, "
+          f"heap trimmed after warm-up: {trimmed} (fresh subprocess per measurement)")
     print(tabulate(perf_rows, headers=[
         "model", "layers", "A MB", "dense A MB", "infer s", "cheap s", "naive s",
         "naive/cheap time", "cheap/infer time", "infer peak MB", "cheap peak MB", "naive peak MB",
