@@ -18,16 +18,23 @@ are loaded once and kept in memory for all candidates; candidates whose plan kee
 same channels as an earlier one reuse its component and scores.
 
 Parametrisation: two multipliers, one on the conv thresholds (α, β) and one on the linear ones,
-over the fixed grid :data:`DEFAULT_SCALES` (conv x 0.25 .. 1.25 in 8 steps, linear x {0, 0.1, 1}:
-24 candidates, so at most 24 prunes and 24 scorings). Measured on the cached CIFAR-10 VGG with
-norms re-estimated (tools/report_accuracy.py and the issue #6 report), the linear thresholds are
-the ones that hurt most for their cost: MDA's linear α=0.4 keeps 2 of the 256 hidden units of the
-VGG classifier for a two-class task, and {airplane, ship} is within 1 point at 84.9% of the MACs
-with (conv x0.75, linear x0) but only at ~89% with one global multiplier (which must lower the
-conv thresholds too to spare the classifier). On ResNet-20 (one Linear after global pooling) the
-linear multiplier hardly matters and the conv one decides. A per-layer search would need
-thousands of candidates and would fit the calibration images. ``scales`` also accepts plain
-floats (one global multiplier, e.g. :data:`GLOBAL_SCALES`).
+over the fixed grid :data:`DEFAULT_SCALES` (conv x 0.1 .. 1.25 in 9 steps, linear x {0, 0.1, 1}:
+27 candidates, so at most 27 prunes and 27 scorings). Why, measured with tools/report_accuracy.py
+--compare-parametrisations on the cached CIFAR-10 sources (smallest component within 1 point on
+calibration, norms re-estimated, % of the source's MACs, this grid vs one global multiplier over
+:data:`GLOBAL_SCALES`):
+
+    VGG        {cat, dog} 86.5 vs not met (94.0 at -1.3) | {airplane, ship} 76.8 vs 94.5
+               {automobile, truck} 73.3 vs 86.0 | five classes 87.0 vs not met (96.9 at -1.04)
+    ResNet-20  {cat, dog} 86.2 vs 85.2 | {airplane, ship} 65.5 vs 81.0
+               {automobile, truck} 66.1 vs 66.1 | five classes 77.7 vs 79.6
+
+The linear thresholds are what hurts VGG: MDA's linear α=0.4 keeps 2 of the classifier's 256
+hidden units for a two-class task, and a global multiplier can only spare them by lowering the
+conv thresholds too. On ResNet-20 (one Linear after global pooling) the conv multiplier decides.
+Without re-estimation the two grids are closer (VGG {cat, dog}: 96.3 vs 94.0, five classes:
+89.1 vs 95.0). A per-layer search would need thousands of candidates and would fit the
+calibration images. ``scales`` also accepts plain floats (one global multiplier).
 
 Candidates are pruned and measured first (cheap) and scored in order of increasing MACs. With an
 accuracy budget the search stops at the first candidate that meets it: every larger candidate

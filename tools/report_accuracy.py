@@ -293,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nfine-tuning the MDA-defaults components, norms re-estimated (distillation, "
               "mdafx/finetune.py)")
         print(format_finetune(tuned))
-        md += ["## Fine-tuning the MDA-defaults components", "", format_finetune(tuned, "github"),
-               ""]
+        md += ["## Fine-tuning the MDA-defaults components (norms re-estimated)", "",
+               format_finetune(tuned, "github"), ""]
     md += ["## Search trade-offs (calibration split)", ""]
     for label, res in (s for rep in reports for s in rep["searches"]):
         md += [f"### {label}", "", res.table("github"), ""]
