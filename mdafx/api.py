@@ -127,8 +127,21 @@ def resolve_classes(task, class_names: Sequence[str] | None, num_classes: int) -
     return out
 
 
+class RunnableModel:
+    """What components and assembled models share: call them, count their parameters."""
+
+    module: fx.GraphModule
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    @property
+    def params(self) -> int:
+        return count_params(self.module)
+
+
 @dataclass
-class Component:
+class Component(RunnableModel):
     """A standalone model for a task: logits of ``classes`` (source indices) in that order."""
 
     module: fx.GraphModule
@@ -137,13 +150,6 @@ class Component:
     source: str = "model"
     input_shape: tuple[int, ...] = ()
     metadata: dict = field(default_factory=dict)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
-
-    @property
-    def params(self) -> int:
-        return count_params(self.module)
 
 
 def disassemble(gm: fx.GraphModule, masks: ChannelMasks, task, *,

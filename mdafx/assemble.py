@@ -25,8 +25,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .api import RunnableModel
 from .errors import PreconditionError
-from .ir import count_params, trace
+from .ir import trace
 
 LUMA = (0.299, 0.587, 0.114)
 
@@ -100,7 +101,7 @@ class _Parallel(nn.Module):
 
 
 @dataclass
-class Assembled:
+class Assembled(RunnableModel):
     """An assembled classifier: ``module`` maps the shared input to ``class_names`` logits."""
 
     module: fx.GraphModule
@@ -109,13 +110,6 @@ class Assembled:
     input_format: InputFormat
     layout: str
     metadata: dict = field(default_factory=dict)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
-
-    @property
-    def params(self) -> int:
-        return count_params(self.module)
 
 
 def component_format(component) -> InputFormat:

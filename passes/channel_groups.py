@@ -112,8 +112,8 @@ class _IdInterpreter(fx.Interpreter):
         if n.op == "call_module" and len(self.module.get_submodule(n.target)._forward_hooks) > 0:
             raise Barrier("module has forward hooks")
         n.meta[META_RULE] = rule.name
-        args = tuple(self.env_value(a) for a in n.args)
-        kwargs = {k: self.env_value(v) for k, v in n.kwargs.items()}
+        args = tuple(self.value_of(a) for a in n.args)
+        kwargs = {k: self.value_of(v) for k, v in n.kwargs.items()}
         module = self.module.get_submodule(n.target) if n.op == "call_module" else None
         ctx = RuleContext(n, module, args, kwargs, out, self.forest, self.ids_of, self.value_of)
         return rule.forward(ctx)
@@ -138,9 +138,6 @@ class _IdInterpreter(fx.Interpreter):
 
     def value_of(self, a: Any):
         return fx.node.map_arg(a, lambda n: self.env[n])
-
-    def env_value(self, a: Any):
-        return self.value_of(a)
 
 
 def _has_tensor(value: Any) -> bool:

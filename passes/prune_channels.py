@@ -17,6 +17,7 @@ Invalidates everything (shapes and ids change).
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -166,7 +167,7 @@ def _append_getitem(gm: fx.GraphModule, index: list[int], name: str) -> bool:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     value = out.args[0]
     with gm.graph.inserting_before(out):
-        sel = gm.graph.call_function(__import__("operator").getitem, (value, (slice(None), list(index))))
+        sel = gm.graph.call_function(operator.getitem, (value, (slice(None), list(index))))
         sel.name = name
     out.args = (sel,)
     return True
