@@ -173,3 +173,28 @@ def disassemble(gm: fx.GraphModule, masks: ChannelMasks, task, *,
 def _kept_share(cg: ChannelGraph, plan: ChannelPlan) -> tuple[int, int]:
     roots = cg.prunable_roots()
     return int(plan.keep[roots].sum()), int(roots.numel())
+
+
+# ----------------------------------------------------------------------------- the rest
+
+# Assembly, accuracy-targeted search, fine-tuning, export and files, so that ``mdafx.api`` is the
+# one place to import from. Resolved on first use (PEP 562): those modules import the
+# definitions above, so importing them here would be circular.
+_LATE = {
+    "assemble": "mdafx.assemble", "Assembled": "mdafx.assemble", "InputFormat": "mdafx.assemble",
+    "Budget": "mdafx.search", "SearchResult": "mdafx.search",
+    "search_thresholds": "mdafx.search",
+    "reestimate_norms": "passes.reestimate_norms",
+    "finetune": "mdafx.finetune", "FinetuneReport": "mdafx.finetune",
+    "export_onnx": "mdafx.export", "save_model": "mdafx.serialize",
+    "load_model": "mdafx.serialize", "split_per_class": "mdafx.data",
+}
+__all__ += list(_LATE)
+
+
+def __getattr__(name: str):
+    if name in _LATE:
+        import importlib
+
+        return getattr(importlib.import_module(_LATE[name]), name)
+    raise AttributeError(f"module 'mdafx.api' has no attribute {name!r}")

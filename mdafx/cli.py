@@ -51,7 +51,6 @@ import functools
 import html
 import importlib
 import inspect
-import itertools
 import json
 import os
 import re
@@ -73,8 +72,6 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PROG = "mdafx"
 CLI_PROFILE_KEY = "mdafx_cli"   # what `analyse` adds to a profile file (Profile.load ignores it)
 _MDAFX_FACTORIES = ("tiny_cnn", "vgg_cifar", "resnet_cifar")
-# PIL modes whose conversion to 8-bit RGB clips the value range (16/32-bit integers, floats).
-_HIGH_DEPTH_MODES = ("I", "F")
 
 
 class CliError(MdafxError):
@@ -98,6 +95,33 @@ def _threshold(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
+    return value
+
+
+def _holdout(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """A share of the source, ``0.5`` or ``50%``."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction (0.5) or a percentage (50%), "
+                                         f"got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1] (or (0%, 100%]), got {text!r}")
+    return value
+
+
+def _points(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 percentage points, got {text!r}")
     return value
 
 
@@ -214,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="profile file to write")
     p.add_argument("--per-class", type=_positive_int, metavar="N",
                    help="most confident samples per class (default: 1%% of the class, at least 1)")
+    p.add_argument("--holdout", type=_holdout, default=0.1, metavar="F",
+                   help="share of every class held out of profiling as the calibration split "
+                        "that 'disassemble --max-drop/--reestimate-norms' and 'finetune' use "
+                        "(recorded in the profile; 0 holds out nothing; default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
     p.add_argument("--batch-size", type=_positive_int, default=128)
     _add_force(p)
 
@@ -228,6 +257,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="DIR|FILE",
                    help="directory for one <task>.mdafx per task, or a .mdafx file for one task")
     _add_thresholds(p)
+    g = p.add_argument_group(
+        "accuracy-targeted thresholds and norm re-estimation (training-free, issue #6)",
+        "With a budget, the thresholds above are the base that a grid of multipliers scales "
+        "(conv x0.1..1.25 times linear x0/0.1/1), scored on calibration images of the task; the "
+        "smallest component meeting the budget is written. Without --calibrate the calibration "
+        "images are the split 'analyse --holdout' kept out of profiling.")
+    g.add_argument("--max-drop", type=_points, metavar="PTS",
+                   help="at most PTS percentage points below the source's accuracy on the "
+                        "task's calibration images (with --max-params/--max-macs alone: the "
+                        "most accurate component within them)")
+    g.add_argument("--max-params", type=_fraction, metavar="F",
+                   help="at most this share of the source's parameters (0.5 or 50%%)")
+    g.add_argument("--max-macs", type=_fraction, metavar="F",
+                   help="at most this share of the source's multiply-accumulates")
+    g.add_argument("--reestimate-norms", action="store_true",
+                   help="re-estimate BatchNorm statistics of each component on calibration "
+                        "images of every class (forward passes only)")
+    g.add_argument("--calibrate", metavar="DIR",
+                   help="ImageFolder of calibration images, disjoint from the profiled ones "
+                        "(default: the profile's held-out split); never the test split")
+    g.add_argument("--norm-images", type=_positive_int, default=50, metavar="N",
+                   help="calibration images per class that re-estimate the norms (default 50)")
+    g.add_argument("--search-table", metavar="FILE",
+                   help="write every task's explored trade-off (markdown) to FILE")
     _add_force(p)
 
     p = command("assemble", cmd_assemble, "Assemble component files into one classifier "
@@ -253,6 +306,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--latency", action="store_true",
                    help="also measure the median onnxruntime latency at batch 1")
+    _add_force(p)
+
+    p = command("finetune", cmd_finetune, "Optional, explicit: fine-tune a component or "
+                "assembled model file for a few epochs on its classes, with its source model(s) "
+                "as distillation teachers; reports the accuracy before and after. Not part of "
+                "MDA's training-free path.")
+    p.add_argument("model_file", metavar="MODEL", help="component or assembled model file "
+                                                       "(made by 'mdafx disassemble/assemble')")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="ImageFolder training split; folders are matched to the model's classes "
+                        "by name, others are ignored")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="model file to write")
+    p.add_argument("--epochs", required=True, type=_positive_int, metavar="N")
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, cosine-decayed "
+                                                          "(default 0.01)")
+    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature "
+                                                                  "(default 4)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="weight of the label cross-entropy; 1-ALPHA weighs the teachers' "
+                        "distillation term (default 0.5)")
+    p.add_argument("--holdout", type=_holdout, default=0.1, metavar="F",
+                   help="share of every class of --data held out to report accuracy before and "
+                        "after (default 0.1)")
+    p.add_argument("--eval", metavar="DIR",
+                   help="report accuracy on this ImageFolder instead of a held-out share")
+    p.add_argument("--teacher-weights", action="append", metavar="FILE",
+                   help="state_dict of each component's source model, in component order "
+                        "(default: the weights recorded in the file; repeatable)")
+    p.add_argument("--no-augment", action="store_true",
+                   help="no random crop and flip on the training images")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--seed", type=int, default=0)
     _add_force(p)
 
     p = command("evaluate", cmd_evaluate, "Per-class and overall accuracy of a model file, or of "
@@ -561,40 +646,11 @@ def _source_name(args) -> str:
 
 # =============================================================================== data
 
-def _check_image_modes(split_dir: Path) -> None:
-    """Refuse 16-bit / float images, which ``load_imagefolder`` would clip to 8-bit RGB.
-
-    Reads only image headers, and only when the decoded split is not cached yet (a cached split
-    was decoded, and so checked, before).
-    """
-    from mdafx import data
-
-    # NOTE: uses mdafx.data's private listing and cache key; the check belongs in data._decode.
-    root = split_dir.expanduser().resolve()
-    _, files = data._list_imagefolder(root)
-    n_files = sum(len(f) for f in files)
-    if data._cache_path(data.default_cache_dir(), root, n_files).is_file():
-        return
-    from PIL import Image
-
-    for path in itertools.chain.from_iterable(files):
-        try:
-            with Image.open(path) as im:
-                mode = im.mode
-        except Exception:
-            continue  # load_imagefolder names unreadable images
-        if mode in _HIGH_DEPTH_MODES or mode.startswith("I;"):
-            raise data.DataError(f"image {str(path)!r} has mode {mode!r} (16-bit or float "
-                                 "pixels); mdafx reads 8-bit images: convert the data set to "
-                                 "8-bit RGB first")
-
-
 def load_images(path: str | os.PathLike, size: tuple[int, int]):
     """Decoded ImageFolder (``mdafx.data.ImageArrays``) whose images are ``size`` (H, W)."""
     from mdafx.data import load_imagefolder
 
     root = Path(path)
-    _check_image_modes(root)
     arrays = load_imagefolder(root)
     h, w = arrays.images.shape[1:3]
     if (h, w) != tuple(size):
@@ -628,10 +684,12 @@ class _ListLabels:
         return self.ds.batches(*args, **kwargs)
 
 
-def profile_dataset(gm, ds, class_names, per_class=None, batch_size=128, progress=False):
+def profile_dataset(gm, ds, class_names, per_class=None, batch_size=128, progress=False,
+                    indices=None):
     from mdafx.api import profile
 
     return profile(gm, _ListLabels(ds), list(class_names), per_class=per_class,
+                   indices=None if indices is None else [int(i) for i in indices],
                    batch_size=batch_size, progress=progress)
 
 
@@ -703,20 +761,46 @@ def cmd_analyse(args) -> int:
                        f"{len(names)} class folders; profiling needs samples of every class")
     model = build_model(args.model, num_classes, args.model_arg, args.weights)
     gm = _traced(model, fmt, num_classes, args.model)
+    labels = arrays.labels
+    selection, held_out = None, None
+    if args.holdout > 0:
+        from mdafx.data import split_per_class
+
+        selection, held_out = split_per_class(labels, [1.0 - args.holdout, args.holdout],
+                                              seed=args.seed)
     start = time.perf_counter()
     prof = profile_dataset(gm, _dataset(arrays, fmt), names, args.per_class, args.batch_size,
-                           _progress(args))
+                           _progress(args), indices=selection)
     record = {"model": args.model, "model_args": [list(a) for a in args.model_arg],
               "weights": str(args.weights) if args.weights else None, "input": fmt.to_dict(),
               "data": str(Path(args.data).resolve())}
+    if held_out is not None:
+        # the indices themselves, not only (holdout, seed): disassemble checks them against the
+        # folder it reloads, and they stay valid if split_per_class ever changes
+        record["calibration"] = {"holdout": args.holdout, "seed": args.seed,
+                                 "images": int(len(labels)), "indices": held_out.tolist(),
+                                 "sha256": _images_digest(arrays.images, held_out)}
     save_profile(prof, output, args.force, record)
-    counts = [int((arrays.labels == c).sum()) for c in range(len(names))]
-    rows = [[i, n, c, s] for i, (n, c, s) in enumerate(zip(names, counts, prof.samples_per_class))]
-    rows.append(["", "total", sum(counts), sum(prof.samples_per_class)])
-    _say(_table(rows, ["#", "class", "images", "profiled"], colalign=("right", "left")),
+    counts = [int((labels == c).sum()) for c in range(len(names))]
+    held = ([int((labels[held_out] == c).sum()) for c in range(len(names))]
+            if held_out is not None else [0] * len(names))
+    rows = [[i, n, c, s, h] for i, (n, c, s, h)
+            in enumerate(zip(names, counts, prof.samples_per_class, held))]
+    rows.append(["", "total", sum(counts), sum(prof.samples_per_class), sum(held)])
+    _say(_table(rows, ["#", "class", "images", "profiled", "held out (calibration)"],
+                colalign=("right", "left")),
          f"{len(prof.layers)} weighted layers profiled in {time.perf_counter() - start:.1f} s",
          f"wrote {output}")
     return EXIT_OK
+
+
+def _images_digest(images, indices) -> str:
+    """SHA-256 of the decoded images at ``indices`` (in that order)."""
+    import hashlib
+
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(images[np.asarray(indices)]).tobytes()).hexdigest()
 
 
 def _check_input_files(**paths) -> None:
@@ -743,9 +827,75 @@ def _component_paths(output: Path, tasks: list[list[str]]) -> list[Path]:
     return [output / n for n in names]
 
 
+def _budget(args):
+    """The ``mdafx.search.Budget`` of ``--max-drop/--max-params/--max-macs``, or None."""
+    if (args.max_drop, args.max_params, args.max_macs) == (None, None, None):
+        return None
+    from mdafx.search import Budget
+
+    return Budget(args.max_drop, args.max_params, args.max_macs)
+
+
+def _calibration_split(args, record: dict, fmt, class_names: list[str]):
+    """``(dataset, indices, description)``: the calibration images, labelled with the profile's
+    class indices: ``--calibrate DIR``, else the split ``analyse`` held out (checked unchanged)."""
+    import numpy as np
+
+    from mdafx.data import ArrayDataset
+
+    if args.calibrate:
+        arrays = load_images(args.calibrate, fmt.size)
+        position = {n: i for i, n in enumerate(class_names)}
+        unknown = [n for n in arrays.class_names if n not in position]
+        if unknown:
+            raise CliError(f"{args.calibrate}: class folders {', '.join(unknown)} are not classes "
+                           f"of the profile ({', '.join(class_names)})")
+        labels = np.asarray([position[arrays.class_names[y]] for y in arrays.labels.tolist()],
+                            dtype=np.int64)
+        ds = ArrayDataset(arrays.images, labels, mean=fmt.mean, std=fmt.std)
+        return ds, list(range(len(labels))), f"{args.calibrate} ({len(labels)} images)"
+    held = record.get("calibration")
+    if not held:
+        raise CliError(f"{args.profile} holds no calibration split (analysed with --holdout 0 or "
+                       "by an older mdafx); pass --calibrate DIR with images the profile did not "
+                       "select from")
+    data = record.get("data")
+    if not data or not Path(data).is_dir():
+        raise CliError(f"{args.profile}: its calibration split was held out of {data}, which is "
+                       "not a directory any more; pass --calibrate DIR")
+    arrays = load_images(data, fmt.size)
+    indices = [int(i) for i in held["indices"]]
+    if (len(arrays) != held["images"] or list(arrays.class_names) != list(class_names)
+            or _images_digest(arrays.images, indices) != held["sha256"]):
+        raise CliError(f"{data} changed since {args.profile} was analysed (its held-out "
+                       "calibration images differ); run analyse again or pass --calibrate DIR")
+    return (_dataset(arrays, fmt), indices,
+            f"{len(indices)} images held out of {data} (analyse --holdout {held['holdout']})")
+
+
+def _first_per_class(labels, indices: list[int], per_class: int) -> list[int]:
+    """The first ``per_class`` of ``indices`` of every class, in their order."""
+    taken: dict[int, int] = {}
+    out = []
+    for i in indices:
+        y = int(labels[i])
+        if taken.get(y, 0) < per_class:
+            taken[y] = taken.get(y, 0) + 1
+            out.append(i)
+    return out
+
+
 def cmd_disassemble(args) -> int:
+    budget = _budget(args)
+    calibrating = budget is not None or args.reestimate_norms
+    if args.search_table and budget is None:
+        raise _Usage("--search-table needs a budget (--max-drop, --max-params or --max-macs)")
+    if args.calibrate and not calibrating:
+        raise _Usage("--calibrate goes with a budget (--max-drop, --max-params, --max-macs) or "
+                     "--reestimate-norms")
     _check_input_files(weights=args.weights, profile=args.profile)
     from mdafx.api import channel_groups, disassemble, locate, resolve_classes
+    from mdafx.ir import count_macs
     from mdafx.serialize import save_model
 
     prof, record = load_profile(args.profile)
@@ -753,30 +903,101 @@ def cmd_disassemble(args) -> int:
     tasks = [[prof.class_names[c] for c in resolve_classes(task, prof.class_names, num_classes)]
              for task in args.task]  # every name checked before any work
     paths = _component_paths(Path(args.output), tasks)
-    _refuse_existing(paths, args.force)
+    table_path = Path(args.search_table) if args.search_table else None
+    _refuse_existing([*paths, table_path], args.force)
     gm, fmt = _profiled_source(args, prof, record, num_classes)
     cg = channel_groups(gm)
-    masks = locate(gm, prof, _thresholds(args), cg)
     source = _source_name(args)
+    shape = (1, fmt.channels, *fmt.size)
+    source_macs = count_macs(gm, shape)
+
+    # every component is cut (and searched) before the first file is written: a budget that
+    # cannot be met leaves no output
+    results = []
+    if calibrating:
+        from mdafx.search import DEFAULT_SCALES, Budget, search_thresholds
+
+        calib_ds, calib_idx, calib_text = _calibration_split(args, record, fmt,
+                                                             list(prof.class_names))
+        norm_idx = _first_per_class(calib_ds.labels, calib_idx, args.norm_images)
+        for task in tasks:
+            # without a budget: the given thresholds only (a one-candidate search), scored on
+            # calibration images so that the table shows what re-estimation gave
+            res = search_thresholds(
+                gm, prof, task, calib_ds, calib_idx,
+                budget or Budget(max_acc_drop=100.0), class_names=prof.class_names,
+                reestimate=args.reestimate_norms, reestimate_indices=norm_idx,
+                scales=DEFAULT_SCALES if budget else (1.0,), base=_thresholds(args), cg=cg,
+                source=source)
+            results.append(res)
+        unmet = [(t, r) for t, r in zip(tasks, results) if not r.met]
+        if unmet:
+            raise CliError("; ".join(f"task {','.join(t)}: {r.message}" for t, r in unmet)
+                           + ". Nothing written; relax the budget."
+                           + "".join(f"\n\nexplored thresholds of {','.join(t)}:\n{r.table()}"
+                                     for t, r in unmet))
+        comps = [r.component for r in results]
+    else:
+        masks = locate(gm, prof, _thresholds(args), cg)
+        comps = [disassemble(gm, masks, task, class_names=prof.class_names, source=source,
+                             cg=cg) for task in tasks]
+
     rows = []
     with _all_or_nothing() as written:
-        for task, path in zip(tasks, paths):
-            comp = disassemble(gm, masks, task, class_names=prof.class_names, source=source,
-                               cg=cg)
+        for k, (comp, path) in enumerate(zip(comps, paths)):
+            macs = count_macs(comp.module, shape)
             meta = {**comp.metadata, "kind": "component", "input": fmt.to_dict(),
                     "model": args.model, "model_args": [list(a) for a in args.model_arg],
-                    "weights": str(args.weights) if args.weights else None}
+                    "weights": str(Path(args.weights).resolve()) if args.weights else None,
+                    "num_classes_source": num_classes, "macs": macs, "macs_source": source_macs}
+            row = [",".join(comp.class_names), ",".join(map(str, comp.classes)),
+                   f"{meta['params']:,} ({meta['params'] / meta['params_source']:.1%})",
+                   f"{macs:,} ({macs / source_macs:.1%})"]
+            if results:
+                res = results[k]
+                meta["calibration"] = {"data": calib_text, "images": res.calib_images,
+                                       "accuracy": res.candidate.accuracy,
+                                       "source_accuracy": res.source_accuracy}
+                if budget is None:  # one candidate at the given thresholds: not a search
+                    meta.pop("search", None)
+                row.append(f"{res.candidate.accuracy:.2%} ({res.source_accuracy:.2%})")
+                if budget is not None:
+                    row.append(_scale_text(res.scale))
             path.parent.mkdir(parents=True, exist_ok=True)
             save_model(comp.module, path, meta, _example(fmt), overwrite=args.force)
             written.append(path)
-            kept, total = meta["channels_kept"], meta["channels_total"]
-            rows.append([",".join(comp.class_names), ",".join(map(str, comp.classes)),
-                         f"{meta['params']:,} ({meta['params'] / meta['params_source']:.1%})",
-                         f"{kept}/{total} ({kept / max(1, total):.0%})", str(path)])
-    _say(_table(rows, ["task", "classes", "params (kept)", "channel groups kept", "file"]),
-         f"source {source}: {masks.num_classes} classes, "
-         f"{meta['params_source']:,} params; thresholds {_thresholds_text(args)}")
+            row.append(str(path))
+            rows.append(row)
+        if table_path is not None:
+            text = "".join(f"## {','.join(t)}\n\n{r.table('github')}\n\n"
+                           for t, r in zip(tasks, results))
+            with _atomic(table_path, args.force) as tmp:
+                Path(tmp).write_text(text)
+            written.append(table_path)
+    headers = ["task", "classes", "params (kept)", "MACs (kept)"]
+    if results:
+        headers.append("calib acc (source)")
+        if budget is not None:
+            headers.append("thresholds x")
+    headers.append("file")
+    lines = [_table(rows, headers),
+             f"source {source}: {num_classes} classes, {meta['params_source']:,} params, {source_macs:,} MACs; "
+             + (f"budget {budget.describe()}; base " if budget is not None else "")
+             + f"thresholds {_thresholds_text(args)}"]
+    if results:
+        lines.append(f"calibration: {calib_text}"
+                     + (f"; norms re-estimated on {len(norm_idx)} of them" if
+                        args.reestimate_norms else ""))
+    if table_path is not None:
+        lines.append(f"explored thresholds: {table_path}")
+    _say(*lines)
     return EXIT_OK
+
+
+def _scale_text(scale) -> str:
+    if isinstance(scale, (tuple, list)):
+        return f"conv {scale[0]:g}, linear {scale[1]:g}"
+    return f"{scale:g}"
 
 
 def _thresholds_text(args) -> str:
@@ -919,6 +1140,133 @@ def cmd_export(args) -> int:
     if args.latency:
         rows.append(["latency batch 1", f"{onnx_latency(output):.3f} ms (onnxruntime CPU)"])
     _say(_table(rows, ["onnx export", ""]))
+    return EXIT_OK
+
+
+# =============================================================================== finetune
+
+def _teachers(loaded, args):
+    """``[(teacher module, {student position: teacher logit})]`` rebuilt from the file's
+    metadata: one per component; a class several components share is taught by the first."""
+    meta = loaded.metadata
+    from mdafx.assemble import InputAdapter, InputFormat
+
+    if meta.get("kind") == "assembled":
+        parts = meta.get("components") or []
+        class_map = meta.get("class_map") or []
+        maps: list[dict[int, int]] = [{} for _ in parts]
+        for position, entry in enumerate(class_map):
+            first = entry["sources"][0]
+            maps[int(first["component"])][position] = int(first["source_class"])
+    else:
+        parts = [meta]
+        maps = [dict(enumerate(int(c) for c in meta.get("classes") or []))]
+    weights = args.teacher_weights or []
+    if weights and len(weights) != len(parts):
+        raise _Usage(f"{len(weights)} --teacher-weights for {len(parts)} components")
+    student_fmt = InputFormat.from_dict(meta["input"])
+    teachers = []
+    for k, (part, class_map) in enumerate(zip(parts, maps)):
+        where = f"{args.model_file}" + (f" component {k}" if len(parts) > 1 else "")
+        if not part.get("model") or "num_classes_source" not in part:
+            raise CliError(f"{where} does not record its source model (--model and class count; "
+                           "made with the Python API or an older mdafx): fine-tune it in Python "
+                           "with mdafx.finetune.finetune")
+        path = weights[k] if weights else part.get("weights")
+        if path is not None and not Path(path).is_file():
+            raise CliError(f"{where}: source weights {path} not found; pass --teacher-weights")
+        model = build_model(part["model"], int(part["num_classes_source"]),
+                            [tuple(a) for a in part.get("model_args", [])], path)
+        fmt = InputFormat.from_dict(part["input"])
+        if fmt != student_fmt:
+            model = torch_sequential(InputAdapter(student_fmt, fmt), model)
+        if class_map:
+            teachers.append((model, class_map))
+    return teachers
+
+
+def torch_sequential(*modules):
+    import torch
+
+    return torch.nn.Sequential(*modules).eval()
+
+
+def cmd_finetune(args) -> int:
+    output = Path(args.output)
+    _refuse_existing([output], args.force)
+    _check_input_files(model=args.model_file)
+    if args.eval:
+        _check_input_files()
+    if not 0.0 <= args.alpha <= 1.0:
+        raise _Usage(f"--alpha must lie in [0, 1], got {args.alpha}")
+    if args.temperature <= 0 or args.lr <= 0:
+        raise _Usage("--temperature and --lr must be positive")
+    import numpy as np
+
+    from mdafx.assemble import InputFormat
+    from mdafx.data import ArrayDataset, split_per_class
+    from mdafx.finetune import finetune
+    from mdafx.serialize import load_model
+
+    loaded = load_model(args.model_file)
+    meta = loaded.metadata
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not meta.get("input"):
+        raise CliError(f"{args.model_file}: no class_names/input format in its metadata")
+    teachers = _teachers(loaded, args)
+    fmt = InputFormat.from_dict(meta["input"])
+    arrays = load_images(args.data, fmt.size)
+    index, _, folder_pos = _matched_indices(arrays, names)
+    if not index:
+        raise CliError(f"{args.data}: no class folder is named like a class of the model "
+                       f"({', '.join(names)})")
+    train_ds = ArrayDataset(arrays.images, arrays.labels, mean=fmt.mean, std=fmt.std,
+                            augment=not args.no_augment)
+    if args.eval:
+        eval_arrays = load_images(args.eval, fmt.size)
+        eval_idx, _, eval_pos = _matched_indices(eval_arrays, names)
+        if not eval_idx:
+            raise CliError(f"{args.eval}: no class folder is named like a class of the model")
+        eval_ds = _dataset(eval_arrays, fmt)
+        train_idx = index
+    else:
+        if args.holdout == 0:
+            raise _Usage("give --holdout > 0 or --eval DIR: accuracy is reported on images the "
+                         "fine-tuning does not train on")
+        labels = np.asarray(arrays.labels)
+        fit, held = split_per_class(labels[index], [1.0 - args.holdout, args.holdout],
+                                    seed=args.seed)
+        index = np.asarray(index)
+        train_idx, eval_idx = index[fit].tolist(), index[held].tolist()
+        eval_ds, eval_pos = _dataset(arrays, fmt), folder_pos
+    if folder_pos != eval_pos:
+        raise CliError(f"{args.eval}: its class folders do not match {args.data}'s")
+    # the student's parameters, as saved, are trainable; its graph is the exported inference
+    # graph, so BatchNorm statistics stay as they are (eval semantics) while weights move
+    student, report = finetune(
+        loaded.module, teachers, train_ds, train_idx, args.epochs, args.lr, args.temperature,
+        args.alpha, args.seed, eval_indices=eval_idx, eval_dataset=eval_ds,
+        label_map=folder_pos, batch_size=args.batch_size)
+    kept = {k: v for k, v in meta.items() if k not in ("format_version", "mdafx_version")}
+    out_meta = {**kept, "finetune": {
+        "from": str(args.model_file), "data": str(Path(args.data).resolve()),
+        "epochs": args.epochs, "lr": args.lr, "temperature": args.temperature,
+        "alpha": args.alpha, "augment": not args.no_augment, "seed": args.seed,
+        "train_images": report.train_images, "eval_images": report.eval_images,
+        "acc_before": report.acc_before, "acc_after": report.acc_after,
+        "teachers": report.teachers}}
+    from mdafx.serialize import save_model
+
+    save_model(student, output, out_meta, _example(fmt), overwrite=args.force)
+    rows = [["accuracy before", f"{report.acc_before:.2%}"],
+            ["accuracy after", f"{report.acc_after:.2%}"],
+            ["held-out images", report.eval_images], ["training images", report.train_images],
+            ["epochs / steps", f"{report.epochs} / {report.steps}"],
+            ["loss per epoch", " ".join(f"{v:.3f}" for v in report.epoch_losses)],
+            ["teachers", report.teachers], ["time", f"{report.seconds:.1f} s"]]
+    _say(_table(rows, ["fine-tuning (distillation)", ""]),
+         f"accuracy on {args.eval or f'{args.holdout:g} of {args.data} held out'}; "
+         f"wrote {output}")
     return EXIT_OK
 
 

@@ -4,8 +4,8 @@ Data never ships with mdafx. Code takes the data root (the folder that holds ``c
 an argument or from ``$MDAFX_DATA`` (:func:`resolve_data_root`) and says so when it is absent.
 
 Decoded splits are cached as ``.npz`` files under ``<repo>/.cache/data`` (or ``$MDAFX_CACHE``),
-keyed by the split's absolute path and its image count, because decoding 50k JPEGs takes seconds
-while loading the cache takes a fraction of one.
+keyed by the split's absolute path and every image's name, size and modification time, because
+decoding 50k JPEGs takes seconds while loading the cache takes about one (most of it the stats).
 
 Sample selection (MDA section 1.1) and logit calibration (section 2.1) draw from *disjoint*
 per-class subsets of the training split (:func:`split_per_class`); the test split is only ever
@@ -72,6 +72,8 @@ class DataNotFoundError(MdafxError, FileNotFoundError):
 
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
+# PIL modes whose conversion to 8-bit RGB would clip the value range (16/32-bit integers, floats)
+_HIGH_DEPTH_MODES = ("I", "F")
 _CACHE_VERSION = 1  # bump when the .npz layout changes, so stale caches are ignored
 
 
@@ -139,9 +141,17 @@ def _list_imagefolder(split_dir: Path) -> tuple[list[str], list[list[Path]]]:
     return [d.name for d in class_dirs], files
 
 
-def _cache_path(cache_dir: Path, split_dir: Path, n_files: int) -> Path:
-    key = f"v{_CACHE_VERSION}|{split_dir}|{n_files}"
-    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+def _cache_path(cache_dir: Path, split_dir: Path, class_files: list[list[Path]]) -> Path:
+    """The cache file of ``split_dir``: keyed by its path and every image's relative path, size
+    and modification time, so that adding, removing, renaming or rewriting an image misses."""
+    listing = hashlib.sha1(f"v{_CACHE_VERSION}|{split_dir}".encode())
+    n_files = 0
+    for files in class_files:
+        for f in files:
+            st = f.stat()
+            listing.update(f"|{f.relative_to(split_dir)}:{st.st_size}:{st.st_mtime_ns}".encode())
+            n_files += 1
+    digest = listing.hexdigest()[:16]
     # A readable prefix (last two path parts) makes the cache folder browsable.
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(split_dir.parts[-2:]))
     return cache_dir / f"{stem}-{n_files}-{digest}.npz"
@@ -159,7 +169,14 @@ def _decode(class_files: list[list[Path]]) -> tuple[np.ndarray, np.ndarray]:
         for path in files:
             try:
                 with Image.open(path) as im:
+                    mode = im.mode
+                    if mode in _HIGH_DEPTH_MODES or mode.startswith("I;"):
+                        raise DataError(f"image {str(path)!r} has mode {mode!r} (16-bit or "
+                                        "float pixels); mdafx reads 8-bit images: convert the "
+                                        "data set to 8-bit RGB first")
                     arr = np.asarray(im.convert("RGB"))
+            except DataError:
+                raise
             except (UnidentifiedImageError, OSError, ValueError) as e:
                 raise DataError(f"cannot read image {str(path)!r}: {e}") from e
             if images is None:
@@ -200,8 +217,8 @@ def load_imagefolder(
     Classes are the sub-folders in sorted order; images within a class are in sorted file-name
     order, so the result is deterministic. Images are converted to RGB and must all have the
     same size. The decoded arrays are cached under ``cache_dir`` (default
-    :func:`default_cache_dir`), keyed by the absolute path of ``split_dir`` and its image count,
-    and written atomically; ``use_cache=False`` neither reads nor writes it.
+    :func:`default_cache_dir`), keyed by the absolute path of ``split_dir`` and every image's
+    relative path, size and modification time, and written atomically; ``use_cache=False`` neither reads nor writes it.
 
     Raises :class:`DataNotFoundError` (a ``FileNotFoundError``) for a missing folder and
     :class:`DataError` (a ``ValueError``) naming the path for a folder without classes, a class
@@ -213,7 +230,7 @@ def load_imagefolder(
     n_files = sum(len(f) for f in class_files)
 
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    cache = _cache_path(cache_root, split_dir, n_files)
+    cache = _cache_path(cache_root, split_dir, class_files)
     if use_cache and cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as z:

@@ -120,9 +120,9 @@ class Budget:
         if self.max_acc_drop is not None:
             parts.append(f"accuracy drop <= {self.max_acc_drop:g} pts")
         if self.max_params_frac is not None:
-            parts.append(f"params <= {self.max_params_frac:.0%} of the source")
+            parts.append(f"params <= {100 * self.max_params_frac:.3g}% of the source")
         if self.max_macs_frac is not None:
-            parts.append(f"MACs <= {self.max_macs_frac:.0%} of the source")
+            parts.append(f"MACs <= {100 * self.max_macs_frac:.3g}% of the source")
         return ", ".join(parts)
 
 

@@ -180,7 +180,7 @@ def ok(result: subprocess.CompletedProcess) -> str:
 
 def test_help_of_every_subcommand_needs_no_torch(ws):
     commands = ["analyse", "profile", "disassemble", "assemble", "export", "evaluate",
-                "inspect", "routes", "demo"]
+                "inspect", "routes", "finetune", "demo"]
     for command in [None, *commands]:
         result = run(ws, *([command] if command else []), "--help")
         assert result.returncode == 0, result.stderr
@@ -457,3 +457,114 @@ def test_inspect_without_dot_says_so(ws, capsys, monkeypatch):
     assert "Graphviz 'dot' not found: no SVG written" in out
     assert not list((ws["dir"] / "dumps_nodot").rglob("*.svg"))
     assert (ws["dir"] / "dumps_nodot" / "usermodels_small" / "01_prune-channels.txt").is_file()
+
+
+# ----------------------------------------------------------------------------- accuracy (#6)
+
+def test_analyse_holds_out_a_calibration_split(ws, pipeline):
+    out = ok(pipeline["analyse"])
+    assert re.search(r"total\s+18\s+3\s+3\b", out), out  # 18 images, 3 profiled, 3 held out
+    _, record = cli.load_profile(ws["dir"] / "profile.pt")
+    held = record["calibration"]
+    assert held["holdout"] == 0.1 and held["images"] == 18 and len(held["indices"]) == 3
+    x, y = images(6, seed=0)
+    assert sorted(y[held["indices"]].tolist()) == [0, 1, 2]  # one per class
+
+
+def test_disassemble_to_a_budget_on_calibration_images(ws, pipeline, capsys):
+    code, out, err = call(capsys, "disassemble", *MODEL, "--profile", "profile.pt",
+                          "--task", "cat,dog", "--max-drop", "0", "--reestimate-norms",
+                          "--calibrate", "data/calib", "--search-table", "search.md",
+                          "-o", "budget/cat-dog.mdafx")
+    assert code == 0, err
+    meta = load_model(ws["dir"] / "budget" / "cat-dog.mdafx").metadata
+    assert meta["search"]["met"] and meta["search"]["budget"]["max_acc_drop"] == 0
+    cal = meta["calibration"]
+    assert cal["images"] == 8 and cal["accuracy"] >= cal["source_accuracy"]  # cat + dog images
+    assert meta["norms_reestimated_on"] == 12                   # every class: 4 + 4 + 4
+    assert f"{cal['accuracy']:.2%} ({cal['source_accuracy']:.2%})" in out
+    assert meta["macs"] < meta["macs_source"] or meta["params"] <= meta["params_source"]
+    table = (ws["dir"] / "search.md").read_text()
+    assert table.startswith("## cat,dog") and "budget met" in table and "| *" in table
+    # what the search scored is what evaluate measures on the same images
+    code, ev, err = call(capsys, "evaluate", "budget/cat-dog.mdafx", "--data", "data/calib")
+    assert code == 0 and re.search(rf"overall\s+8\s+\d+\s+{cal['accuracy']:.2%}", ev), ev
+
+
+def test_an_unmet_budget_writes_nothing(ws, pipeline, capsys):
+    err = expect_error(capsys, r"task cat,dog: BUDGET NOT MET: none of the 27 candidates meets MACs <= "
+                             r"0\.1% of the source.*Nothing written; relax the budget",
+                       "disassemble", *MODEL, "--profile", "profile.pt", "--task", "cat,dog",
+                       "--max-macs", "0.1%", "--calibrate", "data/calib", "-o", "unmet")
+    assert "explored thresholds" in err
+    assert not (ws["dir"] / "unmet").exists()
+
+
+def test_calibration_defaults_to_the_held_out_split(ws, capsys):
+    code, _, err = call(capsys, "analyse", *MODEL, *NORM, "--data", "data/train",
+                        "--holdout", "0.5", "-o", "half.pt")
+    assert code == 0, err
+    code, out, err = call(capsys, "disassemble", *MODEL, "--profile", "half.pt", "--task",
+                          "dog,frog", "--reestimate-norms", "--norm-images", "2",
+                          "-o", "held/dog-frog.mdafx")
+    assert code == 0, err
+    meta = load_model(ws["dir"] / "held" / "dog-frog.mdafx").metadata
+    assert "held out of" in meta["calibration"]["data"] and "--holdout 0.5" in out
+    assert meta["calibration"]["images"] == 6 and meta["norms_reestimated_on"] == 6
+    assert "search" not in meta  # no budget: the given thresholds, re-estimated
+
+
+def test_calibration_split_missing_or_changed(ws, capsys, tmp_path):
+    code, _, err = call(capsys, "analyse", *MODEL, *NORM, "--data", "data/train",
+                        "--holdout", "0", "-o", "no_holdout.pt")
+    assert code == 0, err
+    expect_error(capsys, r"no_holdout\.pt holds no calibration split.*--calibrate DIR",
+                 "disassemble", *MODEL, "--profile", "no_holdout.pt", "--task", "cat,dog",
+                 "--max-drop", "1", "-o", "never")
+    shutil.copytree(ws["dir"] / "data" / "train", tmp_path / "train")
+    code, _, err = call(capsys, "analyse", *MODEL, *NORM, "--data", tmp_path / "train",
+                        "--holdout", "0.5", "-o", "moved.pt")
+    assert code == 0, err
+    first = sorted((tmp_path / "train" / "dog").iterdir())[0]
+    Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(first)
+    expect_error(capsys, r"changed since moved\.pt was analysed", "disassemble", *MODEL,
+                 "--profile", "moved.pt", "--task", "cat,dog", "--max-drop", "1", "-o", "never")
+    assert not (ws["dir"] / "never").exists()
+
+
+def test_budget_flag_usage_errors(ws, capsys):
+    base = ["disassemble", *MODEL, "--profile", "profile.pt", "--task", "cat,dog", "-o", "x"]
+    for extra in (["--calibrate", "data/calib"], ["--search-table", "t.md"],
+                  ["--max-params", "0"], ["--max-macs", "150%"], ["--max-drop", "-1"]):
+        code, _, err = call(capsys, *base, *extra)
+        assert code == cli.EXIT_USAGE and "usage: mdafx" in err, (extra, err)
+
+
+def test_finetune_a_component_keeps_its_architecture(ws, pipeline, capsys):
+    code, out, err = call(capsys, "finetune", "components/cat-dog.mdafx", "--data",
+                          "data/train", "--epochs", "2", "--holdout", "0.5", "--batch-size",
+                          "4", "-o", "tuned.mdafx")
+    assert code == 0, err
+    before = load_model(ws["dir"] / "components" / "cat-dog.mdafx").module.state_dict()
+    tuned = load_model(ws["dir"] / "tuned.mdafx")
+    after = tuned.module.state_dict()
+    assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    ft = tuned.metadata["finetune"]
+    assert ft["epochs"] == 2 and ft["teachers"] == 1 and ft["eval_images"] == 6  # 3 + 3 held
+    assert ft["train_images"] == 6 and tuned.metadata["class_names"] == ["cat", "dog"]
+    assert re.search(rf"accuracy after\s+{ft['acc_after']:.2%}", out), out
+
+
+def test_finetune_an_assembled_model_with_one_teacher_per_source(ws, pipeline, capsys):
+    code, out, err = call(capsys, "finetune", "assembled.mdafx", "--data", "data/train",
+                          "--eval", "data/test", "--epochs", "1", "-o", "tuned_asm.mdafx")
+    assert code == 0, err
+    meta = load_model(ws["dir"] / "tuned_asm.mdafx").metadata
+    # cat is shared: taught by component 0 only; component 1 still teaches frog
+    assert meta["finetune"]["teachers"] == 2 and meta["finetune"]["eval_images"] == 12
+    assert meta["finetune"]["train_images"] == 18
+    expect_error(capsys, r"source weights nope\.pt not found", "finetune",
+                 "components/cat-dog.mdafx", "--data", "data/train", "--epochs", "1",
+                 "--teacher-weights", "nope.pt", "-o", "never.mdafx")
+    assert not (ws["dir"] / "never.mdafx").exists()

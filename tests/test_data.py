@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -107,11 +108,23 @@ def test_load_imagefolder_uses_cache(tmp_path, monkeypatch):
     again = load_imagefolder(tmp_path / "train", cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(first.images, again.images)
     assert again.class_names == ["a", "b"]
-    # A new image changes the file count, hence the key: the split is decoded again.
+    # A new image changes the listing, hence the key: the split is decoded again.
     Image.fromarray(np.zeros((5, 6, 3), np.uint8)).save(tmp_path / "train/a/9999.png")
     with pytest.raises(AssertionError, match="despite the cache"):
         load_imagefolder(tmp_path / "train", cache_dir=tmp_path / "cache")
     assert cached.exists()
+
+
+def test_load_imagefolder_cache_misses_a_rewritten_image(tmp_path, monkeypatch):
+    _make_folder(tmp_path / "train", {"a": 2, "b": 2})
+    load_imagefolder(tmp_path / "train", cache_dir=tmp_path / "cache")
+    target = tmp_path / "train/b/0001.png"
+    stat = target.stat()
+    Image.fromarray(np.full((5, 6, 3), 7, np.uint8)).save(target)  # same name, same count
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    again = load_imagefolder(tmp_path / "train", cache_dir=tmp_path / "cache")
+    assert (again.images[3] == 7).all()
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
 
 
 def test_load_imagefolder_cache_env(tmp_path, monkeypatch):
