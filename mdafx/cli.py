@@ -2,9 +2,13 @@
 
 ::
 
-    mdafx analyse      model + ImageFolder data       -> contribution profile (.pt)
-                       (alias: mdafx profile)
-    mdafx disassemble  model + profile + --task ...   -> one component file (.mdafx) per task
+    mdafx analyse      model + ImageFolder data       -> contribution profile (.pt), holding out
+                       (alias: mdafx profile)            a calibration split (--holdout 0.1)
+    mdafx disassemble  model + profile + --task ...   -> one component file (.mdafx) per task;
+                       [--max-drop/--max-params/--max-macs] [--reestimate-norms]: thresholds
+                       searched on the calibration split, norms re-estimated (training-free)
+    mdafx finetune     model file + data + --epochs   -> the same model, distilled from its
+                                                         sources (optional, explicit)
     mdafx assemble     component files [--calibrate]  -> one assembled model file (.mdafx)
     mdafx export       model file                     -> ONNX, checked against onnxruntime
     mdafx evaluate     model file or --model + data   -> per-class accuracy table
@@ -28,7 +32,11 @@ ran with; ``disassemble``/``routes``/``inspect`` take ``--input-size/--mean/--st
 given, and refuse a profile whose model or weights differ (``Profile.check_matches``).
 
 Components and assembled models are ``mdafx.serialize`` files: inference-only ATen graphs plus
-metadata (source, classes, class names, thresholds, input format, params, scales). ``assemble``
+metadata (source, classes, class names, thresholds, input format, params, MACs, scales, the
+source model's spec and weights path, calibration and search results). ``finetune`` trains such
+a graph's weights in place of the module-level model: its BatchNorm layers keep the statistics
+they were saved with (eval semantics), which is why ``disassemble --reestimate-norms`` comes
+first when wanted. ``assemble``
 rebuilds :class:`mdafx.api.Component` objects from them; its ``parallel`` layout works on them,
 the ``merged`` layout (alignment padding) needs module-level graphs and reports so.
 ``--calibrate`` must be a calibration split, never the test split (MDA 2.1).
@@ -281,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration images per class that re-estimate the norms (default 50)")
     g.add_argument("--search-table", metavar="FILE",
                    help="write every task's explored trade-off (markdown) to FILE")
+    g.add_argument("--search-plot", metavar="FILE.svg",
+                   help="plot every task's trade-off (calibration accuracy vs MACs) to FILE.svg")
     _add_force(p)
 
     p = command("assemble", cmd_assemble, "Assemble component files into one classifier "
@@ -888,8 +898,9 @@ def _first_per_class(labels, indices: list[int], per_class: int) -> list[int]:
 def cmd_disassemble(args) -> int:
     budget = _budget(args)
     calibrating = budget is not None or args.reestimate_norms
-    if args.search_table and budget is None:
-        raise _Usage("--search-table needs a budget (--max-drop, --max-params or --max-macs)")
+    if (args.search_table or args.search_plot) and budget is None:
+        raise _Usage("--search-table/--search-plot need a budget (--max-drop, --max-params or "
+                     "--max-macs)")
     if args.calibrate and not calibrating:
         raise _Usage("--calibrate goes with a budget (--max-drop, --max-params, --max-macs) or "
                      "--reestimate-norms")
@@ -904,7 +915,8 @@ def cmd_disassemble(args) -> int:
              for task in args.task]  # every name checked before any work
     paths = _component_paths(Path(args.output), tasks)
     table_path = Path(args.search_table) if args.search_table else None
-    _refuse_existing([*paths, table_path], args.force)
+    plot_path = Path(args.search_plot) if args.search_plot else None
+    _refuse_existing([*paths, table_path, plot_path], args.force)
     gm, fmt = _profiled_source(args, prof, record, num_classes)
     cg = channel_groups(gm)
     source = _source_name(args)
@@ -952,7 +964,9 @@ def cmd_disassemble(args) -> int:
                     "num_classes_source": num_classes, "macs": macs, "macs_source": source_macs}
             row = [",".join(comp.class_names), ",".join(map(str, comp.classes)),
                    f"{meta['params']:,} ({meta['params'] / meta['params_source']:.1%})",
-                   f"{macs:,} ({macs / source_macs:.1%})"]
+                   f"{macs:,} ({macs / source_macs:.1%})",
+                   f"{meta['channels_kept']}/{meta['channels_total']} "
+                   f"({meta['channels_kept'] / max(1, meta['channels_total']):.0%})"]
             if results:
                 res = results[k]
                 meta["calibration"] = {"data": calib_text, "images": res.calib_images,
@@ -974,7 +988,14 @@ def cmd_disassemble(args) -> int:
             with _atomic(table_path, args.force) as tmp:
                 Path(tmp).write_text(text)
             written.append(table_path)
-    headers = ["task", "classes", "params (kept)", "MACs (kept)"]
+        if plot_path is not None:
+            from mdafx.search import tradeoff_svg
+
+            svg = tradeoff_svg([(",".join(t), r) for t, r in zip(tasks, results)])
+            with _atomic(plot_path, args.force) as tmp:
+                Path(tmp).write_text(svg)
+            written.append(plot_path)
+    headers = ["task", "classes", "params (kept)", "MACs (kept)", "channel groups kept"]
     if results:
         headers.append("calib acc (source)")
         if budget is not None:
@@ -988,8 +1009,9 @@ def cmd_disassemble(args) -> int:
         lines.append(f"calibration: {calib_text}"
                      + (f"; norms re-estimated on {len(norm_idx)} of them" if
                         args.reestimate_norms else ""))
-    if table_path is not None:
-        lines.append(f"explored thresholds: {table_path}")
+    for what, path in (("explored thresholds", table_path), ("trade-off plot", plot_path)):
+        if path is not None:
+            lines.append(f"{what}: {path}")
     _say(*lines)
     return EXIT_OK
 

@@ -78,7 +78,7 @@ from passes.prune_channels import plan_from_votes
 from passes.reestimate_norms import reestimate_norms
 
 __all__ = ["Budget", "Candidate", "SearchResult", "DEFAULT_SCALES", "GLOBAL_SCALES",
-           "count_macs", "search_thresholds"]
+           "count_macs", "search_thresholds", "tradeoff_svg"]
 
 CONV_SCALES: tuple[float, ...] = (0.1, 0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25)
 LINEAR_SCALES: tuple[float, ...] = (0.0, 0.1, 1.0)
@@ -192,6 +192,78 @@ class SearchResult:
         return head + tabulate(rows, headers=["", "scale", "conv a/b", "linear a/b", "params",
                                               "MACs", "calib acc", "delta pts", "meets"],
                                tablefmt=tablefmt, disable_numparse=True) + "\n" + self.message
+
+
+def tradeoff_svg(results: Sequence[tuple[str, "SearchResult"]]) -> str:
+    """The explored trade-off of each search as one SVG panel: calibration accuracy (y) against
+    the share of the source's MACs (x) of every scored candidate (``<circle class="candidate">``,
+    the chosen one ``class="candidate chosen"``), unscored candidates as ticks under the axis
+    (``class="unscored"``), the accuracy floor ``source - max_acc_drop`` and the MACs ceiling as
+    dashed lines. Hand-written SVG: no plotting dependency."""
+    from html import escape
+
+    w, h, left, right, top, gap = 560, 250, 56, 16, 34, 36
+    plot_w, plot_h = w - left - right, h - top - gap
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h * len(results)}" '
+           f'viewBox="0 0 {w} {h * len(results)}" font-family="sans-serif" font-size="11">',
+           "<style>.candidate { fill: #4a78b5; } .chosen { fill: #d62728; stroke: black; } "
+           ".unscored { stroke: #999; } .limit { stroke: #555; stroke-dasharray: 4 3; } "
+           ".axis { stroke: black; }</style>"]
+    for k, (title, res) in enumerate(results):
+        y0 = k * h
+        scored = [c for c in res.candidates if c.accuracy is not None and c.same_as is None]
+        floor = (100 * res.source_accuracy - res.budget.max_acc_drop
+                 if res.budget.max_acc_drop is not None else None)
+        lows = [100 * c.accuracy for c in scored] + ([floor] if floor is not None else [])
+        y_lo = max(0.0, min(lows, default=0.0) - 2)
+        y_hi = min(100.0, max([100 * res.source_accuracy] + lows) + 2)
+
+        def px(frac):
+            return left + plot_w * frac
+
+        def py(acc_pct):
+            return y0 + top + plot_h * (1 - (acc_pct - y_lo) / max(y_hi - y_lo, 1e-9))
+
+        out.append(f'<g class="search" data-title="{escape(title, quote=True)}">')
+        out.append(f'<text x="8" y="{y0 + 16}" font-size="12">{escape(title)}: '
+                   f'{escape(res.budget.describe())}</text>')
+        out.append(f'<line class="axis" x1="{left}" y1="{py(y_lo):.1f}" x2="{left + plot_w}" '
+                   f'y2="{py(y_lo):.1f}"/><line class="axis" x1="{left}" y1="{py(y_lo):.1f}" '
+                   f'x2="{left}" y2="{py(y_hi):.1f}"/>')
+        for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+            out.append(f'<text x="{px(frac):.1f}" y="{py(y_lo) + 13:.1f}" '
+                       f'text-anchor="middle">{frac:.0%}</text>')
+        for acc in (y_lo, (y_lo + y_hi) / 2, y_hi):
+            out.append(f'<text x="{left - 4}" y="{py(acc) + 4:.1f}" '
+                       f'text-anchor="end">{acc:.0f}%</text>')
+        out.append(f'<text x="{left + plot_w / 2}" y="{py(y_lo) + 26:.1f}" '
+                   f'text-anchor="middle">MACs (share of the source); y: calibration '
+                   f'accuracy (source {res.source_accuracy:.1%})</text>')
+        if floor is not None:
+            out.append(f'<line class="limit" data-limit="accuracy" x1="{left}" '
+                       f'y1="{py(floor):.1f}" x2="{left + plot_w}" y2="{py(floor):.1f}"/>')
+        if res.budget.max_macs_frac is not None:
+            x = px(res.budget.max_macs_frac)
+            out.append(f'<line class="limit" data-limit="macs" x1="{x:.1f}" y1="{py(y_lo):.1f}" '
+                       f'x2="{x:.1f}" y2="{py(y_hi):.1f}"/>')
+        for c in res.candidates:
+            if c.same_as is not None:
+                continue
+            tip = (f"{_scale_text(c.scale)}: {c.macs_frac:.1%} MACs, {c.params_frac:.1%} params"
+                   + ("" if c.accuracy is None else f", {c.accuracy:.2%}"))
+            if c.accuracy is None:
+                x = px(c.macs_frac)
+                out.append(f'<line class="unscored" x1="{x:.1f}" y1="{py(y_lo) - 4:.1f}" '
+                           f'x2="{x:.1f}" y2="{py(y_lo):.1f}"><title>{escape(tip)} (not scored)'
+                           f'</title></line>')
+                continue
+            cls = "candidate chosen" if c is res.candidate else "candidate"
+            out.append(f'<circle class="{cls}" cx="{px(c.macs_frac):.1f}" '
+                       f'cy="{py(100 * c.accuracy):.1f}" r="{6 if c is res.candidate else 3.5}">'
+                       f'<title>{escape(tip)}</title></circle>')
+        out.append("</g>")
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
 
 
 def _scale_text(scale: Scale) -> str:

@@ -475,7 +475,7 @@ def test_disassemble_to_a_budget_on_calibration_images(ws, pipeline, capsys):
     code, out, err = call(capsys, "disassemble", *MODEL, "--profile", "profile.pt",
                           "--task", "cat,dog", "--max-drop", "0", "--reestimate-norms",
                           "--calibrate", "data/calib", "--search-table", "search.md",
-                          "-o", "budget/cat-dog.mdafx")
+                          "--search-plot", "search.svg", "-o", "budget/cat-dog.mdafx")
     assert code == 0, err
     meta = load_model(ws["dir"] / "budget" / "cat-dog.mdafx").metadata
     assert meta["search"]["met"] and meta["search"]["budget"]["max_acc_drop"] == 0
@@ -486,6 +486,14 @@ def test_disassemble_to_a_budget_on_calibration_images(ws, pipeline, capsys):
     assert meta["macs"] < meta["macs_source"] or meta["params"] <= meta["params_source"]
     table = (ws["dir"] / "search.md").read_text()
     assert table.startswith("## cat,dog") and "budget met" in table and "| *" in table
+    svg = ET.parse(ws["dir"] / "search.svg").getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    [panel] = [g for g in svg.iter(f"{ns}g") if g.get("class") == "search"]
+    dots = [c.get("class") for c in panel.iter(f"{ns}circle")]
+    rows = re.findall(r"^\|\s*\*?\s*\|.*\|\s*(yes|no)\s*\|$", table, re.M)  # scored rows
+    assert dots.count("candidate chosen") == 1 and len(dots) <= len(rows)
+    assert [line.get("data-limit") for line in panel.iter(f"{ns}line")
+            if line.get("class") == "limit"] == ["accuracy"]
     # what the search scored is what evaluate measures on the same images
     code, ev, err = call(capsys, "evaluate", "budget/cat-dog.mdafx", "--data", "data/calib")
     assert code == 0 and re.search(rf"overall\s+8\s+\d+\s+{cal['accuracy']:.2%}", ev), ev
