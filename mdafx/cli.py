@@ -1201,24 +1201,19 @@ def _teachers(loaded, args):
                             [tuple(a) for a in part.get("model_args", [])], path)
         fmt = InputFormat.from_dict(part["input"])
         if fmt != student_fmt:
-            model = torch_sequential(InputAdapter(student_fmt, fmt), model)
+            import torch
+
+            # the teacher sees the student's input converted to its own format
+            model = torch.nn.Sequential(InputAdapter(student_fmt, fmt), model).eval()
         if class_map:
             teachers.append((model, class_map))
     return teachers
-
-
-def torch_sequential(*modules):
-    import torch
-
-    return torch.nn.Sequential(*modules).eval()
 
 
 def cmd_finetune(args) -> int:
     output = Path(args.output)
     _refuse_existing([output], args.force)
     _check_input_files(model=args.model_file)
-    if args.eval:
-        _check_input_files()
     if not 0.0 <= args.alpha <= 1.0:
         raise _Usage(f"--alpha must lie in [0, 1], got {args.alpha}")
     if args.temperature <= 0 or args.lr <= 0:

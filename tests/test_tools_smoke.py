@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import bench_assembly as ba  # noqa: E402
+import report_accuracy as ra  # noqa: E402
 import reproduce as rp  # noqa: E402
 from mdafx.data import ArrayDataset, load_imagefolder, split_per_class  # noqa: E402
 from mdafx.models import resnet_cifar, vgg_cifar  # noqa: E402
@@ -139,3 +140,29 @@ def test_bench_assembly_table(cifar_subset, sources, tmp_path):
     for header in ba.HEADERS:
         assert header in text and header in md
     assert "nonzero" in text and text.count("merged") == 2
+
+
+def test_report_accuracy_rows(cifar_subset, sources, tmp_path):
+    """tools/report_accuracy.py on tiny untrained sources: one row per variant, a search table
+    per targeted variant, the parametrisation comparison and a fine-tuning row."""
+    from mdafx.search import Budget
+
+    train_ds, sel, cal, test_ds, names = cifar_subset
+    rep = ra.report_model("res_t", sources["res_t"], train_ds, sel, cal, test_ds, names,
+                          tasks=[("cat", "dog")], budget=Budget(max_acc_drop=1.0), per_class=3,
+                          profile_file=tmp_path / "p.pt", scales=((1.0, 1.0), (0.5, 0.0)),
+                          compare=True, finetune_epochs=1, norm_per_class=5,
+                          log=lambda _: None)
+    assert [r["variant"] for r in rep["rows"]] == ["MDA defaults", "defaults + norms",
+                                                   "targeted", "targeted + norms"]
+    for r in rep["rows"]:
+        assert _in_unit(r["test_acc"]) and _in_unit(r["calib_acc"])
+        assert r["delta"] == pytest.approx(100 * (r["test_acc"] - r["source_acc"]))
+        assert r["goal"] == (r["delta"] >= -1.0 and r["macs_rel"] <= 0.5)
+    assert len(rep["searches"]) == 2 and len(rep["compare"]) == 4
+    assert {c["grid"] for c in rep["compare"]} == {"conv x linear", "global"}
+    [tuned] = rep["finetune"]
+    assert tuned["epochs"] == 1 and tuned["train_images"] == 80  # 40 selection images x 2
+    for text in (ra.format_rows(rep["rows"]), ra.format_compare(rep["compare"]),
+                 ra.format_finetune(rep["finetune"])):
+        assert "{cat, dog}" in text

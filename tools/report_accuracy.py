@@ -79,7 +79,7 @@ def report_model(name: str, model: torch.nn.Module, train_ds, select_idx: np.nda
                  tasks=TASKS, budget: Budget = Budget(max_acc_drop=1.0),
                  per_class: int = rp.DEFAULT_PER_CLASS, profile_file: Path | None = None,
                  scales=DEFAULT_SCALES, compare: bool = False, finetune_epochs: int = 0,
-                 seed: int = 0, log=print) -> dict:
+                 seed: int = 0, norm_per_class: int = NORM_PER_CLASS, log=print) -> dict:
     """Rows (one per task and variant), the search tables, and the parametrisation comparison
     of one source model."""
     gm = api.trace(model, torch.zeros(*rp.INPUT_SHAPE))
@@ -97,7 +97,7 @@ def report_model(name: str, model: torch.nn.Module, train_ds, select_idx: np.nda
            "rows": [], "searches": [], "compare": [], "finetune": []}
 
     # the norms are re-estimated on images of every class (see mdafx/search.py), 50 per class
-    (pick,) = split_per_class(train_labels[calib_idx], [NORM_PER_CLASS], seed=seed)
+    (pick,) = split_per_class(train_labels[calib_idx], [norm_per_class], seed=seed)
     norm_idx = np.asarray(calib_idx)[pick]
     x_norm, _ = next(iter(train_ds.batches(len(norm_idx), norm_idx)))
     for task in tasks:
