@@ -33,10 +33,10 @@ The linear thresholds are what hurts VGG: MDA's linear α=0.4 keeps 2 of the cla
 hidden units for a two-class task, and a global multiplier can only spare them by lowering the
 conv thresholds too. On ResNet-20 (one Linear after global pooling) the conv multiplier decides.
 Without re-estimation the two grids are closer (VGG {cat, dog}: 96.3 vs 94.0, five classes:
-89.1 vs 95.0). A per-layer search would need thousands of candidates and would fit the
-calibration images: tools/experiment_per_layer.py measured a greedy per-layer refinement of
-the grid's choice (13-215 extra candidates): it cut 0.7-12 more points of MACs on calibration but
-lost more on the test images in 5 of 6 tasks (VGG {cat, dog}: 74.3% MACs at -1.70 pts vs the
+89.1 vs 95.0). An exhaustive per-layer search is out of reach (levels^layers candidates) and a
+greedy one fits the calibration images: tools/experiment_per_layer.py refined the grid's choice
+greedily per layer (13-215 extra candidates), which cut 0.7-12 more points of MACs on calibration
+but lost more on the test images in 5 of 6 tasks (VGG {cat, dog}: 74.3% MACs at -1.70 pts vs the
 grid's 86.5% at -0.75). ``scales`` also accepts plain floats (one global multiplier).
 
 Candidates are pruned and measured first (cheap) and scored in order of increasing MACs. With an
