@@ -940,7 +940,7 @@ def cmd_disassemble(args) -> int:
                 budget or Budget(max_acc_drop=100.0), class_names=prof.class_names,
                 reestimate=args.reestimate_norms, reestimate_indices=norm_idx,
                 scales=DEFAULT_SCALES if budget else (1.0,), base=_thresholds(args), cg=cg,
-                source=source)
+                source=source, progress=_progress(args))
             results.append(res)
         unmet = [(t, r) for t, r in zip(tasks, results) if not r.met]
         if unmet:

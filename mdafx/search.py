@@ -350,7 +350,7 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
                       scales: Sequence[Scale] = DEFAULT_SCALES, seed: int = 0,
                       base: Thresholds = Thresholds(), cg: ChannelGraph | None = None,
                       batch_size: int = 250, source: str = "model",
-                      score_all: bool = False) -> SearchResult:
+                      score_all: bool = False, progress: bool = False) -> SearchResult:
     """Explore ``scales`` (multipliers of ``base``, MDA's thresholds) for ``task`` and return the
     component that best fits ``budget`` (module docstring), scored on the images of
     ``calib_dataset`` at ``calib_indices`` whose label is in the task.
@@ -360,7 +360,8 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
     calibration image, of every class) before scoring it. ``len(scales)`` bounds the number of
     candidates. Candidates are scored smallest first; with an accuracy budget, those larger than
     the first one meeting it are left unscored (``meets=None``; the choice is the same), unless
-    ``score_all=True`` (for trade-off curves).
+    ``score_all=True`` (for trade-off curves). ``progress`` shows a tqdm bar over the prunes and
+    scorings.
     """
     if not scales:
         raise PreconditionError("search_thresholds needs at least one scale")
@@ -406,7 +407,13 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
     candidates: list[Candidate] = []
     components: dict[int, Component] = {}
     seen: dict[bytes, int] = {}
+    from tqdm.auto import tqdm
+
+    # prune every candidate, then score the distinct ones (at most); the total shrinks to what
+    # was done when the search stops early
+    bar = tqdm(total=2 * len(scales), desc="threshold search", unit="step", disable=not progress)
     for scale in scales:
+        bar.update()
         thresholds = scaled_thresholds(base, scale)
         masks = locate(gm, contributions, thresholds, cg)
         plan = plan_from_votes(cg, masks.votes(classes), classes)
@@ -427,6 +434,7 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
                                     channels_kept=comp.metadata["channels_kept"]))
 
     def score(i: int) -> None:
+        bar.update()
         c, comp = candidates[i], components[i]
         if norm_x is not None:
             reestimate_norms(comp.module, norm_batches(norm_x, batch_size, seed))
@@ -448,6 +456,8 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
         for i in distinct:              # the fallback needs every accuracy
             if candidates[i].accuracy is None:
                 score(i)
+    bar.total = bar.n
+    bar.close()
     for c in candidates:
         if c.same_as is not None and candidates[c.same_as].accuracy is not None:
             first = candidates[c.same_as]
