@@ -34,9 +34,8 @@ given, and refuse a profile whose model or weights differ (``Profile.check_match
 Components and assembled models are ``mdafx.serialize`` files: inference-only ATen graphs plus
 metadata (source, classes, class names, thresholds, input format, params, MACs, scales, the
 source model's spec and weights path, calibration and search results). ``finetune`` trains such
-a graph's weights in place of the module-level model: its BatchNorm layers keep the statistics
-they were saved with (eval semantics), which is why ``disassemble --reestimate-norms`` comes
-first when wanted. ``assemble``
+a graph after ``mdafx.serialize.lift_batch_norms`` has turned its eval-mode batch-norm calls back
+into BatchNorm modules (batch statistics while training, as in the source). ``assemble``
 rebuilds :class:`mdafx.api.Component` objects from them; its ``parallel`` layout works on them,
 the ``merged`` layout (alignment padding) needs module-level graphs and reports so.
 ``--calibrate`` must be a calibration split, never the test split (MDA 2.1).
@@ -1223,7 +1222,7 @@ def cmd_finetune(args) -> int:
     from mdafx.assemble import InputFormat
     from mdafx.data import ArrayDataset, split_per_class
     from mdafx.finetune import finetune
-    from mdafx.serialize import load_model
+    from mdafx.serialize import lift_batch_norms, load_model
 
     loaded = load_model(args.model_file)
     meta = loaded.metadata
@@ -1258,8 +1257,11 @@ def cmd_finetune(args) -> int:
         eval_ds, eval_pos = _dataset(arrays, fmt), folder_pos
     if folder_pos != eval_pos:
         raise CliError(f"{args.eval}: its class folders do not match {args.data}'s")
-    # the student's parameters, as saved, are trainable; its graph is the exported inference
-    # graph, so BatchNorm statistics stay as they are (eval semantics) while weights move
+    # the saved graph calls batch norm in eval semantics: lifted back into BatchNorm modules,
+    # the norms train with batch statistics, as the source did
+    lifted = lift_batch_norms(loaded.module)
+    frozen = sum(n.op == "call_function" and "batch_norm" in str(n.target)
+                 for n in loaded.module.graph.nodes)
     student, report = finetune(
         loaded.module, teachers, train_ds, train_idx, args.epochs, args.lr, args.temperature,
         args.alpha, args.seed, eval_indices=eval_idx, eval_dataset=eval_ds,
@@ -1271,7 +1273,7 @@ def cmd_finetune(args) -> int:
         "alpha": args.alpha, "augment": not args.no_augment, "seed": args.seed,
         "train_images": report.train_images, "eval_images": report.eval_images,
         "acc_before": report.acc_before, "acc_after": report.acc_after,
-        "teachers": report.teachers}}
+        "teachers": report.teachers, "norms_trained": len(lifted), "norms_frozen": frozen}}
     from mdafx.serialize import save_model
 
     save_model(student, output, out_meta, _example(fmt), overwrite=args.force)
@@ -1280,7 +1282,11 @@ def cmd_finetune(args) -> int:
             ["held-out images", report.eval_images], ["training images", report.train_images],
             ["epochs / steps", f"{report.epochs} / {report.steps}"],
             ["loss per epoch", " ".join(f"{v:.3f}" for v in report.epoch_losses)],
-            ["teachers", report.teachers], ["time", f"{report.seconds:.1f} s"]]
+            ["teachers", report.teachers],
+            ["batch norms", f"{len(lifted)} trained" + (f", {frozen} kept frozen (their tensors "
+                                                        "are shared or not a norm's own)"
+                                                        if frozen else "")],
+            ["time", f"{report.seconds:.1f} s"]]
     _say(_table(rows, ["fine-tuning (distillation)", ""]),
          f"accuracy on {args.eval or f'{args.holdout:g} of {args.data} held out'}; "
          f"wrote {output}")

@@ -81,6 +81,7 @@ __all__ = [
     "LoadedModel",
     "atomic_output",
     "export_program",
+    "lift_batch_norms",
     "load_model",
     "mdafx_version",
     "save_model",
@@ -580,6 +581,73 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     with open(path, "rb"):
         pass  # surface missing file / permissions as the usual OSError
     return _read(path, shown_as=path)
+
+
+class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm over dim 1 of any rank >= 2 (what ``aten.batch_norm`` accepts)."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"batch norm expects an input of rank >= 2, got {input.dim()}")
+
+
+_NORM_ATTRS = ("weight", "bias", "running_mean", "running_var")
+
+
+def lift_batch_norms(gm: torch.fx.GraphModule) -> list[str]:
+    """Make a loaded model's batch norms follow ``train()``/``eval()`` again; returns the
+    qualified names of the norms lifted.
+
+    A loaded graph calls ``aten.batch_norm(x, weight, bias, running_mean, running_var,
+    training=False, momentum, eps, cudnn)`` on ``get_attr`` tensors, so training it updates the
+    affine weights but never uses batch statistics. Each such call whose four tensors are
+    ``<owner>.weight/bias/running_mean/running_var`` of one submodule ``<owner>`` that holds
+    nothing else (plus ``num_batches_tracked``) and that no other node reads becomes
+    ``call_module(<owner>)`` of a BatchNorm module owning the *same* tensor objects, so the
+    state_dict keys and values are unchanged and ``save_model`` (which exports in eval mode)
+    writes the same ``training=False`` call back. Other calls are left as they are. In eval mode
+    the lifted model computes exactly what the loaded one did.
+    """
+    lifted = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.batch_norm.default:
+            continue
+        x, *tensors = node.args[:5]
+        training, momentum, eps = node.args[5:8]
+        if training or not all(isinstance(t, torch.fx.Node) and t.op == "get_attr"
+                               and len(t.users) == 1 for t in tensors):
+            continue
+        owners = {t.target.rpartition(".")[0] for t in tensors}
+        attrs = [t.target.rpartition(".")[2] for t in tensors]
+        if len(owners) != 1 or attrs != list(_NORM_ATTRS):
+            continue
+        owner = owners.pop()
+        if not owner:
+            continue
+        holder = gm.get_submodule(owner)
+        names = set(holder._parameters) | set(holder._buffers)
+        if names - {*_NORM_ATTRS, "num_batches_tracked"} or holder._modules:
+            continue
+        weight, bias, mean, var = (getattr(holder, a) for a in _NORM_ATTRS)
+        bn = _BatchNorm(mean.numel(), eps=float(eps), momentum=momentum)
+        bn.weight, bn.bias = weight, bias
+        bn.running_mean, bn.running_var = mean, var
+        if "num_batches_tracked" in holder._buffers:
+            bn.num_batches_tracked = holder.num_batches_tracked
+        bn.train(gm.training)
+        parent, _, leaf = owner.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, leaf, bn)
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(owner, (x,))
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        for t in tensors:
+            gm.graph.erase_node(t)
+        lifted.append(owner)
+    if lifted:
+        gm.graph.lint()
+        gm.recompile()
+    return lifted
 
 
 def _read(path: Path, shown_as: Path) -> LoadedModel:

@@ -560,6 +560,9 @@ def test_finetune_a_component_keeps_its_architecture(ws, pipeline, capsys):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     ft = tuned.metadata["finetune"]
     assert ft["epochs"] == 2 and ft["teachers"] == 1 and ft["eval_images"] == 6  # 3 + 3 held
+    # the norms trained with batch statistics: their running statistics moved
+    assert ft["norms_trained"] == 3 and ft["norms_frozen"] == 0 and "3 trained" in out
+    assert not torch.equal(before["features.1.running_mean"], after["features.1.running_mean"])
     assert ft["train_images"] == 6 and tuned.metadata["class_names"] == ["cat", "dog"]
     assert re.search(rf"accuracy after\s+{ft['acc_after']:.2%}", out), out
 

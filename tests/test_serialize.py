@@ -18,7 +18,8 @@ import torchvision
 
 from mdafx import serialize
 from mdafx.errors import ExportError, FormatError
-from mdafx.serialize import FORMAT_VERSION, load_model, mdafx_version, save_model
+from mdafx.serialize import (FORMAT_VERSION, lift_batch_norms, load_model, mdafx_version,
+                             save_model)
 
 
 class TinyNet(nn.Module):
@@ -419,3 +420,49 @@ def test_crafted_torch_export_archive_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="not an mdafx model file"):
         load_model(evil)
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------- trainable norms
+
+@pytest.mark.parametrize("name", ["tiny_net", "tiny_resnet"])
+def test_lifted_batch_norms_train_like_the_source(name: str, tmp_path: Path) -> None:
+    """lift_batch_norms: eval output and state_dict unchanged; in train mode the loaded model
+    normalises with batch statistics and updates the running ones exactly as the source module
+    does; saved again, it round-trips."""
+    source = traced(name)
+    path = tmp_path / "m.mdafx"
+    save_model(source, path, {}, example())
+    module = load_model(path).module
+    keys = {k: v.clone() for k, v in module.state_dict().items()}
+    x = example(4)
+    with torch.no_grad():
+        want_eval = module(x)
+    lifted = lift_batch_norms(module)
+    norms = [n for n, m in source.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert sorted(lifted) == sorted(norms)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), want_eval, rtol=0, atol=0)
+        assert set(module.state_dict()) == set(keys)
+        module.train(), source.train()
+        torch.testing.assert_close(module(x), source(x))
+        for k, v in module.state_dict().items():
+            torch.testing.assert_close(v, source.state_dict()[k])   # running stats moved alike
+        assert any(not torch.equal(module.state_dict()[k], keys[k]) for k in keys)
+    module.eval()
+    again = tmp_path / "again.mdafx"
+    save_model(module, again, {}, example())
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(again).module(x), module(x))
+
+
+def test_lift_leaves_shared_or_foreign_norm_tensors_alone(saved_tiny: Path) -> None:
+    module = load_model(saved_tiny).module
+    for node in module.graph.nodes:  # make the norm's weight a tensor another node reads too
+        if node.op == "call_function" and node.target is torch.ops.aten.batch_norm.default:
+            weight = node.args[1]
+            with module.graph.inserting_after(node):
+                extra = module.graph.call_function(torch.ops.aten.mul.Tensor, (weight, 1.0))
+            break
+    before = str(module.graph)
+    assert lift_batch_norms(module) == [] and str(module.graph) == before
+    assert extra in module.graph.nodes
