@@ -1240,10 +1240,19 @@ def cmd_finetune(args) -> int:
                             augment=not args.no_augment)
     if args.eval:
         eval_arrays = load_images(args.eval, fmt.size)
-        eval_idx, _, eval_pos = _matched_indices(eval_arrays, names)
+        eval_idx, _, _ = _matched_indices(eval_arrays, names)
         if not eval_idx:
             raise CliError(f"{args.eval}: no class folder is named like a class of the model")
-        eval_ds = _dataset(eval_arrays, fmt)
+        # label the held-out images with --data's folder indices, which label_map speaks
+        train_label = {n: j for j, n in enumerate(arrays.class_names)}
+        relabel = np.asarray([train_label.get(n, -1) for n in eval_arrays.class_names])
+        eval_labels = relabel[np.asarray(eval_arrays.labels)]
+        missing = sorted({eval_arrays.class_names[y] for y in np.asarray(eval_arrays.labels)
+                          [eval_idx] if train_label.get(eval_arrays.class_names[y]) is None})
+        if missing:
+            raise CliError(f"{args.eval}: classes {', '.join(missing)} have no training images "
+                           f"in {args.data}")
+        eval_ds = ArrayDataset(eval_arrays.images, eval_labels, mean=fmt.mean, std=fmt.std)
         train_idx = index
     else:
         if args.holdout == 0:
@@ -1254,9 +1263,7 @@ def cmd_finetune(args) -> int:
                                     seed=args.seed)
         index = np.asarray(index)
         train_idx, eval_idx = index[fit].tolist(), index[held].tolist()
-        eval_ds, eval_pos = _dataset(arrays, fmt), folder_pos
-    if folder_pos != eval_pos:
-        raise CliError(f"{args.eval}: its class folders do not match {args.data}'s")
+        eval_ds = _dataset(arrays, fmt)
     # the saved graph calls batch norm in eval semantics: lifted back into BatchNorm modules,
     # the norms train with batch statistics, as the source did
     lifted = lift_batch_norms(loaded.module)

@@ -575,6 +575,21 @@ def test_finetune_an_assembled_model_with_one_teacher_per_source(ws, pipeline, c
     # cat is shared: taught by component 0 only; component 1 still teaches frog
     assert meta["finetune"]["teachers"] == 2 and meta["finetune"]["eval_images"] == 12
     assert meta["finetune"]["train_images"] == 18
+    # held-out images from a folder with other class folders (only cat and frog, in that order)
+    shutil.copytree(ws["dir"] / "data" / "test" / "cat", ws["dir"] / "two" / "cat")
+    shutil.copytree(ws["dir"] / "data" / "test" / "frog", ws["dir"] / "two" / "frog")
+    code, out, err = call(capsys, "finetune", "assembled.mdafx", "--data", "data/train",
+                          "--eval", "two", "--epochs", "1", "-o", "tuned_two.mdafx")
+    assert code == 0, err
+    ft = load_model(ws["dir"] / "tuned_two.mdafx").metadata["finetune"]
+    assert ft["eval_images"] == 8
+    before = load_model(ws["dir"] / "assembled.mdafx")
+    x, y = images(4, seed=2)
+    keep = np.isin(y, [0, 2])
+    logits, _ = predict(before.module, ArrayDataset(x[keep], y[keep], mean=MEAN,
+                                                    std=STD).batches(64))
+    assert ft["acc_before"] == float((logits.argmax(1) == torch.as_tensor(y[keep])).float()
+                                     .mean())
     expect_error(capsys, r"source weights nope\.pt not found", "finetune",
                  "components/cat-dog.mdafx", "--data", "data/train", "--epochs", "1",
                  "--teacher-weights", "nope.pt", "-o", "never.mdafx")
