@@ -43,7 +43,8 @@ from passes.contributions import (Profile, build_profile, default_per_class,  # 
                                   select_confident_samples)
 from passes.locate import ChannelMasks, Thresholds, locate as _locate  # noqa: E402
 
-__all__ += ["profile", "locate", "disassemble", "Component", "Thresholds", "resolve_classes"]
+__all__ += ["profile", "locate", "disassemble", "Component", "Thresholds", "resolve_classes",
+            "plan_to_dict", "plan_from_dict"]
 
 
 def _batches(dataset, indices, batch_size: int, with_index: bool = False):
@@ -166,8 +167,30 @@ def disassemble(gm: fx.GraphModule, masks: ChannelMasks, task, *,
     kept, total = _kept_share(cg, plan)
     meta = {"source": source, "classes": classes, "class_names": names,
             "thresholds": vars(masks.thresholds), "channels_kept": kept, "channels_total": total,
-            "params_source": count_params(gm), "params": count_params(module)}
+            "params_source": count_params(gm), "params": count_params(module),
+            "plan": plan_to_dict(plan)}
     return Component(module, classes, names, source, tuple(shape), meta)
+
+
+def plan_to_dict(plan: ChannelPlan) -> dict:
+    """``plan`` as plain JSON: ``keep`` bit-packed (numpy ``packbits``, big-endian) in hex."""
+    import numpy as np
+
+    keep = plan.keep.numpy().astype(bool)
+    return {"channel_ids": int(keep.size), "keep": np.packbits(keep).tobytes().hex(),
+            "classes": None if plan.classes is None else [int(c) for c in plan.classes]}
+
+
+def plan_from_dict(data: dict, cg: ChannelGraph) -> ChannelPlan:
+    """The inverse of :func:`plan_to_dict`, checked against the channel ids of ``cg``."""
+    import numpy as np
+
+    n = int(data["channel_ids"])
+    if n != cg.forest.size:
+        raise PreconditionError(f"the plan covers {n} channel ids but the model has "
+                                f"{cg.forest.size}: not the model it was made from")
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(data["keep"]), dtype=np.uint8))[:n]
+    return ChannelPlan(torch.from_numpy(bits.astype(bool)), data.get("classes"))
 
 
 def _kept_share(cg: ChannelGraph, plan: ChannelPlan) -> tuple[int, int]:

@@ -36,8 +36,9 @@ metadata (source, classes, class names, thresholds, input format, params, MACs, 
 source model's spec and weights path, calibration and search results). ``finetune`` trains such
 a graph after ``mdafx.serialize.lift_batch_norms`` has turned its eval-mode batch-norm calls back
 into BatchNorm modules (batch statistics while training, as in the source). ``assemble``
-rebuilds :class:`mdafx.api.Component` objects from them; its ``parallel`` layout works on them,
-the ``merged`` layout (alignment padding) needs module-level graphs and reports so.
+rebuilds :class:`mdafx.api.Component` objects from them; its ``parallel`` layout works on them
+directly, the ``merged`` layout (alignment padding) rewrites module-level graphs, which it rebuilds
+from the source model and pruning plan recorded in each file (checked against the file).
 ``--calibrate`` must be a calibration split, never the test split (MDA 2.1).
 
 Outputs are written atomically and an existing output is refused unless ``--force``.
@@ -1085,6 +1086,8 @@ def cmd_assemble(args) -> int:
     from mdafx.serialize import save_model
 
     comps = [load_component(p) for p in args.components]
+    if args.layout == "merged":
+        comps = [_module_level(c, p) for c, p in zip(comps, args.components)]
     scales, calibration = None, None
     if args.calibrate:
         from mdafx.assemble import component_format
@@ -1092,16 +1095,7 @@ def cmd_assemble(args) -> int:
         arrays = load_images(args.calibrate, component_format(comps[0]).size)
         scales, calibration = calibrate(comps, arrays, args.batch_size)
         calibration["data"] = str(Path(args.calibrate).resolve())
-    try:
-        asm = assemble(comps, scales, layout=args.layout)
-    except PreconditionError as e:
-        if args.layout != "merged":
-            raise
-        raise CliError(f"the merged layout cannot be built from component files: {e}. Component "
-                       "files hold exported ATen graphs (aten.conv2d on get_attr weights), while "
-                       "alignment padding rewrites module-level graphs (nn.Conv2d/nn.Linear "
-                       "calls); use --layout parallel, or assemble in Python from "
-                       "mdafx.disassemble components") from e
+    asm = assemble(comps, scales, layout=args.layout)
     meta = {**asm.metadata, "kind": "assembled", "calibration": calibration,
             "component_files": [str(p) for p in args.components]}
     save_model(asm.module, output, meta, _example(asm.input_format), overwrite=args.force)
@@ -1123,6 +1117,52 @@ def cmd_assemble(args) -> int:
          *notes,
          f"{asm.layout} layout, {len(comps)} components, {asm.params:,} params; wrote {output}")
     return EXIT_OK
+
+
+def _module_level(comp, path):
+    """``comp`` (from a component file) with its module-level graph, which alignment padding
+    rewrites: the source model rebuilt from the file's metadata, pruned by the recorded plan,
+    loaded with the file's weights (re-estimated or fine-tuned ones included), and checked to
+    compute what the file computes."""
+    import torch
+
+    from mdafx.api import channel_groups, plan_from_dict, prune
+    from mdafx.assemble import InputFormat
+
+    meta = comp.metadata
+    if (meta.get("kind") != "component" or not meta.get("plan") or not meta.get("model")
+            or "num_classes_source" not in meta):
+        raise CliError(f"{path}: the merged layout rebuilds each component from its source, so it "
+                       "needs a component file written by 'mdafx disassemble' (which records the "
+                       "source model and the pruning plan); use --layout parallel")
+    weights = meta.get("weights")
+    if weights is not None and not Path(weights).is_file():
+        raise CliError(f"{path}: its source weights {weights} are not found; the merged layout "
+                       "rebuilds the component from them (use --layout parallel)")
+    fmt = InputFormat.from_dict(meta["input"])
+    n = int(meta["num_classes_source"])
+    try:
+        model = build_model(meta["model"], n, [tuple(a) for a in meta.get("model_args", [])],
+                            weights)
+        gm = _traced(model, fmt, n, meta["model"])
+    except CliError as e:
+        raise CliError(f"{path}: rebuilding its source model: {e}") from e
+    cg = channel_groups(gm)
+    try:
+        module = prune(gm, plan_from_dict(meta["plan"], cg), cg=cg)
+        module.load_state_dict(comp.module.state_dict(), strict=True)
+    except (PreconditionError, RuntimeError) as e:
+        raise CliError(f"{path}: cannot rebuild the component from {meta['model']}: "
+                       f"{_brief(e)}; use --layout parallel") from e
+    module.eval()
+    x = torch.randn(2, fmt.channels, *fmt.size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        rebuilt, saved = module(x), comp.module(x)
+    if not torch.allclose(rebuilt, saved, rtol=1e-4, atol=1e-5 * float(saved.abs().max() + 1)):
+        raise CliError(f"{path}: the component rebuilt from {meta['model']} differs from the file "
+                       f"(max abs diff {float((rebuilt - saved).abs().max()):.3g}); use --layout "
+                       "parallel")
+    return dataclasses.replace(comp, module=module)
 
 
 def _scale(comps, scales, source: dict) -> float:

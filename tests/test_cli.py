@@ -418,10 +418,56 @@ def test_refuses_to_overwrite_without_force(ws, pipeline, capsys):
     expect_error(capsys, r"not empty; pass --force", "demo", "--out", demo_dir)
 
 
-def test_merged_layout_of_component_files_says_why(ws, pipeline, capsys):
-    expect_error(capsys, r"merged layout cannot be built from component files.*--layout "
-                         r"parallel", "assemble", "components/cat-dog.mdafx",
-                 "components/frog-cat.mdafx", "--layout", "merged", "-o", "merged.mdafx")
+def test_merged_layout_from_component_files(ws, pipeline, capsys):
+    """The merged layout rebuilds each component from its recorded source and plan; the merged
+    model computes what the parallel one does (same calibration), and is wider."""
+    files = ["components/cat-dog.mdafx", "components/frog-cat.mdafx"]
+    code, out, err = call(capsys, "assemble", *files, "--layout", "merged", "--calibrate",
+                          "data/calib", "-o", "merged.mdafx")
+    assert code == 0, err
+    merged, parallel = load_model(ws["dir"] / "merged.mdafx"), load_model(
+        ws["dir"] / "assembled.mdafx")
+    assert merged.metadata["layout"] == "merged"
+    assert merged.metadata["class_names"] == parallel.metadata["class_names"]
+    x = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), parallel(x), rtol=1e-4, atol=1e-5)
+
+
+def _edited_component(src: Path, dst: Path, edit) -> Path:
+    """A copy of the component file ``src`` whose metadata ``edit`` changed in place."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name == "mdafx.json":
+                header = json.loads(data)
+                edit(header["metadata"])
+                data = json.dumps(header).encode()
+            zout.writestr(name, data)
+    return dst
+
+
+def test_merged_layout_needs_the_source(ws, pipeline, capsys, tmp_path):
+    src = ws["dir"] / "components" / "cat-dog.mdafx"
+    no_plan = _edited_component(src, tmp_path / "no_plan.mdafx", lambda m: m.pop("plan"))
+    expect_error(capsys, r"no_plan\.mdafx: the merged layout rebuilds each component from its "
+                         r"source.*--layout parallel", "assemble", no_plan,
+                 "components/frog-cat.mdafx", "--layout", "merged", "-o", "never.mdafx")
+    other = _edited_component(src, tmp_path / "other.mdafx",
+                              lambda m: m.update(num_classes_source=5))
+    expect_error(capsys, r"other\.mdafx: rebuilding its source model: .*weights do not fit",
+                 "assemble", other, "components/frog-cat.mdafx", "--layout", "merged",
+                 "-o", "never.mdafx")
+
+    def shift(meta):
+        meta["plan"]["channel_ids"] += 1
+
+    bad_plan = _edited_component(src, tmp_path / "bad_plan.mdafx", shift)
+    expect_error(capsys, r"bad_plan\.mdafx: cannot rebuild the component from tiny_cnn: .*plan "
+                         r"covers \d+ channel ids but the model has \d+.*--layout parallel",
+                 "assemble", bad_plan, "components/frog-cat.mdafx", "--layout", "merged",
+                 "-o", "never.mdafx")
+    assert not (ws["dir"] / "never.mdafx").exists()
 
 
 def test_usage_errors_exit_2(ws, capsys):
