@@ -44,7 +44,7 @@ from passes.contributions import (Profile, build_profile, default_per_class,  # 
 from passes.locate import ChannelMasks, Thresholds, locate as _locate  # noqa: E402
 
 __all__ += ["profile", "locate", "disassemble", "Component", "Thresholds", "resolve_classes",
-            "plan_to_dict", "plan_from_dict"]
+            "labels_at", "plan_to_dict", "plan_from_dict"]
 
 
 def _batches(dataset, indices, batch_size: int, with_index: bool = False):
@@ -65,13 +65,18 @@ def _batches(dataset, indices, batch_size: int, with_index: bool = False):
         yield (x, y, torch.as_tensor(chunk)) if with_index else (x, y)
 
 
-def _labels_of(dataset) -> torch.Tensor:
+def labels_at(dataset, indices: Sequence[int] | None = None) -> torch.Tensor:
+    """Labels of ``dataset`` at ``indices`` (default: all), from its ``labels`` or ``targets``
+    when it has them, else from ``dataset[i][1]``; never reads any other sample."""
+    idx = torch.arange(len(dataset)) if indices is None else torch.as_tensor(
+        [int(i) for i in indices], dtype=torch.long)
     labels = getattr(dataset, "labels", None)
     if labels is None:
         labels = getattr(dataset, "targets", None)
-    if labels is None:
-        labels = [int(dataset[i][1]) for i in range(len(dataset))]
-    return torch.as_tensor(labels)
+    if labels is not None:
+        return torch.as_tensor(labels[idx] if isinstance(labels, torch.Tensor) else
+                               [labels[int(i)] for i in idx]).long().reshape(-1)
+    return torch.as_tensor([int(dataset[int(i)][1]) for i in idx], dtype=torch.long)
 
 
 def profile(gm: fx.GraphModule, dataset, class_names: Sequence[str] | None = None, *,
@@ -79,7 +84,7 @@ def profile(gm: fx.GraphModule, dataset, class_names: Sequence[str] | None = Non
             batch_size: int = 128, progress: bool = True) -> Profile:
     """Select the most confident samples per class (MDA §1.1) from ``dataset`` (restricted to
     ``indices``) and accumulate per-class contributions over them (§1.2), streamed."""
-    labels = _labels_of(dataset)
+    labels = labels_at(dataset)
     pool = torch.arange(len(labels)) if indices is None else torch.as_tensor(list(indices))
     num_classes = len(class_names) if class_names is not None else int(labels.max()) + 1
     counts = torch.bincount(labels[pool], minlength=num_classes)

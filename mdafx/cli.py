@@ -676,33 +676,6 @@ def _dataset(arrays, fmt):
     return ArrayDataset(arrays.images, arrays.labels, mean=fmt.mean, std=fmt.std)
 
 
-class _ListLabels:
-    """A dataset for ``mdafx.api.profile``, whose ``_labels_of`` evaluates ``dataset.labels or
-    ...``, which is ambiguous for ArrayDataset's label tensor: the same data, labels as a list."""
-
-    def __init__(self, ds) -> None:
-        self.ds = ds
-        self.labels = ds.labels.tolist()
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return self.ds[i]
-
-    def batches(self, *args, **kwargs):
-        return self.ds.batches(*args, **kwargs)
-
-
-def profile_dataset(gm, ds, class_names, per_class=None, batch_size=128, progress=False,
-                    indices=None):
-    from mdafx.api import profile
-
-    return profile(gm, _ListLabels(ds), list(class_names), per_class=per_class,
-                   indices=None if indices is None else [int(i) for i in indices],
-                   batch_size=batch_size, progress=progress)
-
-
 # =============================================================================== profiles
 
 def save_profile(prof, path: Path, force: bool, record: dict) -> None:
@@ -769,6 +742,8 @@ def cmd_analyse(args) -> int:
     if num_classes != len(names):
         raise CliError(f"the model has {num_classes} classes (--num-classes) but {args.data} has "
                        f"{len(names)} class folders; profiling needs samples of every class")
+    from mdafx.api import profile
+
     model = build_model(args.model, num_classes, args.model_arg, args.weights)
     gm = _traced(model, fmt, num_classes, args.model)
     labels = arrays.labels
@@ -779,8 +754,9 @@ def cmd_analyse(args) -> int:
         selection, held_out = split_per_class(labels, [1.0 - args.holdout, args.holdout],
                                               seed=args.seed)
     start = time.perf_counter()
-    prof = profile_dataset(gm, _dataset(arrays, fmt), names, args.per_class, args.batch_size,
-                           _progress(args), indices=selection)
+    prof = profile(gm, _dataset(arrays, fmt), names, per_class=args.per_class,
+                   indices=None if selection is None else selection.tolist(),
+                   batch_size=args.batch_size, progress=_progress(args))
     record = {"model": args.model, "model_args": [list(a) for a in args.model_arg],
               "weights": str(args.weights) if args.weights else None, "input": fmt.to_dict(),
               "data": str(Path(args.data).resolve())}
@@ -927,7 +903,7 @@ def cmd_disassemble(args) -> int:
     # cannot be met leaves no output
     results = []
     if calibrating:
-        from mdafx.search import DEFAULT_SCALES, Budget, search_thresholds
+        from mdafx.search import DEFAULT_SCALES, Budget, scale_text, search_thresholds
 
         calib_ds, calib_idx, calib_text = _calibration_split(args, record, fmt,
                                                              list(prof.class_names))
@@ -976,7 +952,7 @@ def cmd_disassemble(args) -> int:
                     meta.pop("search", None)
                 row.append(f"{res.candidate.accuracy:.2%} ({res.source_accuracy:.2%})")
                 if budget is not None:
-                    row.append(_scale_text(res.scale))
+                    row.append(scale_text(res.scale))
             path.parent.mkdir(parents=True, exist_ok=True)
             save_model(comp.module, path, meta, _example(fmt), overwrite=args.force)
             written.append(path)
@@ -999,7 +975,7 @@ def cmd_disassemble(args) -> int:
     if results:
         headers.append("calib acc (source)")
         if budget is not None:
-            headers.append("thresholds x")
+            headers.append("thresholds")
     headers.append("file")
     lines = [_table(rows, headers),
              f"source {source}: {num_classes} classes, {meta['params_source']:,} params, {source_macs:,} MACs; "
@@ -1014,12 +990,6 @@ def cmd_disassemble(args) -> int:
             lines.append(f"{what}: {path}")
     _say(*lines)
     return EXIT_OK
-
-
-def _scale_text(scale) -> str:
-    if isinstance(scale, (tuple, list)):
-        return f"conv {scale[0]:g}, linear {scale[1]:g}"
-    return f"{scale:g}"
 
 
 def _thresholds_text(args) -> str:
@@ -1262,7 +1232,7 @@ def cmd_finetune(args) -> int:
     from mdafx.assemble import InputFormat
     from mdafx.data import ArrayDataset, split_per_class
     from mdafx.finetune import finetune
-    from mdafx.serialize import lift_batch_norms, load_model
+    from mdafx.serialize import RESERVED_METADATA_KEYS, lift_batch_norms, load_model, save_model
 
     loaded = load_model(args.model_file)
     meta = loaded.metadata
@@ -1287,8 +1257,7 @@ def cmd_finetune(args) -> int:
         train_label = {n: j for j, n in enumerate(arrays.class_names)}
         relabel = np.asarray([train_label.get(n, -1) for n in eval_arrays.class_names])
         eval_labels = relabel[np.asarray(eval_arrays.labels)]
-        missing = sorted({eval_arrays.class_names[y] for y in np.asarray(eval_arrays.labels)
-                          [eval_idx] if train_label.get(eval_arrays.class_names[y]) is None})
+        missing = [n for n in eval_arrays.class_names if n in names and n not in train_label]
         if missing:
             raise CliError(f"{args.eval}: classes {', '.join(missing)} have no training images "
                            f"in {args.data}")
@@ -1313,7 +1282,7 @@ def cmd_finetune(args) -> int:
         loaded.module, teachers, train_ds, train_idx, args.epochs, args.lr, args.temperature,
         args.alpha, args.seed, eval_indices=eval_idx, eval_dataset=eval_ds,
         label_map=folder_pos, batch_size=args.batch_size)
-    kept = {k: v for k, v in meta.items() if k not in ("format_version", "mdafx_version")}
+    kept = {k: v for k, v in meta.items() if k not in RESERVED_METADATA_KEYS}
     out_meta = {**kept, "finetune": {
         "from": str(args.model_file), "data": str(Path(args.data).resolve()),
         "epochs": args.epochs, "lr": args.lr, "temperature": args.temperature,
@@ -1321,8 +1290,6 @@ def cmd_finetune(args) -> int:
         "train_images": report.train_images, "eval_images": report.eval_images,
         "acc_before": report.acc_before, "acc_after": report.acc_after,
         "teachers": report.teachers, "norms_trained": len(lifted), "norms_frozen": frozen}}
-    from mdafx.serialize import save_model
-
     save_model(student, output, out_meta, _example(fmt), overwrite=args.force)
     rows = [["accuracy before", f"{report.acc_before:.2%}"],
             ["accuracy after", f"{report.acc_after:.2%}"],
@@ -1671,7 +1638,7 @@ def cmd_demo(args) -> int:
         # the demo's tiny models gain nothing from more threads (and lose a lot on a busy
         # machine); one thread also makes its printed numbers the same on every machine
         torch.set_num_threads(1)
-    from mdafx.api import channel_groups, disassemble, locate
+    from mdafx.api import channel_groups, disassemble, locate, profile
     from mdafx.assemble import assemble
     from mdafx.data import ImageArrays
     from mdafx.export import export_onnx
@@ -1708,7 +1675,7 @@ def cmd_demo(args) -> int:
         bar.update()
         bar.set_description(f"profile {name}")
         gm = _traced(model, fmt, len(DEMO_CLASSES), spec)
-        prof = profile_dataset(gm, train_ds, DEMO_CLASSES)
+        prof = profile(gm, train_ds, list(DEMO_CLASSES), progress=False)
         save_profile(prof, out / f"{name}.profile.pt", True,
                      {"model": spec, "model_args": model_args, "weights": str(weights),
                       "input": fmt.to_dict(),

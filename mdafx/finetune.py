@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .api import labels_at
 from .errors import PreconditionError
 
 __all__ = ["FinetuneReport", "distillation_loss", "finetune"]
@@ -109,16 +110,10 @@ def distillation_loss(student: torch.Tensor, targets: torch.Tensor,
     return loss
 
 
-def _labels(dataset: Any, indices: Sequence[int]) -> torch.Tensor:
-    from .search import labels_at
-
-    return labels_at(dataset, indices)
-
-
 def _select(dataset, indices, label_map: Mapping[int, int]) -> tuple[list[int], torch.Tensor]:
     """The indices whose label is in the task, and their student positions."""
     indices = [int(i) for i in indices]
-    labels = _labels(dataset, indices).tolist()
+    labels = labels_at(dataset, indices).tolist()
     kept = [(i, label_map[y]) for i, y in zip(indices, labels) if y in label_map]
     if not kept:
         raise PreconditionError(f"no sample with a label in the task {sorted(label_map)}")

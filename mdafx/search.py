@@ -65,13 +65,14 @@ Deterministic: the grid is fixed and every step is deterministic on CPU for a fi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from .api import Component, channel_groups, disassemble, locate, resolve_classes
+from .api import (Component, _batches, channel_groups, disassemble, labels_at, locate,
+                  resolve_classes)
 from .errors import PreconditionError
 from .ir import count_macs, count_params
 from passes.channel_groups import ChannelGraph
@@ -81,7 +82,7 @@ from passes.prune_channels import plan_from_votes
 from passes.reestimate_norms import reestimate_norms
 
 __all__ = ["Budget", "Candidate", "SearchResult", "DEFAULT_SCALES", "GLOBAL_SCALES",
-           "count_macs", "search_thresholds", "tradeoff_svg"]
+           "count_macs", "scale_text", "search_thresholds", "tradeoff_svg"]
 
 CONV_SCALES: tuple[float, ...] = (0.1, 0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25)
 LINEAR_SCALES: tuple[float, ...] = (0.0, 0.1, 1.0)
@@ -161,7 +162,6 @@ class SearchResult:
     source_macs: int
     calib_images: int
     reestimated: bool
-    metadata: dict = field(default_factory=dict)
 
     @property
     def thresholds(self) -> Thresholds:
@@ -180,7 +180,7 @@ class SearchResult:
             t = c.thresholds
             rows.append([
                 "*" if c is self.candidate else "",
-                _scale_text(c.scale),
+                scale_text(c.scale),
                 f"{t.conv_alpha:.3g}/{t.conv_beta:.3g}",
                 f"{t.linear_alpha:.3g}/{t.linear_beta:.3g}",
                 f"{c.params:,} ({c.params_frac:.1%})", f"{c.macs:,} ({c.macs_frac:.1%})",
@@ -252,7 +252,7 @@ def tradeoff_svg(results: Sequence[tuple[str, "SearchResult"]]) -> str:
         for c in res.candidates:
             if c.same_as is not None:
                 continue
-            tip = (f"{_scale_text(c.scale)}: {c.macs_frac:.1%} MACs, {c.params_frac:.1%} params"
+            tip = (f"{scale_text(c.scale)}: {c.macs_frac:.1%} MACs, {c.params_frac:.1%} params"
                    + ("" if c.accuracy is None else f", {c.accuracy:.2%}"))
             if c.accuracy is None:
                 x = px(c.macs_frac)
@@ -269,8 +269,9 @@ def tradeoff_svg(results: Sequence[tuple[str, "SearchResult"]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _scale_text(scale: Scale) -> str:
-    if isinstance(scale, tuple):
+def scale_text(scale: Scale) -> str:
+    """``conv x0.5, linear x0`` for a (conv, linear) pair, ``x0.5`` for one global multiplier."""
+    if isinstance(scale, (tuple, list)):
         return f"conv x{scale[0]:g}, linear x{scale[1]:g}"
     return f"x{scale:g}"
 
@@ -284,8 +285,6 @@ def scaled_thresholds(base: Thresholds, scale: Scale) -> Thresholds:
     return base.scaled(float(scale))
 
 
-
-
 def _input_shape(gm: fx.GraphModule) -> tuple[int, ...]:
     ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
     tm = ph.meta.get("tensor_meta")
@@ -294,32 +293,11 @@ def _input_shape(gm: fx.GraphModule) -> tuple[int, ...]:
     return (1, *tuple(tm.shape)[1:])
 
 
-def labels_at(dataset: Any, indices: Sequence[int]) -> torch.Tensor:
-    """Labels of ``dataset`` at ``indices`` only (never reads any other sample)."""
-    idx = torch.as_tensor(list(indices), dtype=torch.long)
-    labels = getattr(dataset, "labels", None)
-    if labels is None:
-        labels = getattr(dataset, "targets", None)
-    if labels is not None:
-        return torch.as_tensor(labels[idx] if isinstance(labels, torch.Tensor) else
-                               [labels[int(i)] for i in idx]).long().reshape(-1)
-    return torch.as_tensor([int(dataset[int(i)][1]) for i in idx], dtype=torch.long)
-
-
 def load_images(dataset: Any, indices: Sequence[int], batch_size: int = 500) -> torch.Tensor:
     """The inputs of ``dataset`` at ``indices`` (in that order) as one tensor."""
-    indices = [int(i) for i in indices]
-    if not indices:
+    if not len(indices):
         raise PreconditionError("no images to load")
-    parts = []
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start:start + batch_size]
-        if hasattr(dataset, "batches"):
-            x, _ = next(iter(dataset.batches(len(chunk), chunk)))
-        else:
-            x = torch.stack([torch.as_tensor(dataset[i][0]) for i in chunk])
-        parts.append(x)
-    return torch.cat(parts)
+    return torch.cat([x for x, _ in _batches(dataset, [int(i) for i in indices], batch_size)])
 
 
 @torch.no_grad()
@@ -478,7 +456,7 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
                                           -candidates[i].params))
         met = False
     chosen = candidates[best]
-    summary = (f"scale {_scale_text(chosen.scale)}: {chosen.macs_frac:.1%} of the source's MACs, "
+    summary = (f"scale {scale_text(chosen.scale)}: {chosen.macs_frac:.1%} of the source's MACs, "
                f"{chosen.params_frac:.1%} of its params, {chosen.accuracy:.2%} vs source "
                f"{source_acc:.2%} on {len(task_idx)} calibration images")
     if met:

@@ -16,7 +16,7 @@ import torch
 from mdafx.api import trace
 from mdafx.data import ArrayDataset, split_per_class
 from mdafx.models import tiny_cnn
-from mdafx.search import DEFAULT_SCALES, Budget, search_thresholds
+from mdafx.search import DEFAULT_SCALES, Budget, search_thresholds, tradeoff_svg
 from mdafx.training import train_classifier
 from passes.contributions import build_profile
 
@@ -213,3 +213,28 @@ def test_per_type_scales_and_bad_budgets():
     assert Budget().max_acc_drop == 1.0 and Budget(max_macs_frac=0.5).max_acc_drop is None
     with pytest.raises(Exception, match="max_macs_frac"):
         Budget(max_macs_frac=1.5)
+
+
+def test_tradeoff_svg_draws_every_distinct_candidate():
+    import xml.etree.ElementTree as ET
+
+    gm, prof, train, _, calib, _ = setup()
+    lazy = search_thresholds(gm, prof, TASK, train, calib, Budget(max_acc_drop=2.0),
+                             scales=SCALES)
+    sized = search_thresholds(gm, prof, TASK, train, calib, Budget(max_macs_frac=0.5),
+                              scales=SCALES)
+    svg = ET.fromstring(tradeoff_svg([("lazy", lazy), ("sized", sized)]))
+    ns = "{http://www.w3.org/2000/svg}"
+    panels = [g for g in svg.iter(f"{ns}g") if g.get("class") == "search"]
+    assert [g.get("data-title") for g in panels] == ["lazy", "sized"]
+    for panel, res in zip(panels, (lazy, sized)):
+        distinct = [c for c in res.candidates if c.same_as is None]
+        dots = [c.get("class") for c in panel.iter(f"{ns}circle")]
+        ticks = [t for t in panel.iter(f"{ns}line") if t.get("class") == "unscored"]
+        assert len(dots) == sum(c.accuracy is not None for c in distinct)
+        assert len(ticks) == sum(c.accuracy is None for c in distinct)
+        assert dots.count("candidate chosen") == 1
+        limits = [t.get("data-limit") for t in panel.iter(f"{ns}line")
+                  if t.get("class") == "limit"]
+        assert limits == (["accuracy"] if res is lazy else ["macs"])
+    assert any(c.accuracy is None for c in lazy.candidates)  # the lazy panel has ticks

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reproduce as rp  # noqa: E402
 from mdafx import api  # noqa: E402
 from mdafx.data import split_per_class  # noqa: E402
-from mdafx.search import Budget, norm_batches, search_thresholds  # noqa: E402
+from mdafx.search import Budget, norm_batches, scale_text, search_thresholds  # noqa: E402
 from mdafx.training import predict, task_accuracy  # noqa: E402
 from passes.locate import Thresholds, locate  # noqa: E402
 from passes.prune_channels import plan_from_votes  # noqa: E402
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
             layer_test = rp.component_accuracy(comp.module, test_ds, idx, classes)
             for variant, m_frac, c_acc, t_acc, detail in (
                     ("conv x linear grid", res.candidate.macs_frac, res.candidate.accuracy,
-                     grid_test, f"conv x{res.scale[0]:g}, linear x{res.scale[1]:g}"),
+                     grid_test, scale_text(res.scale)),
                     ("per-layer greedy", macs / src_macs, acc, layer_test,
                      f"{rounds} rounds, {scored} scored; conv x" + "/".join(f"{v:g}"
                                                                            for v in levels))):

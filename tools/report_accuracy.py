@@ -53,7 +53,7 @@ import reproduce as rp  # noqa: E402
 from mdafx import api  # noqa: E402
 from mdafx.data import split_per_class  # noqa: E402
 from mdafx.search import (DEFAULT_SCALES, GLOBAL_SCALES, Budget, count_macs,  # noqa: E402
-                          norm_batches, search_thresholds)
+                          norm_batches, scale_text, search_thresholds)
 from mdafx.training import predict, task_accuracy  # noqa: E402
 from passes.locate import Thresholds  # noqa: E402
 from passes.reestimate_norms import reestimate_norms  # noqa: E402
@@ -62,12 +62,6 @@ TASKS = rp.TASKS[:4]
 HEADERS = ["model", "task", "variant", "thresholds", "params", "MACs", "calib acc",
            "test acc", "source test acc", "delta (pp)", "goal"]
 NORM_PER_CLASS = 50     # calibration images per class (all classes) that re-estimate the norms
-
-
-def _scale_text(scale) -> str:
-    if isinstance(scale, tuple):
-        return f"conv x{scale[0]:g}, lin x{scale[1]:g}"
-    return f"x{scale:g}"
 
 
 def _test_acc(module, test_ds, idx, classes) -> float:
@@ -148,7 +142,7 @@ def report_model(name: str, model: torch.nn.Module, train_ds, select_idx: np.nda
                 seconds = time.perf_counter() - ts
                 flag = "" if res.met else " NOT MET"
                 if grid == "conv x linear":
-                    delta = row(variant, res.component, _scale_text(res.scale) + flag,
+                    delta = row(variant, res.component, scale_text(res.scale) + flag,
                                 res.candidate.accuracy, 0.0 - res.candidate.acc_drop)
                     out["searches"].append((f"{name} {rp.task_label(task)} {variant}", res))
                 else:
@@ -159,7 +153,7 @@ def report_model(name: str, model: torch.nn.Module, train_ds, select_idx: np.nda
                     "candidates": len(res.candidates),
                     "scored": sum(c.accuracy is not None and c.same_as is None
                                   for c in res.candidates),
-                    "met": res.met, "best": _scale_text(res.scale),
+                    "met": res.met, "best": scale_text(res.scale),
                     "macs_rel": res.candidate.macs_frac,
                     "calib_delta": 0.0 - res.candidate.acc_drop, "test_delta": delta,
                     "seconds": seconds})
@@ -280,21 +274,19 @@ def main(argv: list[str] | None = None) -> int:
     print(format_rows(rows))
     md = ["# Issue #6: accuracy-targeted disassembly", "", header, "", sources_line, "",
           format_rows(rows, "github"), ""]
-    compare = [r for rep in reports for r in rep["compare"]] if args.compare_parametrisations \
-        else []
-    if compare:
-        print("\nparametrisation: smallest component within the budget on calibration, "
-              "conv x linear grid (default) vs one global multiplier")
-        print(format_compare(compare))
-        md += ["## Parametrisation: one global multiplier vs conv x linear", "",
-               format_compare(compare, "github"), ""]
-    tuned = [r for rep in reports for r in rep["finetune"]]
-    if tuned:
-        print("\nfine-tuning the MDA-defaults components, norms re-estimated (distillation, "
-              "mdafx/finetune.py)")
-        print(format_finetune(tuned))
-        md += ["## Fine-tuning the MDA-defaults components (norms re-estimated)", "",
-               format_finetune(tuned, "github"), ""]
+    sections = (
+        ("compare", format_compare, "parametrisation: smallest component within the budget on "
+         "calibration, conv x linear grid (default) vs one global multiplier",
+         "Parametrisation: one global multiplier vs conv x linear"),
+        ("finetune", format_finetune, "fine-tuning the MDA-defaults components, norms "
+         "re-estimated (distillation, mdafx/finetune.py)",
+         "Fine-tuning the MDA-defaults components (norms re-estimated)"))
+    for key, fmt, caption, title in sections:
+        section = [r for rep in reports for r in rep[key]]
+        if section:  # empty unless --compare-parametrisations / --finetune-epochs
+            print(f"\n{caption}")
+            print(fmt(section))
+            md += [f"## {title}", "", fmt(section, "github"), ""]
     md += ["## Search trade-offs (calibration split)", ""]
     for label, res in (s for rep in reports for s in rep["searches"]):
         md += [f"### {label}", "", res.table("github"), ""]

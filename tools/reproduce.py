@@ -149,28 +149,12 @@ def split_train(labels: np.ndarray, calib_frac: float = DEFAULT_CALIB_FRAC,
 # ------------------------------------------------------------------------------- measurements
 
 
+count_params = ir.count_params
+
+
 def count_macs(module: torch.nn.Module, input_shape: Sequence[int] = INPUT_SHAPE) -> int:
     """MACs of one forward at the CIFAR input shape (mdafx.ir.count_macs)."""
     return ir.count_macs(module, input_shape)
-
-
-def count_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-class _ListLabels:
-    """A view of an ArrayDataset whose ``labels`` is a list: ``mdafx.api.profile`` reads labels
-    as ``getattr(ds, "labels", None) or ...``, which raises on a multi-element tensor."""
-
-    def __init__(self, dataset: ArrayDataset) -> None:
-        self.dataset = dataset
-        self.labels = dataset.labels.tolist()
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def batches(self, *args, **kwargs):
-        return self.dataset.batches(*args, **kwargs)
 
 
 def profile_path(profile_dir: Path, name: str, gm: torch.fx.GraphModule, per_class: int,
@@ -194,7 +178,7 @@ def get_profile(gm: torch.fx.GraphModule, train_ds: ArrayDataset, select_idx: np
         prof.check_matches(gm)
         return prof, time.perf_counter() - t0, True
     t0 = time.perf_counter()
-    prof = api.profile(gm, _ListLabels(train_ds), list(class_names), per_class=per_class,
+    prof = api.profile(gm, train_ds, list(class_names), per_class=per_class,
                        indices=select_idx.tolist(), batch_size=batch_size, progress=progress)
     seconds = time.perf_counter() - t0
     if path is not None:
