@@ -445,7 +445,7 @@ def _known_error(e: BaseException) -> str | None:
     """The message of an expected failure (bad input, refused output), or None for a bug."""
     if isinstance(e, MdafxError):
         return str(e)
-    from passes.contributions import ProfileMismatchError
+    from mdafx.passes.contributions import ProfileMismatchError
 
     if isinstance(e, ProfileMismatchError):
         return f"the profile does not match the model: {e}"
@@ -691,7 +691,7 @@ def save_profile(prof, path: Path, force: bool, record: dict) -> None:
 def load_profile(path: str | os.PathLike):
     """``(Profile, record)``; ``record`` is what ``analyse`` stored about the run (may be {})."""
     import torch
-    from passes.contributions import Profile
+    from mdafx.passes.contributions import Profile
 
     path = Path(path)
     if not path.is_file():
@@ -706,7 +706,7 @@ def load_profile(path: str | os.PathLike):
 
 
 def _check_profile(prof, gm, path, spec) -> None:
-    from passes.contributions import ProfileMismatchError
+    from mdafx.passes.contributions import ProfileMismatchError
 
     try:
         prof.check_matches(gm)
@@ -715,7 +715,7 @@ def _check_profile(prof, gm, path, spec) -> None:
 
 
 def _thresholds(args):
-    from passes.locate import Thresholds
+    from mdafx.passes.locate import Thresholds
 
     return Thresholds(args.alpha_conv, args.beta_conv, args.alpha_linear, args.beta_linear)
 
@@ -1024,7 +1024,7 @@ def calibrate(components, arrays, batch_size: int = 256):
     import torch
     from mdafx.assemble import InputAdapter, component_format
     from mdafx.training import predict
-    from passes.logit_scaling import calibrate_scales
+    from mdafx.passes.logit_scaling import calibrate_scales
 
     shared = component_format(components[0])
     ds = _dataset(arrays, shared)

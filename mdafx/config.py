@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["dump_dir", "verify", "accept", "default_instruments"]
+from .errors import PreconditionError
+
+__all__ = ["dump_dir", "verify", "accept"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
@@ -24,7 +26,8 @@ def _flag(name: str) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise ValueError(f"{name}={os.environ[name]!r}: expected 1/true/yes/on or 0/false/no/off")
+    raise PreconditionError(f"{name}={os.environ[name]!r}: expected 1/true/yes/on or "
+                            "0/false/no/off")
 
 
 def dump_dir() -> str | None:
@@ -40,20 +43,3 @@ def verify() -> bool:
 def accept() -> bool:
     """``MDAFX_ACCEPT``: golden tests rewrite their expected output."""
     return _flag("MDAFX_ACCEPT")
-
-
-def default_instruments(model_name: str = "model") -> list:
-    """The instruments the environment asks for: ``[DumpIR?, VerifyEach?]``.
-
-    Each call makes a new DumpIR for ``<MDAFX_DUMP>/<model_name>``, which replaces that
-    directory's earlier dump: give each pipeline run its own ``model_name`` to keep them all.
-    """
-    from mdafx.instrument import DumpIR, VerifyEach  # instrument imports passes/*: import late
-
-    instruments = []
-    directory = dump_dir()
-    if directory:
-        instruments.append(DumpIR(directory, model_name))
-    if verify():
-        instruments.append(VerifyEach())
-    return instruments

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdafx.errors import MdafxError
+from mdafx.errors import DataError, MdafxError
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -49,7 +49,11 @@ __all__ = [
     "DataError",
     "DataNotFoundError",
     "ImageArrays",
+    "InputFormat",
+    "batches",
     "default_cache_dir",
+    "labels_at",
+    "open_images",
     "load_imagefolder",
     "resolve_data_root",
     "split_per_class",
@@ -61,10 +65,6 @@ CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"})
 
-
-
-class DataError(MdafxError, ValueError):
-    """A data set on disk is malformed (no classes, an empty class, a bad or odd-sized image)."""
 
 
 class DataNotFoundError(MdafxError, FileNotFoundError):
@@ -96,6 +96,47 @@ def default_cache_dir() -> Path:
     env = os.environ.get("MDAFX_CACHE")
     base = Path(env).expanduser() if env else _REPO_ROOT / ".cache"
     return base / "data"
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """What a model expects: ``size`` (H, W), ``channels``, and per-channel ``mean``/``std``
+    applied to [0, 1] pixels (``x = (pixel / 255 - mean) / std``)."""
+
+    size: tuple[int, int]
+    channels: int = 3
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        import math
+
+        if len(self.size) != 2 or any(int(s) < 1 for s in self.size):
+            raise DataError(f"input size must be two positive sizes, got {self.size}")
+        if self.channels < 1 or len(self.mean) != self.channels or \
+                len(self.std) != self.channels:
+            raise DataError(f"input format: {self.channels} channels need as many mean/std "
+                            f"values, got {len(self.mean)}/{len(self.std)}")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)) or \
+                any(s <= 0 for s in self.std):
+            raise DataError(f"input format: mean must be finite and std finite and positive, "
+                            f"got mean {list(self.mean)}, std {list(self.std)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputFormat":
+        try:
+            return cls((int(d["size"][0]), int(d["size"][1])), int(d["channels"]),
+                       tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise DataError(f"malformed input format {d!r}") from e
+
+    def to_dict(self) -> dict:
+        return {"size": list(self.size), "channels": self.channels, "mean": list(self.mean),
+                "std": list(self.std)}
+
+    def example(self, batch: int = 1) -> torch.Tensor:
+        """A zero input of this format."""
+        return torch.zeros(batch, self.channels, *self.size)
 
 
 @dataclass
@@ -270,6 +311,7 @@ class ArrayDataset(torch.utils.data.Dataset):
         std: Sequence[float] = CIFAR10_STD,
         augment: bool = False,
         pad: int = 4,
+        class_names: Sequence[str] | None = None,
     ):
         images = np.asarray(images)
         labels = np.asarray(labels)
@@ -286,6 +328,7 @@ class ArrayDataset(torch.utils.data.Dataset):
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.augment = augment
         self.pad = pad
+        self.class_names = list(class_names) if class_names is not None else None
         # x_norm = x_uint8 * scale + shift  ==  (x / 255 - mean) / std
         std_t = torch.tensor(std, dtype=torch.float32)
         self._scale = (1.0 / (255.0 * std_t)).view(1, c, 1, 1)
@@ -412,3 +455,51 @@ def split_per_class(
         np.sort(np.concatenate(p)).astype(np.int64) if p else np.empty(0, np.int64)
         for p in parts
     ]
+
+
+def labels_at(dataset, indices: Sequence[int] | None = None) -> torch.Tensor:
+    """Labels of ``dataset`` at ``indices`` (default: all), from its ``labels`` or ``targets``
+    when it has them, else from ``dataset[i][1]``; never reads any other sample."""
+    idx = torch.arange(len(dataset)) if indices is None else torch.as_tensor(
+        [int(i) for i in indices], dtype=torch.long)
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = getattr(dataset, "targets", None)
+    if labels is not None:
+        return torch.as_tensor(labels[idx] if isinstance(labels, torch.Tensor) else
+                               [labels[int(i)] for i in idx]).long().reshape(-1)
+    return torch.as_tensor([int(dataset[int(i)][1]) for i in idx], dtype=torch.long)
+
+
+def batches(dataset, indices: Sequence[int] | None, batch_size: int, with_index: bool = False
+            ) -> Iterator[tuple[torch.Tensor, ...]]:
+    """``(x, y[, idx])`` batches of ``dataset`` restricted to ``indices`` (default: all), in
+    that order; uses a dataset's own fast ``batches`` when it has one (:class:`ArrayDataset`)."""
+    indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        if hasattr(dataset, "batches"):
+            x, y = next(iter(dataset.batches(len(chunk), chunk)))
+        else:
+            items = [dataset[i] for i in chunk]
+            x = torch.stack([torch.as_tensor(it[0]) for it in items])
+            y = torch.as_tensor([int(it[1]) for it in items])
+        yield (x, y, torch.as_tensor(chunk)) if with_index else (x, y)
+
+
+def open_images(path: str | os.PathLike, fmt: InputFormat, *, augment: bool = False
+                ) -> ArrayDataset:
+    """The ImageFolder at ``path`` as a dataset of normalised inputs in format ``fmt`` (labels
+    index ``dataset.class_names``, the sorted folder names); its images must have ``fmt.size``."""
+    root = Path(path)
+    arrays = load_imagefolder(root)
+    h, w = arrays.images.shape[1:3]
+    if (h, w) != tuple(fmt.size):
+        raise DataError(f"{root}: images are {w}x{h} (width x height) but the model takes "
+                        f"{fmt.size[1]}x{fmt.size[0]} (--input-size / the model file's input "
+                        "format); resize the data set first")
+    if arrays.images.shape[3] != fmt.channels:
+        raise DataError(f"{root}: images have {arrays.images.shape[3]} channels but the model "
+                        f"takes {fmt.channels}")
+    return ArrayDataset(arrays.images, arrays.labels, mean=fmt.mean, std=fmt.std,
+                        augment=augment, class_names=arrays.class_names)

@@ -1,10 +1,9 @@
 """Text and DOT renderings of a graph for per-pass dumps (pure and deterministic).
 
-Both renderings describe a *view* of the graph: a private copy on which shapes (fx's ShapeProp)
-and channel groups (``passes.channel_groups.ChannelGroups``) are recomputed, because after a
-transform the ``tensor_meta`` and ``mdafx.ids`` stored on the nodes describe the graph as it was
-before the transform. The caller's graph, its meta and the global RNG are left untouched;
-``mdafx.kept`` (written by PruneChannels) is read from the nodes as it is.
+Both renderings describe a *view* of the graph: the graph with its shapes (``tensor_meta``,
+kept current by the pass manager) and its channel groups (the ``ChannelGroups`` analysis, from
+the analysis manager when a pipeline runs). Nothing is copied or recomputed behind the pass
+manager's back; ``mdafx.kept`` (written by PruneChannels) is read from the nodes.
 
 Determinism: rows follow graph order, group labels are numbered by first appearance, colours come
 from an md5 of the target, and nothing depends on ``id()``, time or dict order other than the
@@ -26,7 +25,6 @@ the same label wherever the same set appears again (after BN, ReLU, a residual a
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,60 +34,34 @@ import torch.fx as fx
 from tabulate import tabulate
 
 from mdafx.channels import FROZEN, varying_dims
-from mdafx.ir import META_BARRIER, META_IDS, META_KEPT, META_RULE, propagate_shapes
+from mdafx.ir import META_KEPT
+from mdafx.passes.channel_groups import ChannelGraph, ChannelGroups
 
 __all__ = ["View", "analyze", "to_table", "to_dot", "INSERTED_PREFIX"]
 
 INSERTED_PREFIX = "mdafx_"      # nodes that mdafx passes insert (STYLE.md: mdafx_pad_<n>, ...)
 MAX_CAT_PARTS = 4               # longer concatenations get a fresh label instead of g1+g2+...
-_ANALYSIS_KEYS = ("tensor_meta", META_IDS, META_RULE, META_BARRIER)
 COLUMNS = ("idx", "name", "op", "target", "shape", "channels", "group", "rule", "notes")
 
 
 @dataclass
 class View:
-    """A private copy of a graph with fresh shapes and channel groups (``cg`` is None, and
-    ``error`` says why, when the copy could not be run)."""
+    """A graph and its channel groups (``cg`` is None, and ``error`` says why, when they could not
+    be computed, e.g. on the graph a failing pass left behind)."""
 
     gm: fx.GraphModule
-    cg: Any = None                  # passes.channel_groups.ChannelGraph
+    cg: ChannelGraph | None = None
     error: str | None = None
 
 
-def analyze(gm: fx.GraphModule) -> View:
-    """Copy ``gm`` and recompute shapes and channel groups on the copy.
-
-    Inputs are random tensors shaped like each placeholder's recorded ``tensor_meta`` (the model
-    input is never pruned), drawn under a forked, fixed-seed RNG.
-    """
-    from passes.channel_groups import ChannelGroups  # passes/* import mdafx.*: import late
-
+def analyze(gm: fx.GraphModule, am: Any = None) -> View:
+    """The view of ``gm``: its channel groups from ``am`` (an ``AnalysisManager``) or computed
+    afresh. The graph is run once on a random input when they are computed; it is not changed."""
     try:
-        view = copy.deepcopy(gm)
-    except Exception as e:  # a half-rewritten graph may not even recompile
-        return View(gm, None, f"graph cannot be copied: {type(e).__name__}: {_first_line(e)}")
-    view.eval()
-    inputs = []
-    for node in view.graph.nodes:
-        if node.op == "placeholder":
-            tm = node.meta.get("tensor_meta")
-            if tm is None or not hasattr(tm, "shape"):
-                return View(view, None, f"placeholder {node.name} has no recorded shape")
-            inputs.append((tuple(tm.shape), tm.dtype))
-    for node in view.graph.nodes:
-        for key in _ANALYSIS_KEYS:
-            if key != "tensor_meta" or node.op != "placeholder":
-                node.meta.pop(key, None)
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(0)
-            if len(inputs) != 1:
-                raise ValueError(f"{len(inputs)} placeholders; dumps support one model input")
-            propagate_shapes(view, torch.randn(inputs[0][0]).to(inputs[0][1]))
-            cg = ChannelGroups(strict=False).compute(view)
+        cg = am.get(ChannelGroups) if am is not None else ChannelGroups().compute(gm)
     except Exception as e:
-        return View(view, None, f"graph does not run: {type(e).__name__}: {_first_line(e)}")
-    return View(view, cg)
+        return View(gm, None, f"graph does not run: {type(e).__name__}: {_first_line(e)}")
+    return View(gm, cg)
 
 
 def _first_line(e: BaseException) -> str:
@@ -204,13 +176,14 @@ def _rows(view: View) -> list[_Row]:
                      for r in roots]
             group, count = ",".join(p[0] for p in parts), ",".join(p[1] for p in parts)
         else:
-            group = "?" if cg is None and node.meta.get(META_IDS) is not None else "-"
+            group = "?" if cg is None else "-"
             count = "-"
         channels = f"{kept[0]}/{kept[1]}" if kept is not None else count
         rows.append(_Row(idx, node.name, node.op, _target(node, gm),
                          _shape(node.meta.get("tensor_meta")), channels,
                          kept if kept is not None and kept[0] < kept[1] else None, group,
-                         str(node.meta.get(META_RULE, "-")), str(node.meta.get(META_BARRIER, "")),
+                         cg.rules.get(node.name, "-") if cg is not None else "-",
+                         cg.barriers.get(node.name, "") if cg is not None else "",
                          node.name.startswith(INSERTED_PREFIX)))
     return rows
 

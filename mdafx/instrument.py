@@ -20,8 +20,12 @@ Passes never print or dump; these classes do (MLIR's PassInstrumentation, TVM's 
 * ``VerifyEach``: after each modifying pass, ``graph.lint()`` and one run of the graph on a random
   input; raises ``PassError`` naming the pass and ``node.format_node()`` of the failing node.
 
-``mdafx.config.default_instruments`` builds the list from the environment (``MDAFX_DUMP``,
-``MDAFX_VERIFY``).
+:func:`default_instruments` builds the list from the environment (``MDAFX_DUMP``,
+``MDAFX_VERIFY``) and :func:`run_pipeline` runs a pipeline with it: every workflow runs its
+passes through that one function, so dumps, verification and timing see every pass.
+
+Instruments sit above the passes (they render what the passes' analyses computed) and below the
+workflows that run pipelines.
 """
 from __future__ import annotations
 
@@ -34,12 +38,14 @@ import torch
 import torch.fx as fx
 from tabulate import tabulate
 
-from mdafx import dump
+from mdafx import config, dump
 from mdafx.errors import PassError, PreconditionError
-from mdafx.ir import count_params
-from mdafx.passmanager import Instrument, Pass
+from mdafx.fileio import write_text
+from mdafx.ir import count_params, eval_mode, example_input
+from mdafx.passes.shapes import Shapes
+from mdafx.passmanager import AnalysisManager, Instrument, Pass, PassManager, PassResult
 
-__all__ = ["DumpIR", "Timing", "VerifyEach"]
+__all__ = ["DumpIR", "Timing", "VerifyEach", "default_instruments", "run_pipeline"]
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -110,11 +116,12 @@ class DumpIR(Instrument):
     def _write_marker(self) -> None:
         names = [p.name for p in self.written]
         text = "mdafx DumpIR owns this directory; it removes the files listed below on reuse\n"
-        (self.path / self.MARKER).write_text(text + "".join(n + "\n" for n in names))
+        write_text(self.path / self.MARKER, text + "".join(n + "\n" for n in names),
+                   overwrite=True)
 
     def _write(self, name: str, text: str) -> None:
         path = self.path / name
-        path.write_text(text, encoding="utf-8")
+        write_text(path, text, overwrite=True)
         self.written.append(path)
         self._write_marker()
 
@@ -135,40 +142,43 @@ class DumpIR(Instrument):
             text = f"# nodes {nodes} -> {n2}{extra}   params {params:,} -> {p2:,}{change}"
         return f"{text}   groups {dump.group_count(view)}"
 
-    def _dump(self, stem: str, gm: fx.GraphModule, banner: str, after, extra=()) -> None:
-        view = dump.analyze(gm)
+    def _dump(self, stem: str, gm: fx.GraphModule, banner: str, after, am, extra=()) -> None:
+        view = dump.analyze(gm, am)
         lines = [banner, self._counts(view, after), *extra]
         self._write(f"{stem}.txt", dump.to_table(gm, lines, view=view))
         if self.dot and not stem.endswith(".FAILED"):
             self._write(f"{stem}.dot", dump.to_dot(gm, view=view, name=f"{self.model_name} {stem}"))
 
-    def run_before_pipeline(self, gm: fx.GraphModule, passes: list[Pass]) -> None:
+    def run_before_pipeline(self, gm: fx.GraphModule, passes: list[Pass],
+                            am: AnalysisManager) -> None:
         self._claim()
         self._before = _stats(gm)
-        self._dump("00_input", gm, self._banner("input", 0), None)
+        self._dump("00_input", gm, self._banner("input", 0), None, am)
 
-    def run_before_pass(self, p: Pass, gm: fx.GraphModule, index: int) -> None:
+    def run_before_pass(self, p: Pass, gm: fx.GraphModule, index: int,
+                        am: AnalysisManager) -> None:
         self._before = _stats(gm)
         self._started = time.perf_counter()
 
     def run_after_pass(self, p: Pass, gm: fx.GraphModule, index: int, modified: bool,
-                       seconds: float) -> None:
+                       seconds: float, am: AnalysisManager) -> None:
         stem = f"{index:02d}_{_safe(p.name)}"
         if not modified:
             self._write(f"{stem}.txt", self._banner(f"after {p.name}", index, "modified: no",
                                                     f"{seconds:.3f} s", "unchanged") + "\n")
             return
         banner = self._banner(f"after {p.name}", index, "modified: yes", f"{seconds:.3f} s")
-        self._dump(stem, gm, banner, _stats(gm))
+        self._dump(stem, gm, banner, _stats(gm), am)
 
     def run_after_pass_failed(self, p: Pass, gm: fx.GraphModule, index: int,
-                              error: BaseException) -> None:
+                              error: BaseException, am: AnalysisManager) -> None:
         seconds = time.perf_counter() - self._started
         stem = f"{index:02d}_{_safe(p.name)}.FAILED"
         banner = self._banner(f"FAILED {p.name}", index, f"{seconds:.3f} s")
         message = f"{type(error).__name__}: {error}".splitlines() or [""]
         errors = [f"# error: {message[0]}"] + [f"#   {line}" for line in message[1:]]
-        self._dump(stem, gm, banner, _stats(gm), errors)
+        # the graph a failing pass left is not the one the cached analyses describe
+        self._dump(stem, gm, banner, _stats(gm), None, errors)
 
 
 class Timing(Instrument):
@@ -187,18 +197,20 @@ class Timing(Instrument):
         self.records: list[tuple[int, str, Any, float]] = []
         self._started = 0.0
 
-    def run_before_pipeline(self, gm: fx.GraphModule, passes: list[Pass]) -> None:
+    def run_before_pipeline(self, gm: fx.GraphModule, passes: list[Pass],
+                            am: AnalysisManager) -> None:
         self.records = []
 
-    def run_before_pass(self, p: Pass, gm: fx.GraphModule, index: int) -> None:
+    def run_before_pass(self, p: Pass, gm: fx.GraphModule, index: int,
+                        am: AnalysisManager) -> None:
         self._started = time.perf_counter()
 
     def run_after_pass(self, p: Pass, gm: fx.GraphModule, index: int, modified: bool,
-                       seconds: float) -> None:
+                       seconds: float, am: AnalysisManager) -> None:
         self.records.append((index, p.name, modified, seconds))
 
     def run_after_pass_failed(self, p: Pass, gm: fx.GraphModule, index: int,
-                              error: BaseException) -> None:
+                              error: BaseException, am: AnalysisManager) -> None:
         self.records.append((index, p.name, "FAILED", time.perf_counter() - self._started))
 
     @property
@@ -231,33 +243,17 @@ class _CheckedInterpreter(fx.Interpreter):
 
 
 def execute(gm: fx.GraphModule, where: str = "graph") -> Any:
-    """Run ``gm`` once on a random input shaped like its placeholders' recorded shapes (eval mode,
-    no grad, forked RNG; training flags restored), raising ``PassError`` at the failing node."""
-    inputs = []
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            tm = node.meta.get("tensor_meta")
-            if tm is None or not hasattr(tm, "shape"):
-                raise PreconditionError(f"VerifyEach: {where}: placeholder {node.format_node()} "
-                                        "has no recorded shape; trace the model with mdafx.trace")
-            inputs.append((tuple(tm.shape), tm.dtype))
-    modes = {m: m.training for m in gm.modules()}
-    gm.eval()
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(0)
-            args = [torch.randn(shape).to(dtype) for shape, dtype in inputs]
-            return _CheckedInterpreter(gm, where).run(*args)
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    """Run ``gm`` once on a random input shaped like its recorded input (eval mode, no grad;
+    training flags restored), raising ``PassError`` at the failing node."""
+    with eval_mode(gm), torch.no_grad():
+        return _CheckedInterpreter(gm, where).run(example_input(gm))
 
 
 class VerifyEach(Instrument):
     """After every pass that changed the graph: lint it and run it once (see ``execute``)."""
 
     def run_after_pass(self, p: Pass, gm: fx.GraphModule, index: int, modified: bool,
-                       seconds: float) -> None:
+                       seconds: float, am: AnalysisManager) -> None:
         if not modified:
             return
         where = f"after pass '{p.name}' (#{index})"
@@ -267,3 +263,28 @@ class VerifyEach(Instrument):
             raise PassError(f"VerifyEach: {where}: graph lint failed: "
                             f"{type(e).__name__}: {e}") from e
         execute(gm, where)
+
+
+def default_instruments(model_name: str = "model") -> list[Instrument]:
+    """The instruments the environment asks for: ``[DumpIR?, VerifyEach?]`` (``mdafx.config``).
+
+    Each call makes a new DumpIR for ``<MDAFX_DUMP>/<model_name>``, which replaces that
+    directory's earlier dump: give each pipeline run its own ``model_name`` to keep them all.
+    """
+    instruments: list[Instrument] = []
+    directory = config.dump_dir()
+    if directory:
+        instruments.append(DumpIR(directory, model_name))
+    if config.verify():
+        instruments.append(VerifyEach())
+    return instruments
+
+
+def run_pipeline(pipeline: list[Pass], gm: fx.GraphModule, am: AnalysisManager | None = None,
+                 *, instruments: list[Instrument] | None = None, name: str = "model"
+                 ) -> PassResult:
+    """Run ``pipeline`` on ``gm`` in place, refreshing shapes after every transform;
+    ``instruments`` default to :func:`default_instruments` (dumping under ``name``)."""
+    if instruments is None:
+        instruments = default_instruments(name)
+    return PassManager(pipeline, instruments, shapes=Shapes).run(gm, am)

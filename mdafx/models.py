@@ -16,11 +16,36 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
+from .errors import MdafxError
+from .ir import shape_of, trace
+
+
+class ModelError(MdafxError):
+    """A model spec, factory or weights file cannot give the model asked for."""
+
+
+_MDAFX_FACTORIES = ("tiny_cnn", "vgg_cifar", "resnet_cifar")
+
+
+def _brief(e: BaseException) -> str:
+    """``Type: first line of the message`` (torch's load errors run to a page)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:300]}"
+
 __all__ = ["BasicBlock", "ResNetCifar", "TinyCNN", "VGGCifar", "resnet_cifar", "tiny_cnn",
-           "vgg_cifar", "MODELS"]
+           "vgg_cifar", "MODELS", "build_model", "build_source", "load_weights"]
 
 
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
@@ -182,3 +207,141 @@ MODELS = {
     "resnet20": lambda num_classes=10: resnet_cifar(20, num_classes),
     "tiny": tiny_cnn,
 }
+
+
+# Building models from a spec (the CLI's --model/--model-arg/--weights).
+
+def _resolve_factory(spec: str) -> Callable[..., Any]:
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        if not module_name or not attr:
+            raise ModelError(f"--model {spec}: expected package.module:callable")
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            obj = importlib.import_module(module_name)
+        except SystemExit as e:
+            raise ModelError(f"--model {spec}: importing {module_name!r} called "
+                             f"sys.exit({e.code!r})") from e
+        except Exception as e:  # ImportError, or whatever the module raises on import
+            raise ModelError(f"--model {spec}: cannot import {module_name!r}: {_brief(e)}") from e
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise ModelError(f"--model {spec}: {module_name!r} has no attribute {attr!r}")
+            obj = getattr(obj, part)
+        if not callable(obj):
+            raise ModelError(f"--model {spec}: {attr!r} is not callable")
+        return obj
+    if spec in _MDAFX_FACTORIES:
+        return globals()[spec]
+    if spec in MODELS:
+        return MODELS[spec]
+    import torchvision
+
+    if spec in torchvision.models.list_models(module=torchvision.models):
+        return functools.partial(torchvision.models.get_model, spec, weights=None)
+    known = ", ".join(sorted({*_MDAFX_FACTORIES, *MODELS}))
+    raise ModelError(f"--model {spec}: unknown model; use a torchvision classifier name "
+                   f"(e.g. resnet18), an mdafx model ({known}) or package.module:callable")
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def build_model(spec: str, num_classes: int | None = None, model_args=(),
+                weights: str | None = None):
+    """An ``nn.Module`` in eval mode from ``--model``, ``--model-arg``, ``--num-classes`` and
+    ``--weights`` (module docstring)."""
+    factory = _resolve_factory(spec)
+    kwargs = dict(model_args)
+    if num_classes is not None and "num_classes" not in kwargs and _accepts(factory, "num_classes"):
+        kwargs["num_classes"] = num_classes
+    try:
+        model = factory(**kwargs)
+    except SystemExit as e:  # a factory must not end mdafx (and never with exit 0)
+        raise ModelError(f"--model {spec}: the factory called sys.exit({e.code!r})") from e
+    except Exception as e:
+        call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise ModelError(f"--model {spec}: calling it with ({call}) failed: {_brief(e)}") from e
+    if not isinstance(model, torch.nn.Module):
+        raise ModelError(f"--model {spec}: returned a {type(model).__name__}, not a torch nn.Module")
+    if weights is not None:
+        load_weights(model, weights, spec)
+    return model.eval()
+
+
+def build_source(spec: str, num_classes: int | None, model_args, weights: str | None,
+                 input_format) -> torch.fx.GraphModule:
+    """The source model of ``spec`` (:func:`build_model`) traced for ``input_format`` (an
+    ``mdafx.data.InputFormat``), checked to output ``[batch, num_classes]`` logits (any width
+    when ``num_classes`` is None). User code that fails or calls ``sys.exit`` while it is traced
+    and run on the example input is a :class:`ModelError`."""
+    model = build_model(spec, num_classes, model_args, weights)
+    example = input_format.example()
+    try:
+        gm = trace(model, example)
+    except SystemExit as e:
+        raise ModelError(f"--model {spec}: its forward called sys.exit({e.code!r})") from e
+    except MdafxError:
+        raise
+    except Exception as e:  # the traced graph failed on the example input
+        raise ModelError(f"--model {spec}: running it on a {tuple(example.shape)} input "
+                         f"failed: {_brief(e)}") from e
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    shape = shape_of(out) if hasattr(out, "meta") else None
+    if shape is None or len(shape) != 2:
+        raise ModelError(f"--model {spec}: the output is {shape or 'not a tensor'}, not "
+                         f"[batch, classes] logits")
+    if num_classes is not None and shape[1] != num_classes:
+        raise ModelError(f"--model {spec} outputs {shape[1]} logits but there are {num_classes} "
+                         f"classes; pass --num-classes (or --model-arg) to match")
+    return gm
+
+
+def load_weights(model, path: str | os.PathLike, spec: str = "the model") -> None:
+    """Load a ``state_dict`` file (``torch.save``, read with ``weights_only=True``, or a
+    ``.safetensors`` file) into ``model``, naming the first key that does not fit."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: weights file not found" if not path.exists()
+                       else f"{path}: weights path is not a file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(f"{path}: cannot read the weights (corrupt, truncated, or not a "
+                       f"torch.save file of tensors): {_brief(e)}") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: not a state_dict (a dict of tensors); got "
+                       f"{type(state).__name__}")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
+    expected = model.state_dict()
+    hint = "check --model, --model-arg and --num-classes"
+    for key, want in expected.items():
+        if key not in state:
+            raise ModelError(f"{path}: weights do not fit --model {spec}: key {key!r} "
+                           f"(shape {list(want.shape)}) is missing from the file; {hint}")
+        if tuple(state[key].shape) != tuple(want.shape):
+            raise ModelError(f"{path}: weights do not fit --model {spec}: {key!r} has shape "
+                           f"{list(state[key].shape)} in the file but {list(want.shape)} in the "
+                           f"model; {hint}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise ModelError(f"{path}: tensor {bad[0]!r} holds NaN or infinite values")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise ModelError(f"{path}: weights do not fit --model {spec}: the file has key "
+                       f"{extra[0]!r} that the model lacks; {hint}")
+    model.load_state_dict(state, strict=True)

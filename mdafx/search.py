@@ -71,18 +71,21 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .api import (Component, _batches, channel_groups, disassemble, labels_at, locate,
-                  resolve_classes)
+from .data import batches, labels_at
+from .disassembly import Component, cut, resolve_classes, source_analyses
 from .errors import PreconditionError
-from .ir import count_macs, count_params
-from passes.channel_groups import ChannelGraph
-from passes.contributions import Profile
-from passes.locate import Thresholds
-from passes.prune_channels import plan_from_votes
-from passes.reestimate_norms import reestimate_norms
+from .evaluation import logits_of
+from .instrument import run_pipeline
+from .ir import count_macs, count_params, input_shape
+from .passes.channel_groups import ChannelGraph
+from .passes.contributions import Contributions
+from .passes.locate import Thresholds
+from .passes.prune_channels import TaskPlan
+from .passes.reestimate_norms import ReestimateNorms
+from .profiling import Profile
 
 __all__ = ["Budget", "Candidate", "SearchResult", "DEFAULT_SCALES", "GLOBAL_SCALES",
-           "count_macs", "scale_text", "search_thresholds", "tradeoff_svg"]
+           "load_images", "norm_batches", "scale_text", "search_thresholds", "tradeoff_svg"]
 
 CONV_SCALES: tuple[float, ...] = (0.1, 0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25)
 LINEAR_SCALES: tuple[float, ...] = (0.0, 0.1, 1.0)
@@ -285,30 +288,11 @@ def scaled_thresholds(base: Thresholds, scale: Scale) -> Thresholds:
     return base.scaled(float(scale))
 
 
-def _input_shape(gm: fx.GraphModule) -> tuple[int, ...]:
-    ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    tm = ph.meta.get("tensor_meta")
-    if tm is None:
-        raise PreconditionError("the graph has no shapes: trace it with mdafx.trace first")
-    return (1, *tuple(tm.shape)[1:])
-
-
 def load_images(dataset: Any, indices: Sequence[int], batch_size: int = 500) -> torch.Tensor:
     """The inputs of ``dataset`` at ``indices`` (in that order) as one tensor."""
     if not len(indices):
         raise PreconditionError("no images to load")
-    return torch.cat([x for x, _ in _batches(dataset, [int(i) for i in indices], batch_size)])
-
-
-@torch.no_grad()
-def _logits(module: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    was_training = module.training
-    module.eval()
-    try:
-        return torch.cat([module(x[s:s + batch_size]).float()
-                          for s in range(0, len(x), batch_size)])
-    finally:
-        module.train(was_training)
+    return torch.cat([x for x, _ in batches(dataset, indices, batch_size)])
 
 
 def norm_batches(x: torch.Tensor, batch_size: int, seed: int) -> list[torch.Tensor]:
@@ -325,10 +309,11 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
                       calib_indices: Sequence[int], budget: Budget = Budget(), *,
                       class_names: Sequence[str] | None = None, reestimate: bool = False,
                       reestimate_indices: Sequence[int] | None = None,
-                      scales: Sequence[Scale] = DEFAULT_SCALES, seed: int = 0,
+                      scales: Sequence[Scale] | None = DEFAULT_SCALES, seed: int = 0,
                       base: Thresholds = Thresholds(), cg: ChannelGraph | None = None,
                       batch_size: int = 250, source: str = "model",
-                      score_all: bool = False, progress: bool = False) -> SearchResult:
+                      score_all: bool = False, progress: bool = False,
+                      am=None) -> SearchResult:
     """Explore ``scales`` (multipliers of ``base``, MDA's thresholds) for ``task`` and return the
     component that best fits ``budget`` (module docstring), scored on the images of
     ``calib_dataset`` at ``calib_indices`` whose label is in the task.
@@ -341,17 +326,16 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
     ``score_all=True`` (for trade-off curves). ``progress`` shows a tqdm bar over the prunes and
     scorings.
     """
+    scales = DEFAULT_SCALES if scales is None else scales
     if not scales:
         raise PreconditionError("search_thresholds needs at least one scale")
-    if isinstance(profile, Profile):
-        profile.check_matches(gm)
-        contributions = profile.contributions
-        names = list(class_names) if class_names is not None else list(profile.class_names)
+    am = am or source_analyses(gm, profile, cg)
+    if class_names is not None:
+        names = list(class_names)
     else:
-        contributions, names = profile, list(class_names) if class_names is not None else None
-    num_classes = next(iter(contributions.values())).shape[0]
+        names = list(profile.class_names) if isinstance(profile, Profile) else None
+    num_classes = next(iter(am.get(Contributions).values())).shape[0]
     classes = resolve_classes(task, names, num_classes)
-    cg = cg or channel_groups(gm)
 
     calib_indices = [int(i) for i in calib_indices]
     calib_labels = labels_at(calib_dataset, calib_indices)
@@ -363,10 +347,9 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
     targets = torch.as_tensor([position[int(y)] for y in calib_labels[in_task].tolist()])
     x_calib = load_images(calib_dataset, task_idx, batch_size)
 
-    src_logits = _logits(gm, x_calib, batch_size)[:, classes]
+    src_logits = logits_of(gm, x_calib, batch_size, what="the source model")[:, classes]
     source_acc = float((src_logits.argmax(1) == targets).float().mean())
-    shape = _input_shape(gm)
-    source_params, source_macs = count_params(gm), count_macs(gm, shape)
+    source_params, source_macs = count_params(gm), count_macs(gm)
 
     norm_x = None
     if reestimate:
@@ -393,8 +376,7 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
     for scale in scales:
         bar.update()
         thresholds = scaled_thresholds(base, scale)
-        masks = locate(gm, contributions, thresholds, cg)
-        plan = plan_from_votes(cg, masks.votes(classes), classes)
+        plan = am.get(TaskPlan(classes, thresholds))
         key = plan.keep.numpy().tobytes()
         if key in seen:
             first = candidates[seen[key]]
@@ -402,8 +384,9 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
                                         params_frac=first.params_frac, macs_frac=first.macs_frac,
                                         channels_kept=first.channels_kept, same_as=seen[key]))
             continue
-        comp = disassemble(gm, masks, classes, class_names=names, source=source, cg=cg)
-        params, macs = comp.params, count_macs(comp.module, shape)
+        comp = cut(gm, profile, classes, thresholds=thresholds, class_names=names,
+                   source=source, am=am)
+        params, macs = comp.params, count_macs(comp.module)
         seen[key] = len(candidates)
         components[len(candidates)] = comp
         candidates.append(Candidate(scale, thresholds, params, macs,
@@ -415,9 +398,10 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
         bar.update()
         c, comp = candidates[i], components[i]
         if norm_x is not None:
-            reestimate_norms(comp.module, norm_batches(norm_x, batch_size, seed))
+            run_pipeline([ReestimateNorms(norm_batches(norm_x, batch_size, seed))], comp.module,
+                         name=f"{source}-search-{i}")
             comp.metadata["norms_reestimated_on"] = int(len(norm_x))
-        logits = _logits(comp.module, x_calib, batch_size)
+        logits = logits_of(comp.module, x_calib, batch_size, what="a candidate component")
         c.accuracy = float((logits.argmax(1) == targets).float().mean())
         c.acc_drop = 100.0 * (source_acc - c.accuracy)
         c.meets = budget.meets(c.acc_drop, c.params_frac, c.macs_frac)

@@ -6,14 +6,7 @@ optional label smoothing. Determinism: the data order and augmentation come from
 ``torch.Generator`` seeded with ``seed``; with a fixed thread count CPU kernels are
 deterministic too, so the same seed gives the same weights.
 
-``task_accuracy`` is how a source model is scored on an MDA task T (a subset of its classes):
-only the samples whose label is in T count, and the prediction is the argmax over T's logits
-only, which is exactly what a component for T outputs.
-
->>> import torch
->>> logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0], [0.0, 5.0, 1.0]])
->>> task_accuracy(logits, torch.tensor([2, 0, 2]), classes=[0, 2])
-1.0
+Scoring lives in ``mdafx.evaluation``.
 """
 
 from __future__ import annotations
@@ -26,8 +19,9 @@ import torch
 from torch import nn
 
 from mdafx.data import ArrayDataset
+from mdafx.errors import PreconditionError
 
-__all__ = ["evaluate", "predict", "task_accuracy", "train_classifier"]
+__all__ = ["train_classifier"]
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -74,11 +68,12 @@ def train_classifier(
     from tqdm.auto import tqdm
 
     if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+        raise PreconditionError(f"epochs must be >= 1, got {epochs}")
     n = len(train_ds) if indices is None else len(indices)
     steps_per_epoch = n // batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"{n} training samples are fewer than one batch of {batch_size}")
+        raise PreconditionError(f"{n} training samples are fewer than one batch of "
+                                f"{batch_size}")
 
     torch.manual_seed(seed)  # for any randomness inside the model (e.g. dropout)
     gen = torch.Generator().manual_seed(seed)
@@ -126,7 +121,7 @@ def train_classifier(
                             lr=f"{sched.get_last_lr()[0]:.3g}", refresh=False)
         bar.close()
         if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"training diverged in epoch {epoch + 1} (lr={lr})")
+            raise PreconditionError(f"training diverged in epoch {epoch + 1} (lr={lr})")
         if on_epoch_end is not None:
             on_epoch_end(epoch, {"loss": loss_sum / seen, "train_acc": correct / seen,
                                  "seconds": time.perf_counter() - t0,
@@ -134,64 +129,3 @@ def train_classifier(
     if channels_last:
         model = model.to(memory_format=torch.contiguous_format)
     return model.eval()
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits and labels of ``batches`` under ``model`` in eval mode (mode is restored)."""
-    was_training = model.training
-    model.eval()
-    try:
-        logits, labels = [], []
-        for x, y in batches:
-            logits.append(model(x).float())
-            labels.append(torch.as_tensor(y))
-    finally:
-        model.train(was_training)
-    if not logits:
-        raise ValueError("predict() got no batches")
-    return torch.cat(logits), torch.cat(labels)
-
-
-def evaluate(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    num_classes: int | None = None,
-) -> tuple[float, np.ndarray, np.ndarray]:
-    """``(overall_acc, per_class_acc, confusion)`` of ``model`` on ``batches``.
-
-    ``confusion[t, p]`` counts samples of true class t predicted as p (int64, K x K with K =
-    ``num_classes`` or the logit width). ``per_class_acc[c]`` is NaN for a class with no sample.
-    """
-    logits, labels = predict(model, batches)
-    k = num_classes if num_classes is not None else logits.shape[1]
-    pred = logits.argmax(1)
-    confusion = torch.bincount(labels * k + pred, minlength=k * k).reshape(k, k).numpy()
-    support = confusion.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_class = np.diag(confusion) / support
-    overall = float(np.trace(confusion) / max(1, confusion.sum()))
-    return overall, per_class.astype(np.float64), confusion.astype(np.int64)
-
-
-def task_accuracy(
-    logits: torch.Tensor | np.ndarray,
-    labels: torch.Tensor | np.ndarray,
-    classes: Sequence[int] | np.ndarray | torch.Tensor,
-) -> float:
-    """Accuracy on the samples whose label is in ``classes``, predicting the argmax over only
-    those classes' logits. Raises ``ValueError`` if no sample has a label in ``classes``."""
-    logits = torch.as_tensor(logits)
-    labels = torch.as_tensor(labels)
-    classes_t = torch.as_tensor(np.asarray(classes), dtype=torch.int64).flatten()
-    if len(classes_t) == 0:
-        raise ValueError("classes must not be empty")
-    if len(torch.unique(classes_t)) != len(classes_t):
-        raise ValueError(f"classes contain duplicates: {classes_t.tolist()}")
-    mask = torch.isin(labels, classes_t)
-    if not bool(mask.any()):
-        raise ValueError(f"no sample has a label in classes {classes_t.tolist()}")
-    pred = classes_t[logits[mask][:, classes_t].argmax(1)]
-    return float((pred == labels[mask]).float().mean())

@@ -1,22 +1,66 @@
 """mdafx's passes, and the order they run in.
 
-Analyses (``ChannelGroups``, ``Contributions``, ``Locate``) are not listed: a pass names the ones
-it needs in ``requires`` and the ``AnalysisManager`` computes them on first use. This module stays
-import-light (passes/* import mdafx.* submodules, and ``mdafx/__init__`` is lazy), so pass
-classes are imported inside the function that lists them.
+Analyses (``Shapes``, ``ChannelGroups``, ``Contributions``, ``Locate``, ``TaskPlan``) are not
+listed: a pass names the ones it needs in ``requires`` and the ``AnalysisManager`` computes them
+on first use (contributions are seeded from a profile). ``mdafx.instrument.run_pipeline`` runs
+a pipeline with the instruments the environment asks for (``MDAFX_DUMP``, ``MDAFX_VERIFY``),
+refreshing ``Shapes`` after every transform.
 """
 from __future__ import annotations
 
-__all__ = ["disassembly_pipeline"]
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from mdafx.passmanager import Pass
+from mdafx.passes.align_padding import AlignPadding
+from mdafx.passes.channel_groups import ChannelGroups
+from mdafx.passes.contributions import Contributions
+from mdafx.passes.locate import Locate, Thresholds
+from mdafx.passes.logit_scaling import FoldLogitScale, InsertLogitScale
+from mdafx.passes.merge_classes import MergeDuplicateClasses
+from mdafx.passes.prune_channels import ChannelPlan, PruneChannels, TaskPlan
+from mdafx.passes.reestimate_norms import ReestimateNorms
+from mdafx.passes.shapes import Shapes
+
+__all__ = ["disassembly_pipeline", "assembly_pipeline", "ChannelGroups", "Contributions",
+           "Locate", "Shapes", "TaskPlan", "Thresholds"]
 
 
-def disassembly_pipeline(plan) -> list:
-    """The transforms that cut a component out of a traced model for ``plan`` (a ChannelPlan
-    decided from ``ChannelGroups``, e.g. by ``plan_from_votes`` over Locate's masks)."""
-    from passes.prune_channels import PruneChannels
-
-    return [
+def disassembly_pipeline(plan: ChannelPlan, *, norm_batches: Iterable[Any] | None = None
+                         ) -> list[Pass]:
+    """The transforms that cut a component out of a traced model for ``plan`` (e.g.
+    ``am.get(TaskPlan(classes, thresholds))``: Locate's masks of the task, OR over its classes)."""
+    pipeline: list[Pass] = [
         # drop the channels the plan rejects and keep only the task's logits; first, because
         # everything after it must see the component's real widths
         PruneChannels(plan),
     ]
+    if norm_batches is not None:
+        # the kept channels' batch-norm statistics changed with their inputs: measure them
+        # again on calibration images (forward passes only)
+        pipeline.append(ReestimateNorms(norm_batches))
+    return pipeline
+
+
+def assembly_pipeline(factors: torch.Tensor, groups: Sequence[Sequence[int]], *,
+                      merged: bool, offsets: torch.Tensor | None = None) -> list[Pass]:
+    """The transforms that turn the parallel graph of k components (``mdafx.assembly``) into
+    the assembled classifier: ``factors`` (and ``offsets``) calibrate the concatenated logits,
+    ``groups`` lists per output class the logits it merges."""
+    pipeline: list[Pass] = [
+        # MDA §2.1: put the components' logits on one scale before anything compares them
+        InsertLogitScale(factors, offsets),
+    ]
+    if merged:
+        # MDA §2.2: one layer-wise wider network instead of k branches; before folding, so the
+        # factors land in the merged head
+        pipeline.append(AlignPadding())
+    pipeline += [
+        # the factors become part of the heads' weights where a Linear produces the logits
+        FoldLogitScale(),
+        # last: one logit per class name, the max over the components that know it
+        MergeDuplicateClasses(groups),
+    ]
+    return pipeline

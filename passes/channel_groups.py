@@ -1,8 +1,9 @@
 """ChannelGroups (analysis): the channel ids of every tensor and the coupled groups they form.
 
 It runs the model once on the example input (fx Interpreter) and, node by node, asks the node's
-channel rule (``mdafx.rules``) for the ids of its output. Writes ``node.meta["mdafx.ids"]``,
-``node.meta["mdafx.rule"]`` and, for barriers, ``node.meta["mdafx.barrier"]``; changes nothing else.
+channel rule (``mdafx.rules``) for the ids of its output. The result (``ChannelGraph``) holds the
+ids, the rule that mapped each node and the reason of each barrier; the graph is not changed and
+nothing is written into ``node.meta``.
 
 Invariants of the result:
 
@@ -21,7 +22,7 @@ import torch.fx as fx
 
 from mdafx.channels import FROZEN, ChannelForest, varying_dims
 from mdafx.errors import UnsupportedOpError
-from mdafx.ir import META_BARRIER, META_IDS, META_RULE
+from mdafx.ir import example_input
 from mdafx.passmanager import Analysis, AnalysisManager
 from mdafx.rules import Barrier, RuleContext, describe_target, lookup
 
@@ -36,6 +37,7 @@ class ChannelGraph:
     forest: ChannelForest
     ids: dict[str, Any]                      # node name -> ids (tensor, tuple of them, or None)
     barriers: dict[str, str] = field(default_factory=dict)   # node name -> reason
+    rules: dict[str, str] = field(default_factory=dict)      # node name -> rule that mapped it
     output: str = ""                         # name of the node whose value is the model output
     output_width: int | None = None          # size of the output's last dim (the logits)
 
@@ -74,6 +76,7 @@ class _IdInterpreter(fx.Interpreter):
         self.strict = strict
         self.ids: dict[str, Any] = {}
         self.barriers: dict[str, str] = {}
+        self.rules: dict[str, str] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
@@ -82,7 +85,6 @@ class _IdInterpreter(fx.Interpreter):
         except Barrier as b:
             ids = self._barrier(n, out, str(b))
         self.ids[n.name] = ids
-        n.meta[META_IDS] = ids
         return out
 
     def _ids_for(self, n: fx.Node, out: Any):
@@ -91,17 +93,17 @@ class _IdInterpreter(fx.Interpreter):
         if n.op == "get_attr":
             return self._frozen_like(out)
         if n.op == "output":
-            n.meta[META_RULE] = "output"
+            self.rules[n.name] = "output"
             return self.ids_of(n.args[0])
         tensor_inputs = [a for a in n.all_input_nodes if isinstance(self.ids.get(a.name), (torch.Tensor, tuple))]
         if n.op == "call_method" and n.target in SHAPE_QUERIES or (
             n.op == "call_function" and getattr(n.target, "__name__", "") == "getattr"
             and len(n.args) > 1 and n.args[1] in SHAPE_ATTRS
         ):
-            n.meta[META_RULE] = "shape_query"
+            self.rules[n.name] = "shape_query"
             return None
         if not tensor_inputs and not _has_tensor(out):
-            n.meta[META_RULE] = "scalar"
+            self.rules[n.name] = "scalar"
             return None
         rule = lookup(n, self.module)
         if rule is None:
@@ -111,7 +113,7 @@ class _IdInterpreter(fx.Interpreter):
             raise Barrier(f"no channel rule for {target}")
         if n.op == "call_module" and len(self.module.get_submodule(n.target)._forward_hooks) > 0:
             raise Barrier("module has forward hooks")
-        n.meta[META_RULE] = rule.name
+        self.rules[n.name] = rule.name
         args = tuple(self.value_of(a) for a in n.args)
         kwargs = {k: self.value_of(v) for k, v in n.kwargs.items()}
         module = self.module.get_submodule(n.target) if n.op == "call_module" else None
@@ -119,8 +121,7 @@ class _IdInterpreter(fx.Interpreter):
         return rule.forward(ctx)
 
     def _barrier(self, n: fx.Node, out: Any, reason: str):
-        n.meta[META_BARRIER] = reason
-        n.meta.setdefault(META_RULE, "barrier")
+        self.rules.setdefault(n.name, "barrier")
         self.barriers[n.name] = reason
         for a in n.all_input_nodes:
             _map_ids(self.ids.get(a.name), self.forest.freeze)
@@ -148,17 +149,6 @@ def _has_tensor(value: Any) -> bool:
     return False
 
 
-def _example_of(gm: fx.GraphModule) -> list[torch.Tensor]:
-    examples = []
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            tm = n.meta.get("tensor_meta")
-            if tm is None:
-                raise ValueError(f"placeholder {n.name} has no shape; trace the model with mdafx.trace")
-            examples.append(torch.randn(tuple(tm.shape), dtype=tm.dtype))
-    return examples
-
-
 class ChannelGroups(Analysis):
     """Channel ids and coupled groups of every tensor (see module docstring)."""
 
@@ -167,13 +157,16 @@ class ChannelGroups(Analysis):
     def __init__(self, strict: bool = False) -> None:
         self.strict = strict
 
+    def key(self) -> tuple:
+        return (self.strict,)
+
     def compute(self, gm: fx.GraphModule, am: AnalysisManager | None = None) -> ChannelGraph:
         interp = _IdInterpreter(gm, self.strict)
         with torch.no_grad():
-            interp.run(*_example_of(gm))
+            interp.run(example_input(gm))
         out_node = next(n for n in gm.graph.nodes if n.op == "output")
         value = out_node.args[0]
         name = value.name if isinstance(value, fx.Node) else ""
         out_shape = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
         width = int(out_shape.shape[-1]) if hasattr(out_shape, "shape") else None
-        return ChannelGraph(interp.forest, interp.ids, interp.barriers, name, width)
+        return ChannelGraph(interp.forest, interp.ids, interp.barriers, interp.rules, name, width)

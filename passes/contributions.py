@@ -1,4 +1,7 @@
-"""Per-class channel contributions of every weighted layer (MDA §1.1–1.2), as plain functions.
+"""Contributions (analysis): per-class channel contributions of every weighted layer (MDA §1.2).
+
+The math and its streaming accumulation; choosing the samples and the profile file that stores
+the result live in ``mdafx.profiling``.
 
 Math
 ----
@@ -81,14 +84,8 @@ formula that way).
 
 from __future__ import annotations
 
-import hashlib
-import heapq
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from fractions import Fraction
 from functools import partial
 from typing import Any, Callable
 
@@ -96,45 +93,33 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
+from tqdm.auto import tqdm
+
+from mdafx.errors import InternalError, PreconditionError
+from mdafx.ir import eval_mode, module_device
+from mdafx.passmanager import Analysis, AnalysisManager
 
 __all__ = [
     "CHUNK_BYTES",
-    "DEFAULT_SAMPLE_FRACTION",
-    "ConfidentSamples",
     "Contribution",
+    "Contributions",
     "FactoredContribution",
-    "Profile",
-    "ProfileMismatchError",
-    "build_profile",
+    "accumulate",
     "contributions",
     "conv_padding",
     "densify",
-    "default_per_class",
-    "model_fingerprint",
     "naive_contributions",
     "naive_sample_contributions",
+    "resolve_layers",
     "sample_contributions",
-    "select_confident_samples",
     "weighted_layers",
 ]
 
 CHUNK_BYTES: int = 256 * 2**20
 """Default budget for the per-sample ``[b, O, I/g]`` contribution block of one layer."""
 
-DEFAULT_SAMPLE_FRACTION: float = 0.01
-"""MDA §1.1: keep 1% of each class's training samples (at least one)."""
-
-PROFILE_FORMAT = "mdafx.profile"
-PROFILE_VERSION = 2
-_READABLE_VERSIONS = (1, 2)  # 1: dense tensors only; 2: factored layers as plain dicts
-
 WeightedLayer = nn.Conv2d | nn.Linear
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-class ProfileMismatchError(ValueError):
-    """A contribution profile was computed on a different model than the one it is applied to."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +131,7 @@ def weighted_layers(gm: torch.fx.GraphModule) -> list[str]:
 
     Graph order; a module called from several nodes is listed once (at its first call) and
     rejected later by :func:`contributions`, whose ``A`` is defined per layer, not per call.
-    Raises ``ValueError`` naming the layer for a padding mode this module cannot reproduce.
+    Raises ``PreconditionError`` naming the layer for a padding mode this module cannot reproduce.
     """
     names: list[str] = []
     seen: set[str] = set()
@@ -163,12 +148,12 @@ def weighted_layers(gm: torch.fx.GraphModule) -> list[str]:
 
 def _check_supported(name: str, mod: nn.Module) -> None:
     if isinstance(mod, nn.Conv2d) and mod.padding_mode not in _PADDING_MODES:
-        raise ValueError(
+        raise PreconditionError(
             f"layer {name!r}: Conv2d padding_mode={mod.padding_mode!r} is not supported "
             f"(supported: {', '.join(_PADDING_MODES)})"
         )
     if not isinstance(mod, (nn.Conv2d, nn.Linear)):
-        raise TypeError(f"layer {name!r}: {type(mod).__name__} is not a Conv2d or Linear")
+        raise PreconditionError(f"layer {name!r}: {type(mod).__name__} is not a Conv2d or Linear")
 
 
 def conv_padding(mod: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -218,7 +203,7 @@ def _box_sums(mod: nn.Conv2d, x: Tensor) -> Tensor:
     h_out = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
     w_out = (width + left + right - dw * (kw - 1) - 1) // sw + 1
     if h_out <= 0 or w_out <= 0:
-        raise ValueError(f"input {tuple(x.shape)} is smaller than the dilated kernel")
+        raise PreconditionError(f"input {tuple(x.shape)} is smaller than the dilated kernel")
     col_slices = [_tap_slice(width, w_out, left, sw, b * dw) for b in range(kw)]
     col_sums = torch.stack(_window_sums(x, -1, col_slices), dim=-1)  # [B, I, H, kw]
     row_slices = [_tap_slice(height, h_out, top, sh, a * dh) for a in range(kh)]
@@ -256,11 +241,11 @@ def _input_sums(mod: WeightedLayer, x: Tensor) -> Tensor:
     x = x.detach().to(_compute_dtype(x))
     if isinstance(mod, nn.Conv2d):
         if x.dim() != 4:
-            raise ValueError(f"Conv2d contributions need a batched [B, C, H, W] input, got "
+            raise PreconditionError(f"Conv2d contributions need a batched [B, C, H, W] input, got "
                              f"{tuple(x.shape)}")
         return _box_sums(mod, x)
     if x.dim() < 2:
-        raise ValueError(f"Linear contributions need a batched [B, ..., I] input, got "
+        raise PreconditionError(f"Linear contributions need a batched [B, ..., I] input, got "
                          f"{tuple(x.shape)}")
     return x.reshape(x.shape[0], -1, x.shape[-1]).sum(1).unsqueeze(-1)
 
@@ -341,17 +326,17 @@ class FactoredContribution:
                  dtype: torch.dtype = torch.float32) -> None:
         if weight.dim() == 4:
             if weight.shape[2:] != (1, 1):
-                raise ValueError(f"a factored contribution needs a 1×1 kernel, got weight "
+                raise InternalError(f"a factored contribution needs a 1×1 kernel, got weight "
                                  f"{tuple(weight.shape)}")
             weight = weight.reshape(weight.shape[0], weight.shape[1])
         if weight.dim() != 2:
-            raise ValueError(f"weight must be [O, I/g] (or [O, I/g, 1, 1]), got "
+            raise InternalError(f"weight must be [O, I/g] (or [O, I/g, 1, 1]), got "
                              f"{tuple(weight.shape)}")
         out_ch, in_per_group = weight.shape
         if groups < 1 or out_ch % groups:
-            raise ValueError(f"groups={groups} does not divide the {out_ch} output channels")
+            raise InternalError(f"groups={groups} does not divide the {out_ch} output channels")
         if pos.dim() != 2 or pos.shape != neg.shape or pos.shape[1] != groups * in_per_group:
-            raise ValueError(f"pos/neg must both be [C, {groups * in_per_group}], got "
+            raise InternalError(f"pos/neg must both be [C, {groups * in_per_group}], got "
                              f"{tuple(pos.shape)} and {tuple(neg.shape)}")
         self.pos, self.neg, self.weight = pos, neg, weight.detach()
         self.groups, self.dtype = int(groups), dtype
@@ -395,7 +380,7 @@ class FactoredContribution:
 
     def _checked_weight(self) -> Tensor:
         if self._version is not None and _version_of(self.weight) != self._version:
-            raise RuntimeError(
+            raise PreconditionError(
                 "the layer's weight was modified in place after its contributions were "
                 "computed; recompute them (the factored form shares the weight's storage)")
         return self.weight
@@ -457,10 +442,10 @@ class FactoredContribution:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FactoredContribution:
         if data.get("kind") != _FACTORED_KIND:
-            raise ValueError(f"not a factored contribution: kind={data.get('kind')!r}")
+            raise PreconditionError(f"not a factored contribution: kind={data.get('kind')!r}")
         dtype = getattr(torch, str(data["dtype"]), None)
         if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {data['dtype']!r}")
+            raise PreconditionError(f"unknown dtype {data['dtype']!r}")
         return cls(data["pos"], data["neg"], data["weight"], int(data["groups"]), dtype)
 
     @staticmethod
@@ -629,49 +614,26 @@ class _NaiveLayer:
         return self.acc
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def _as_labels(y: Any, num_classes: int, device: torch.device) -> Tensor:
     labels = torch.as_tensor(y, device=device).long().reshape(-1)
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got "
+        raise PreconditionError(f"labels must lie in [0, {num_classes}), got "
                          f"[{int(labels.min())}, {int(labels.max())}]")
     return labels
 
 
-class _EvalMode:
-    """``model.eval()`` for the duration, restoring every submodule's own training flag."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.flags: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self) -> None:
-        self.flags = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for m, flag in self.flags:
-            m.training = flag
-
-
-def _stream(model: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int,
+def _accumulate(model: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int,
             layers: Sequence[str], make: Callable[..., Any], dtype: torch.dtype,
             chunk_bytes: int, progress: bool, forward_batch: int | None = None
             ) -> tuple[dict[str, Contribution], list[int]]:
     """Run ``model`` on every batch (in slices of ``forward_batch`` rows if given) and feed each
-    listed layer's input to its accumulator."""
+    listed layer's input to its accumulator (``make``). Returns the per-layer results and the
+    number of samples of each class."""
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise PreconditionError(f"num_classes must be >= 1, got {num_classes}")
     if forward_batch is not None and forward_batch < 1:
-        raise ValueError(f"forward_batch must be >= 1, got {forward_batch}")
-    device = _model_device(model)
+        raise PreconditionError(f"forward_batch must be >= 1, got {forward_batch}")
+    device = module_device(model)
     mods = {name: model.get_submodule(name) for name in layers}
     for name, mod in mods.items():
         _check_supported(name, mod)
@@ -688,13 +650,13 @@ def _stream(model: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int
             calls = state["calls"]
             calls[name] = calls.get(name, 0) + 1
             if calls[name] > 1:
-                raise RuntimeError(
+                raise PreconditionError(
                     f"layer {name!r} is called more than once per forward; contributions "
                     "are defined per layer, so shared modules are not supported")
             x = args[0] if args else kwargs["input"]
             labels = state["labels"]
             if x.shape[0] != labels.shape[0]:
-                raise ValueError(
+                raise PreconditionError(
                     f"layer {name!r}: input {tuple(x.shape)} has {x.shape[0]} rows on dim 0 "
                     f"but the batch has {labels.shape[0]} labels (dim 0 must be the sample)")
             accs[name].add(x, labels)
@@ -703,14 +665,14 @@ def _stream(model: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int
     handles = [mod.register_forward_hook(hook_for(name), with_kwargs=True)
                for name, mod in mods.items()]
     try:
-        with _EvalMode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in tqdm(batches, desc="contributions", unit="batch",
                               disable=not progress):
                 x, y = batch[0], batch[1]
                 labels = _as_labels(y, num_classes, device)
                 step = labels.shape[0] if forward_batch is None else forward_batch
                 if step < labels.shape[0] and x.shape[0] != labels.shape[0]:
-                    raise ValueError(f"forward_batch needs one input row per label, got "
+                    raise PreconditionError(f"forward_batch needs one input row per label, got "
                                      f"{tuple(x.shape)} for {labels.shape[0]} labels")
                 for start in range(0, max(1, labels.shape[0]), max(1, step)):
                     part = (x, labels) if step >= labels.shape[0] else (
@@ -719,7 +681,7 @@ def _stream(model: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int
                     model(part[0].to(device))
                     missing = [name for name in layers if name not in state["calls"]]
                     if missing:
-                        raise RuntimeError(f"layers not called in the forward pass: {missing}")
+                        raise PreconditionError(f"layers not called in the forward pass: {missing}")
                 counts += torch.bincount(labels.cpu(), minlength=num_classes)
     finally:
         for handle in handles:
@@ -727,11 +689,11 @@ def _stream(model: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int
     return {name: acc.result().cpu() for name, acc in accs.items()}, counts.tolist()
 
 
-def _resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
+def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
     if layers is not None:
         return list(layers)
     if not isinstance(model, torch.fx.GraphModule):
-        raise TypeError("layers=None needs a torch.fx.GraphModule (its graph gives the order); "
+        raise PreconditionError("layers=None needs a torch.fx.GraphModule (its graph gives the order); "
                         "pass layers=[...] for a plain nn.Module")
     return weighted_layers(model)
 
@@ -760,10 +722,20 @@ def contributions(gm: nn.Module, batches: Iterable[Sequence[Any]], num_classes: 
     forward. ``A`` is the same up to the forward's own rounding (a conv may round differently at
     another batch size); the summation order into ``A`` does not depend on it.
     """
-    layers = _resolve_layers(gm, layers)
-    result, _ = _stream(gm, batches, num_classes, layers, partial(_cheap_layer, dense=dense),
-                        dtype, chunk_bytes, progress, forward_batch)
+    result, _ = accumulate(gm, batches, num_classes, layers, progress, dtype=dtype,
+                           chunk_bytes=chunk_bytes, dense=dense, forward_batch=forward_batch)
     return result
+
+
+def accumulate(gm: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int,
+               layers: Sequence[str] | None = None, progress: bool = True, *,
+               dtype: torch.dtype = torch.float32, chunk_bytes: int = CHUNK_BYTES,
+               dense: bool = False, forward_batch: int | None = None
+               ) -> tuple[dict[str, Contribution], list[int]]:
+    """:func:`contributions` and the number of samples of each class that went into them."""
+    layers = resolve_layers(gm, layers)
+    return _accumulate(gm, batches, num_classes, layers, partial(_cheap_layer, dense=dense),
+                       dtype, chunk_bytes, progress, forward_batch)
 
 
 def naive_contributions(gm: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int,
@@ -772,238 +744,29 @@ def naive_contributions(gm: nn.Module, batches: Iterable[Sequence[Any]], num_cla
     """Same result as ``contributions(..., dense=True)`` by the reference's formula (``unfold``
     and the ``B×O×I×H×W`` product per layer and batch; dense tensors for every layer). For tests
     and benchmarks only."""
-    layers = _resolve_layers(gm, layers)
-    result, _ = _stream(gm, batches, num_classes, layers, _NaiveLayer, dtype, 0, progress)
+    layers = resolve_layers(gm, layers)
+    result, _ = _accumulate(gm, batches, num_classes, layers, _NaiveLayer, dtype, 0, progress)
     return result
 
 
-# --------------------------------------------------------------------------------------------
-# sample selection (MDA §1.1)
+class Contributions(Analysis):
+    """``A^c[o, i]`` of every weighted layer (module docstring), keyed by layer name.
 
-
-def default_per_class(n_train_of_class: int, fraction: float = DEFAULT_SAMPLE_FRACTION) -> int:
-    """``max(1, round(fraction · n))`` with halves rounded up (exact decimal arithmetic)."""
-    if n_train_of_class < 0:
-        raise ValueError(f"class size must be >= 0, got {n_train_of_class}")
-    scaled = Fraction(str(fraction)) * n_train_of_class
-    return max(1, math.floor(scaled + Fraction(1, 2)))
-
-
-@dataclass
-class ConfidentSamples:
-    """Per class, dataset indices ranked by the true-label probability (highest first).
-
-    ``indices[c][r]`` has log-probability ``log_probs[c][r]`` of its true label ``c``.
+    Usually seeded from a profile (``am.provide(Contributions, profile.contributions)``): the
+    contributions do not depend on thresholds, so one profile serves every locate. Given
+    ``batches`` (``(x, y, ...)``) and ``num_classes`` it computes them on first use instead.
     """
 
-    indices: dict[int, list[int]]
-    log_probs: dict[int, list[float]]
+    name = "contributions"
 
-    def all_indices(self) -> list[int]:
-        """Every selected index, sorted."""
-        return sorted(i for idx in self.indices.values() for i in idx)
+    def __init__(self, batches: Iterable[Sequence[Any]] | None = None,
+                 num_classes: int | None = None) -> None:
+        self.batches = batches
+        self.num_classes = num_classes
 
-
-def select_confident_samples(model: nn.Module, batches: Iterable[Sequence[Any]],
-                             num_classes: int, per_class: int | Sequence[int] | Mapping[int, int],
-                             progress: bool = True) -> ConfidentSamples:
-    """MDA §1.1: per class ``c``, the ``per_class`` samples with the highest softmax
-    probability of their true label ``c`` (correct prediction not required).
-
-    ``batches`` yields ``(x, y, idx)`` with ``idx`` the dataset indices. Scores are the
-    true-label log-softmax in float64 (same order as the probability, but it still separates
-    samples whose float32 probability saturates at 1). Streaming: a running top-k heap per
-    class. Ties go to the smaller dataset index. ``per_class`` is one count for every class,
-    or one per class (sequence or mapping; missing mapping keys mean 0).
-    """
-    if isinstance(per_class, int):
-        quota = {c: per_class for c in range(num_classes)}
-    elif isinstance(per_class, Mapping):
-        quota = {c: int(per_class.get(c, 0)) for c in range(num_classes)}
-    else:
-        if len(per_class) != num_classes:
-            raise ValueError(f"per_class has {len(per_class)} entries, expected {num_classes}")
-        quota = {c: int(k) for c, k in enumerate(per_class)}
-    if any(k < 0 for k in quota.values()):
-        raise ValueError("per_class counts must be >= 0")
-    device = _model_device(model)
-    # min-heaps of (score, -index): the root is the worst kept sample (lowest score, then the
-    # largest index), so a candidate replaces it iff it ranks strictly better
-    heaps: dict[int, list[tuple[float, int]]] = {c: [] for c in range(num_classes)}
-    with _EvalMode(model), torch.no_grad():
-        for batch in tqdm(batches, desc="select samples", unit="batch", disable=not progress):
-            x, y, idx = batch[0], batch[1], batch[2]
-            labels = _as_labels(y, num_classes, device)
-            logits = model(x.to(device))
-            if not isinstance(logits, Tensor) or logits.shape != (labels.shape[0], num_classes):
-                got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits)
-                raise ValueError(f"model must return logits [B, {num_classes}], got {got}")
-            scores = logits.double().log_softmax(-1).gather(1, labels[:, None])[:, 0]
-            for label, score, index in zip(labels.tolist(), scores.tolist(),
-                                           torch.as_tensor(idx).reshape(-1).tolist()):
-                heap, item = heaps[label], (score, -int(index))
-                if len(heap) < quota[label]:
-                    heapq.heappush(heap, item)
-                elif heap and item > heap[0]:
-                    heapq.heapreplace(heap, item)
-    indices, log_probs = {}, {}
-    for c, heap in heaps.items():
-        ranked = sorted(heap, reverse=True)
-        indices[c] = [-neg for _, neg in ranked]
-        log_probs[c] = [score for score, _ in ranked]
-    return ConfidentSamples(indices, log_probs)
-
-
-# --------------------------------------------------------------------------------------------
-# profile: the stored analysis result
-
-
-def _layer_digest(name: str, mod: nn.Module) -> str:
-    h = hashlib.sha256()
-    h.update(f"{name}|{type(mod).__name__}".encode())
-    if isinstance(mod, nn.Conv2d):
-        h.update(repr((mod.stride, mod.padding, mod.dilation, mod.groups,
-                       mod.padding_mode)).encode())
-    for pname in ("weight", "bias"):
-        t = getattr(mod, pname, None)
-        if t is None:
-            h.update(f"|{pname}:none".encode())
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"|{pname}:{t.dtype}:{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def model_fingerprint(gm: nn.Module, layers: Sequence[str] | None = None
-                      ) -> tuple[str, dict[str, str]]:
-    """sha256 over the weighted layers (name, type, conv config, weight/bias dtype, shape and
-    bytes), in order. Returns the model digest and the per-layer digests."""
-    layers = _resolve_layers(gm, layers)
-    per_layer = {name: _layer_digest(name, gm.get_submodule(name)) for name in layers}
-    h = hashlib.sha256()
-    for name, digest in per_layer.items():
-        h.update(f"{name}={digest};".encode())
-    return h.hexdigest(), per_layer
-
-
-@dataclass
-class Profile:
-    """Per-class contributions of a model (MDA §1.2), with what is needed to trust them later.
-
-    ``contributions[layer]`` is ``A`` with shape ``[len(class_names), O, I/groups]``: a tensor
-    or a :class:`FactoredContribution` (see :func:`contributions`); ``samples_per_class[c]``
-    samples of class ``c`` were summed into it. On disk (``save``/``to_dict``) a factored layer is
-    a plain dict of tensors (``FactoredContribution.to_dict``) so that the file loads with
-    ``weights_only=True``; ``load`` turns it back into the object.
-    """
-
-    layers: list[str]
-    contributions: dict[str, Contribution]
-    class_names: list[str]
-    samples_per_class: list[int]
-    weight_shapes: dict[str, list[int]]
-    groups: dict[str, int]
-    fingerprint: str
-    layer_digests: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of tensors / str / int / lists (loadable with ``weights_only=True``)."""
-        return {
-            "format": PROFILE_FORMAT, "version": PROFILE_VERSION,
-            "layers": list(self.layers),
-            "contributions": {k: (v.to_dict() if isinstance(v, FactoredContribution)
-                                  else v.detach().cpu())
-                              for k, v in self.contributions.items()},
-            "class_names": list(self.class_names),
-            "samples_per_class": [int(n) for n in self.samples_per_class],
-            "weight_shapes": {k: [int(d) for d in v] for k, v in self.weight_shapes.items()},
-            "groups": {k: int(v) for k, v in self.groups.items()},
-            "fingerprint": self.fingerprint,
-            "layer_digests": dict(self.layer_digests),
-        }
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically: a temporary file in the same directory, then ``os.replace``."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.to_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], mmap: bool = False) -> Profile:
-        """Load with ``torch.load(weights_only=True)``; ``mmap=True`` maps the tensors lazily."""
-        data = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=mmap)
-        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
-            raise ValueError(f"{os.fspath(path)!r} is not an mdafx contribution profile")
-        if data.get("version") not in _READABLE_VERSIONS:
-            raise ValueError(f"{os.fspath(path)!r}: profile version {data.get('version')} "
-                             f"(this mdafx reads versions {list(_READABLE_VERSIONS)})")
-        contribs = {k: (FactoredContribution.from_dict(v) if FactoredContribution.is_dict(v)
-                        else v) for k, v in data["contributions"].items()}
-        return cls(layers=list(data["layers"]), contributions=contribs,
-                   class_names=list(data["class_names"]),
-                   samples_per_class=list(data["samples_per_class"]),
-                   weight_shapes={k: list(v) for k, v in data["weight_shapes"].items()},
-                   groups=dict(data["groups"]), fingerprint=data["fingerprint"],
-                   layer_digests=dict(data["layer_digests"]))
-
-    def check_matches(self, gm: nn.Module) -> None:
-        """Raise :class:`ProfileMismatchError` naming the first layer where ``gm`` differs."""
-        layers = _resolve_layers(gm, None if isinstance(gm, torch.fx.GraphModule)
-                                 else self.layers)
-        for pos, name in enumerate(self.layers):
-            if pos >= len(layers) or layers[pos] != name:
-                found = layers[pos] if pos < len(layers) else "nothing"
-                raise ProfileMismatchError(
-                    f"profile layer #{pos} is {name!r} but the model has {found!r} there")
-            try:
-                mod = gm.get_submodule(name)
-            except AttributeError:
-                raise ProfileMismatchError(f"profile layer {name!r} is not in the model") from None
-            shape = list(mod.weight.shape)
-            if shape != self.weight_shapes[name]:
-                raise ProfileMismatchError(f"layer {name!r}: weight shape {shape} != profile's "
-                                           f"{self.weight_shapes[name]}")
-            digest = _layer_digest(name, mod)
-            if self.layer_digests and digest != self.layer_digests[name]:
-                raise ProfileMismatchError(f"layer {name!r}: weights or configuration differ "
-                                           "from the model the profile was computed on")
-        if len(layers) > len(self.layers):
-            raise ProfileMismatchError(
-                f"model layer {layers[len(self.layers)]!r} is not in the profile")
-        fingerprint, _ = model_fingerprint(gm, layers)
-        if fingerprint != self.fingerprint:
-            raise ProfileMismatchError("model fingerprint differs from the profile's")
-
-
-def build_profile(gm: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int,
-                  class_names: Sequence[str] | None = None,
-                  layers: Sequence[str] | None = None, progress: bool = True, *,
-                  dtype: torch.dtype = torch.float32, chunk_bytes: int = CHUNK_BYTES,
-                  dense: bool = False, forward_batch: int | None = None) -> Profile:
-    """:func:`contributions` (factored single-tap layers unless ``dense=True``) plus the
-    sample counts and the model fingerprint."""
-    layers = _resolve_layers(gm, layers)
-    names = [str(c) for c in range(num_classes)] if class_names is None else list(class_names)
-    if len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names for {num_classes} classes")
-    result, counts = _stream(gm, batches, num_classes, layers,
-                             partial(_cheap_layer, dense=dense), dtype, chunk_bytes, progress,
-                             forward_batch)
-    fingerprint, digests = model_fingerprint(gm, layers)
-    mods = {name: gm.get_submodule(name) for name in layers}
-    return Profile(
-        layers=list(layers), contributions=result, class_names=names, samples_per_class=counts,
-        weight_shapes={n: list(m.weight.shape) for n, m in mods.items()},
-        groups={n: (m.groups if isinstance(m, nn.Conv2d) else 1) for n, m in mods.items()},
-        fingerprint=fingerprint, layer_digests=digests)
+    def compute(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> dict[str, Contribution]:
+        if self.batches is None or self.num_classes is None:
+            raise PreconditionError(
+                "no contributions for this graph: profile the model (mdafx.api.analyse) and "
+                "seed them with am.provide(Contributions, profile.contributions)")
+        return contributions(gm, self.batches, self.num_classes, progress=False)

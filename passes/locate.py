@@ -30,7 +30,8 @@ The contributions of a layer may be a dense tensor ``[K, O, I/g]`` or a factored
 than about ``chunk_bytes`` of ``A`` at once, whatever ``K``; ``N^c`` is a sum of 0/1 terms, hence
 exact in any order, and the masks are identical to :func:`weighted_input_mask` on the dense ``A``.
 
-Writes ``node.meta["mdafx.mask"]`` (bool ``[num_classes, *ids.shape]``) and changes nothing else.
+The result is a ``ChannelMasks`` (bool ``[num_classes, *ids.shape]`` per node name), cached by the
+analysis manager per thresholds; nothing is written into the graph.
 """
 from __future__ import annotations
 
@@ -41,10 +42,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from mdafx.errors import PreconditionError
-from mdafx.ir import META_MASK
+from mdafx.passmanager import Analysis, AnalysisManager
 from mdafx.rules import BY_ID, POSITIONAL, WEIGHTED, lookup
-from passes.channel_groups import ChannelGraph
-from passes.contributions import FactoredContribution
+from mdafx.passes.channel_groups import ChannelGraph, ChannelGroups
+from mdafx.passes.contributions import Contributions, FactoredContribution
 
 EPS = 1e-5
 LOCATE_CHUNK_BYTES: int = 16 * 2**20
@@ -211,7 +212,6 @@ def locate(gm: fx.GraphModule, cg: ChannelGraph,
         raise PreconditionError(f"the model output {out_name!r} is not [batch, {K}] logits")
     masks: dict[str, object] = {out_name: torch.eye(K, dtype=torch.bool).reshape(K, 1, K)}
     kept_barriers = []
-    nodes = {n.name: n for n in gm.graph.nodes}
     for node in reversed(gm.graph.nodes):
         if node.op in ("output", "placeholder", "get_attr"):
             continue
@@ -256,8 +256,6 @@ def locate(gm: fx.GraphModule, cg: ChannelGraph,
                 _or_into(masks, a.name, _map_by_id(out_ids, out_mask, cg.ids[a.name]))
         # shape queries and scalar nodes carry no channels
     result = {n: m for n, m in masks.items() if isinstance(m, torch.Tensor)}
-    for name, m in result.items():
-        nodes[name].meta[META_MASK] = m
     return ChannelMasks(result, K, thresholds, kept_barriers)
 
 
@@ -289,3 +287,22 @@ def _full(ids, K):
     if isinstance(ids, tuple):
         return tuple(_full(i, K) for i in ids)
     return torch.ones((K, *ids.shape), dtype=torch.bool)
+
+
+class Locate(Analysis):
+    """Per-class channel masks for ``thresholds`` (module docstring); requires ChannelGroups and
+    Contributions (seeded from a profile)."""
+
+    name = "locate"
+
+    def __init__(self, thresholds: Thresholds = Thresholds(), *,
+                 chunk_bytes: int = LOCATE_CHUNK_BYTES) -> None:
+        self.thresholds = thresholds
+        self.chunk_bytes = chunk_bytes
+
+    def key(self) -> tuple:
+        return (self.thresholds,)
+
+    def compute(self, gm: fx.GraphModule, am: AnalysisManager) -> ChannelMasks:
+        return locate(gm, am.get(ChannelGroups), am.get(Contributions), self.thresholds,
+                      chunk_bytes=self.chunk_bytes)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +26,12 @@ import torch.fx as fx
 
 from mdafx.channels import FROZEN, along, varying_dims
 from mdafx.errors import PreconditionError
-from mdafx.ir import META_KEPT, propagate_shapes, shape_of
-from mdafx.passmanager import AnalysisManager, Pass, PassManager
+from mdafx.errors import InternalError
+from mdafx.ir import META_KEPT
+from mdafx.passmanager import Analysis, AnalysisManager, Pass
 from mdafx.rules import PruneContext, lookup
-from passes.channel_groups import ChannelGraph, ChannelGroups, _map_ids
+from mdafx.passes.channel_groups import ChannelGraph, ChannelGroups, _map_ids
+from mdafx.passes.locate import Locate, Thresholds
 
 
 @dataclass
@@ -114,6 +117,26 @@ def _logit_roots(cg: ChannelGraph) -> torch.Tensor:
     return along(cg.forest.find(ids), 1, cg.output_width).clone()
 
 
+class TaskPlan(Analysis):
+    """The plan of a task's component (MDA §1.4): a coupled group stays iff some class of
+    ``classes`` relies on one of its channels under ``thresholds`` (Locate's masks, OR over the
+    task), and the output keeps exactly the task's logits, in the task's order."""
+
+    name = "task-plan"
+
+    def __init__(self, classes: Sequence[int], thresholds: Thresholds = Thresholds()) -> None:
+        self.classes = tuple(int(c) for c in classes)
+        self.thresholds = thresholds
+
+    def key(self) -> tuple:
+        return (self.classes, self.thresholds)
+
+    def compute(self, gm: fx.GraphModule, am: AnalysisManager) -> ChannelPlan:
+        masks = am.get(Locate(self.thresholds))
+        return plan_from_votes(am.get(ChannelGroups), masks.votes(self.classes),
+                               list(self.classes))
+
+
 class PruneChannels(Pass):
     """Rewrite modules and shape constants so dropped channels physically disappear."""
 
@@ -144,8 +167,8 @@ class PruneChannels(Pass):
             try:
                 rule.prune(PruneContext(node, gm, module, kept_of, roots_of))
             except Exception as e:
-                raise PreconditionError(f"{rule.name} could not prune {node.format_node()}: "
-                                        f"{type(e).__name__}: {e}") from e
+                raise InternalError(f"{rule.name} could not prune {node.format_node()}: "
+                                    f"{type(e).__name__}: {e}") from e
             after_module = gm.get_submodule(node.target) if node.op == "call_module" else None
             modified |= before != (node.op, node.target, node.args, node.kwargs) or after_module is not module
         modified |= _select_output(gm, cg, plan)
@@ -171,34 +194,6 @@ def _append_getitem(gm: fx.GraphModule, index: list[int], name: str) -> bool:
         sel.name = name
     out.args = (sel,)
     return True
-
-
-def prune(gm: fx.GraphModule, plan: ChannelPlan, cg: ChannelGraph | None = None,
-          instruments=None, name: str = "model") -> fx.GraphModule:
-    """A physically smaller copy of ``gm`` for ``plan`` (``gm`` is left untouched), through
-    ``passes.disassembly_pipeline``. ``instruments`` default to what MDAFX_DUMP / MDAFX_VERIFY
-    ask for (mdafx.config), dumping under ``name``."""
-    example = _example_input(gm)
-    pruned = copy.deepcopy(gm)
-    am = AnalysisManager(pruned)
-    if cg is not None:
-        am.provide(ChannelGroups, cg)  # node names survive deepcopy
-    from mdafx.config import default_instruments
-    from passes import disassembly_pipeline
-
-    if instruments is None:
-        instruments = default_instruments(name)
-    PassManager(disassembly_pipeline(plan), instruments).run(pruned, am)
-    propagate_shapes(pruned, torch.randn(example))
-    return pruned
-
-
-def _example_input(gm: fx.GraphModule) -> tuple[int, ...]:
-    ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    shape = shape_of(ph)
-    if shape is None:
-        raise PreconditionError("the graph has no shapes: trace it with mdafx.trace first")
-    return shape
 
 
 def masked_model(gm: fx.GraphModule, plan: ChannelPlan, cg: ChannelGraph) -> fx.GraphModule:

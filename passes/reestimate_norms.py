@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from mdafx.errors import PreconditionError
 from mdafx.passmanager import AnalysisManager, Pass
-from passes.channel_groups import ChannelGroups
+from mdafx.passes.channel_groups import ChannelGroups
 
 __all__ = ["ReestimateNorms", "reestimate_norms"]
 

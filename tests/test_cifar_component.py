@@ -24,7 +24,8 @@ from mdafx.api import (channel_groups, disassemble, locate, masked_model, plan_f
 from mdafx.data import ArrayDataset, load_imagefolder, split_per_class
 from mdafx.ir import count_params
 from mdafx.models import tiny_cnn
-from mdafx.training import task_accuracy, train_classifier
+from mdafx.evaluation import task_accuracy
+from mdafx.training import train_classifier
 
 pytestmark = pytest.mark.data
 

@@ -12,16 +12,17 @@ import torch.nn as nn
 from mdafx import config
 from mdafx.dump import analyze, to_dot, to_table
 from mdafx.errors import PassError, PreconditionError
-from mdafx.instrument import DumpIR, Timing, VerifyEach
-from mdafx.ir import META_IDS, trace
-from mdafx.passmanager import Pass, PassManager
-from passes import disassembly_pipeline
+from mdafx.instrument import DumpIR, Timing, VerifyEach, default_instruments, run_pipeline
+from mdafx.ir import trace
+from mdafx.passmanager import Pass
+from mdafx.passes import disassembly_pipeline
+from mdafx.passes.shapes import Shapes
 from test_golden_dumps import CASES, traced_case
 
 
 def pruned_case(name: str):
     gm, am, plan = traced_case(name)
-    PassManager(disassembly_pipeline(plan)).run(gm, am)
+    run_pipeline(disassembly_pipeline(plan), gm, am, instruments=[])
     return gm
 
 
@@ -171,7 +172,7 @@ def test_graph_that_does_not_run_is_still_rendered():
 def run_dumped(directory, name="flatten_linear", extra=()):
     gm, am, plan = traced_case(name)
     dump_ir = DumpIR(directory, name)
-    PassManager(disassembly_pipeline(plan) + list(extra), [dump_ir]).run(gm, am)
+    run_pipeline(disassembly_pipeline(plan) + list(extra), gm, am, instruments=[dump_ir])
     return dump_ir
 
 
@@ -196,7 +197,7 @@ def test_dump_ir_writes_failed_file(tmp_path):
     gm, am, plan = traced_case("flatten_linear")
     dump_ir = DumpIR(tmp_path, "m")
     with pytest.raises(PassError, match="pass 'explode' .*ran before: prune-channels"):
-        PassManager(disassembly_pipeline(plan) + [Explode()], [dump_ir]).run(gm, am)
+        run_pipeline(disassembly_pipeline(plan) + [Explode()], gm, am, instruments=[dump_ir])
     failed = (tmp_path / "m" / "02_explode.FAILED.txt").read_text().splitlines()
     assert re.fullmatch(r"# mdafx \| FAILED explode \(#02\) \| model m \| \d+\.\d{3} s", failed[0])
     assert failed[1].startswith("# nodes 9 -> 9   params ")
@@ -231,7 +232,7 @@ def test_dump_ir_reuses_its_own_directory_and_clears_only_its_files(tmp_path):
 def test_timing_records_each_pass():
     gm, am, plan = traced_case("residual")
     timing = Timing()
-    PassManager(disassembly_pipeline(plan) + [NoOp()], [timing]).run(gm, am)
+    run_pipeline(disassembly_pipeline(plan) + [NoOp()], gm, am, instruments=[timing])
     assert [(i, name, mod) for i, name, mod, _ in timing.records] == [
         (1, "prune-channels", True), (2, "no-op", False)]
     table = timing.table().splitlines()
@@ -242,16 +243,30 @@ def test_timing_records_each_pass():
 
 def test_verify_each_accepts_a_correct_pipeline():
     gm, am, plan = traced_case("cat_split")
-    PassManager(disassembly_pipeline(plan) + [NoOp()], [VerifyEach()]).run(gm, am)
+    run_pipeline(disassembly_pipeline(plan) + [NoOp()], gm, am, instruments=[VerifyEach()])
 
 
 def test_verify_each_names_the_pass_and_the_node():
     gm, am, _ = traced_case("flatten_linear")
-    with pytest.raises(PassError) as info:
-        PassManager([NoOp(), BreakConv()], [VerifyEach()]).run(gm, am)
+    # the pass manager refreshes shapes after every transform, so a graph that no longer
+    # executes fails right there, naming the pass and the node
+    with pytest.raises(PreconditionError) as info:
+        run_pipeline([NoOp(), BreakConv()], gm, am, instruments=[VerifyEach()])
     message = str(info.value)
-    assert "after pass 'break-conv' (#2)" in message
+    assert "in pass 'break-conv' (#2; ran before: no-op)" in message
     assert "%conv : [num_users=1] = call_module[target=conv](args = (%x,)" in message
+
+
+def test_verify_each_runs_the_graph_when_shapes_are_preserved():
+    gm, am, _ = traced_case("flatten_linear")
+
+    class BreakQuietly(BreakConv):
+        preserves = (Shapes,)
+
+    with pytest.raises(PassError) as info:
+        run_pipeline([BreakQuietly()], gm, am, instruments=[VerifyEach()])
+    assert "after pass 'break-conv' (#1)" in str(info.value)
+    assert "%conv" in str(info.value)
 
 
 # ----------------------------------------------------------------------------- config
@@ -260,19 +275,19 @@ def test_verify_each_names_the_pass_and_the_node():
 def test_default_instruments_follow_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("MDAFX_DUMP", raising=False)
     monkeypatch.delenv("MDAFX_VERIFY", raising=False)
-    assert config.default_instruments("m") == []
+    assert default_instruments("m") == []
     monkeypatch.setenv("MDAFX_DUMP", str(tmp_path))
     monkeypatch.setenv("MDAFX_VERIFY", "1")
-    dump_ir, verify = config.default_instruments("m")
+    dump_ir, verify = default_instruments("m")
     assert isinstance(dump_ir, DumpIR) and dump_ir.path == tmp_path / "m"
     assert isinstance(verify, VerifyEach)
     monkeypatch.setenv("MDAFX_VERIFY", "maybe")
-    with pytest.raises(ValueError, match="MDAFX_VERIFY='maybe'"):
+    with pytest.raises(PreconditionError, match="MDAFX_VERIFY='maybe'"):
         config.verify()
 
 
-def test_channel_ids_meta_is_read_not_required():
+def test_renderings_write_nothing_into_the_graph():
     gm = trace(nn.Sequential(nn.Conv2d(3, 4, 1)), torch.randn(1, 3, 2, 2))
-    assert all(META_IDS not in n.meta for n in gm.graph.nodes)   # no ChannelGroups run yet
+    before = [dict(n.meta) for n in gm.graph.nodes]
     assert " g0 " in to_table(gm)
-    assert all(META_IDS not in n.meta for n in gm.graph.nodes)
+    assert [dict(n.meta) for n in gm.graph.nodes] == before

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from mdafx.api import disassemble, locate
 from mdafx.errors import PreconditionError
 from mdafx.finetune import distillation_loss, finetune
-from passes.locate import Thresholds
+from mdafx.passes.locate import Thresholds
 from test_search import TASK, setup
 
 

@@ -17,12 +17,12 @@ import torch
 import torch.nn as nn
 
 from mdafx import config
-from mdafx.instrument import DumpIR
+from mdafx.instrument import DumpIR, run_pipeline
 from mdafx.ir import trace
-from mdafx.passmanager import AnalysisManager, PassManager
-from passes import disassembly_pipeline
-from passes.channel_groups import ChannelGroups
-from passes.prune_channels import plan_random
+from mdafx.passmanager import AnalysisManager
+from mdafx.passes import disassembly_pipeline
+from mdafx.passes.channel_groups import ChannelGroups
+from mdafx.passes.prune_channels import plan_random
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 _TIMING = re.compile(r"\| \d+\.\d+ s\b")
@@ -103,7 +103,7 @@ def dump_case(name: str, directory: Path, extra_passes=()) -> DumpIR:
     """Run the disassembly pipeline (plus ``extra_passes``) on a case with DumpIR."""
     gm, am, plan = traced_case(name)
     dump_ir = DumpIR(directory, name)
-    PassManager(disassembly_pipeline(plan) + list(extra_passes), [dump_ir]).run(gm, am)
+    run_pipeline(disassembly_pipeline(plan) + list(extra_passes), gm, am, instruments=[dump_ir])
     return dump_ir
 
 
@@ -185,7 +185,7 @@ def resnet18_dump(tmp_path_factory):
     am = AnalysisManager(gm)
     plan = plan_random(am.get(ChannelGroups), 0.5, seed=0, classes=[5, 3])
     dump_ir = DumpIR(tmp_path_factory.mktemp("dumps"), "resnet18")
-    PassManager(disassembly_pipeline(plan), [dump_ir]).run(gm, am)
+    run_pipeline(disassembly_pipeline(plan), gm, am, instruments=[dump_ir])
     return dump_ir.path
 
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from mdafx.data import ArrayDataset
 from mdafx.models import resnet_cifar, tiny_cnn, vgg_cifar
-from mdafx.training import evaluate, task_accuracy, train_classifier
+from mdafx.evaluation import confusion_report as evaluate, task_accuracy
+from mdafx.training import train_classifier
 
 FACTORIES = {
     "vgg": vgg_cifar,

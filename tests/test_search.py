@@ -18,7 +18,7 @@ from mdafx.data import ArrayDataset, split_per_class
 from mdafx.models import tiny_cnn
 from mdafx.search import DEFAULT_SCALES, Budget, search_thresholds, tradeoff_svg
 from mdafx.training import train_classifier
-from passes.contributions import build_profile
+from mdafx.profiling import build_profile
 
 K = 4
 SIZE = 16

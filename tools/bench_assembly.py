@@ -47,9 +47,9 @@ import reproduce as rp  # noqa: E402
 from mdafx import api  # noqa: E402
 from mdafx.assemble import assemble  # noqa: E402
 from mdafx.data import ArrayDataset  # noqa: E402
-from mdafx.training import predict, task_accuracy  # noqa: E402
-from passes.locate import Thresholds  # noqa: E402
-from passes.logit_scaling import calibrate_scales  # noqa: E402
+from mdafx.evaluation import predict, task_accuracy  # noqa: E402
+from mdafx.passes.locate import Thresholds  # noqa: E402
+from mdafx.passes.logit_scaling import calibrate_scales  # noqa: E402
 
 CAT_DOG = ("cat", "dog")
 AIRPLANE_SHIP = ("airplane", "ship")

@@ -124,7 +124,7 @@ def _masks(a: Any, alpha: float, beta: float, eps: float) -> tuple[Any, Any, Any
 def _compare(cheap_path: str, naive: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from passes.contributions import FactoredContribution
+    from mdafx.passes.contributions import FactoredContribution
 
     cheap = torch.load(cheap_path, map_location="cpu", weights_only=True, mmap=True)
     cheap = {k: FactoredContribution.from_dict(v) if FactoredContribution.is_dict(v) else v
@@ -168,7 +168,7 @@ def _limit_data(gb: float | None) -> None:
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from passes.contributions import FactoredContribution, contributions, naive_contributions
+    from mdafx.passes.contributions import FactoredContribution, contributions, naive_contributions
 
     torch.set_num_threads(args.threads)
     gm, batches = _build(args)

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mdafx.instrument import DumpIR, Timing, VerifyEach  # noqa: E402
 from mdafx.ir import trace  # noqa: E402
 from mdafx.passmanager import AnalysisManager, PassManager  # noqa: E402
-from passes import disassembly_pipeline  # noqa: E402
-from passes.channel_groups import ChannelGroups  # noqa: E402
-from passes.prune_channels import plan_random  # noqa: E402
+from mdafx.passes import disassembly_pipeline  # noqa: E402
+from mdafx.passes.channel_groups import ChannelGroups  # noqa: E402
+from mdafx.passes.prune_channels import plan_random  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,10 +40,10 @@ import reproduce as rp  # noqa: E402
 from mdafx import api  # noqa: E402
 from mdafx.data import split_per_class  # noqa: E402
 from mdafx.search import Budget, norm_batches, scale_text, search_thresholds  # noqa: E402
-from mdafx.training import predict, task_accuracy  # noqa: E402
-from passes.locate import Thresholds, locate  # noqa: E402
-from passes.prune_channels import plan_from_votes  # noqa: E402
-from passes.reestimate_norms import reestimate_norms  # noqa: E402
+from mdafx.evaluation import predict, task_accuracy  # noqa: E402
+from mdafx.passes.locate import Thresholds, locate  # noqa: E402
+from mdafx.passes.prune_channels import plan_from_votes  # noqa: E402
+from mdafx.passes.reestimate_norms import reestimate_norms  # noqa: E402
 
 LEVELS = (0.1, 0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25, 1.5, 1.75, 2.0, 2.5)
 DEFAULT_TASKS = "cat,dog;airplane,ship;automobile,truck"

@@ -54,9 +54,9 @@ from mdafx import api  # noqa: E402
 from mdafx.data import split_per_class  # noqa: E402
 from mdafx.search import (DEFAULT_SCALES, GLOBAL_SCALES, Budget, count_macs,  # noqa: E402
                           norm_batches, scale_text, search_thresholds)
-from mdafx.training import predict, task_accuracy  # noqa: E402
-from passes.locate import Thresholds  # noqa: E402
-from passes.reestimate_norms import reestimate_norms  # noqa: E402
+from mdafx.evaluation import predict, task_accuracy  # noqa: E402
+from mdafx.passes.locate import Thresholds  # noqa: E402
+from mdafx.passes.reestimate_norms import reestimate_norms  # noqa: E402
 
 TASKS = rp.TASKS[:4]
 HEADERS = ["model", "task", "variant", "thresholds", "params", "MACs", "calib acc",

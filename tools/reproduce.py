@@ -62,9 +62,9 @@ from mdafx.data import (  # noqa: E402
     resolve_data_root,
     split_per_class,
 )
-from mdafx.training import predict, task_accuracy  # noqa: E402
-from passes.contributions import Profile, model_fingerprint  # noqa: E402
-from passes.locate import Thresholds  # noqa: E402
+from mdafx.evaluation import predict, task_accuracy  # noqa: E402
+from mdafx.profiling import Profile, model_fingerprint  # noqa: E402
+from mdafx.passes.locate import Thresholds  # noqa: E402
 
 DEFAULT_MODELS = ("vgg", "resnet20")
 FIVE_A = ("airplane", "automobile", "ship", "truck", "horse")

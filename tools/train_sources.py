@@ -37,7 +37,8 @@ from mdafx.data import (  # noqa: E402
     resolve_data_root,
 )
 from mdafx.models import resnet_cifar, tiny_cnn, vgg_cifar  # noqa: E402
-from mdafx.training import evaluate, train_classifier  # noqa: E402
+from mdafx.evaluation import confusion_report as evaluate
+from mdafx.training import train_classifier  # noqa: E402
 
 # name -> (factory, factory kwargs, training recipe). Shared choices and why:
 # - one-cycle SGD+Nesterov at lr 0.2, batch 128: the most accuracy per epoch on short schedules;

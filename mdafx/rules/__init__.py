@@ -10,6 +10,11 @@ A rule answers three questions about one node, without keeping any state of its 
   operands of an element-wise op), ``WEIGHTED`` (a conv/linear: MDA's α/β rule, in passes/locate.py).
 * ``prune(pctx)``: rewrite the node's module or constant arguments so the pruned graph computes
   exactly the kept channels. ``None`` when the op is shape-agnostic.
+* ``merge(mctx)``: how the merged layout of alignment padding (MDA.md §2.2,
+  ``mdafx.passes.align_padding``) builds this op from its copies in k isomorphic components:
+  which merged node it emits and in which *layout* its output channels lie (a list of
+  ``(component, channel)`` pairs, ``None`` for the shared input). ``None``: the op cannot be
+  merged, and the merged layout refuses the graph naming the node.
 
 Rules are registered with ``@channel_rule(key, ...)``; the key is the module class (exact type,
 never a subclass: a subclass may override ``forward``), the function object of a
@@ -68,12 +73,70 @@ class PruneContext:
         setattr(self.gm.get_submodule(owner) if owner else self.gm, name, new)
 
 
+Layout = list  # [(component, channel), ...] along dim 1, or None for the shared input
+
+
+@dataclass
+class MergeContext:
+    """What a rule's merge sees: one *column* of nodes (component k's copy of the op in
+    ``column[k]``, their modules in ``modules``) and the builder of the merged graph, whose
+    ``arg``/``layout`` give the merged value and layout of any argument of ``column[0]``."""
+
+    column: list[fx.Node]
+    modules: list[torch.nn.Module | None]
+    builder: Any  # mdafx.passes.align_padding._Builder
+
+    @property
+    def node(self) -> fx.Node:
+        return self.column[0]
+
+    def arg(self, a: Any) -> Any:
+        return self.builder.arg(a)
+
+    def layout(self, a: fx.Node) -> Layout | None:
+        return self.builder.layouts[a.name]
+
+    def emit_module(self, module: torch.nn.Module, args: tuple, layout: Layout | None) -> None:
+        self.builder.emit_module(self.node, module, args, layout)
+
+    def emit(self, args: tuple, kwargs: dict, layout: Layout | None) -> None:
+        """The same function or method as ``column[0]`` on merged arguments."""
+        self.builder.emit(self.node, args, kwargs, layout)
+
+    def permute(self, value: fx.Node, layout: Layout, want: Layout) -> fx.Node:
+        return self.builder.permute(value, layout, want)
+
+    def standard(self, sizes: list[int]) -> Layout:
+        """Component 0's channels, then component 1's, ...: the layout of a merged layer's
+        output."""
+        return [(k, j) for k, n in enumerate(sizes) for j in range(n)]
+
+    def sizes(self, layout: Layout) -> list[int]:
+        """How many channels of each component ``layout`` holds."""
+        counts = [0] * len(self.column)
+        for k, _ in layout:
+            counts[k] += 1
+        return counts
+
+
+def merge_same(m: MergeContext) -> None:
+    """Channel-preserving ops (activations, pooling, dropout, reductions over other dims): the
+    same op on the merged tensor; the layout of its (first) tensor input passes through."""
+    first = next(a for a in m.node.all_input_nodes)
+    layout = m.layout(first)
+    if m.node.op == "call_module":
+        m.emit_module(m.modules[0], m.arg(m.node.args), layout)
+    else:
+        m.emit(m.arg(m.node.args), m.arg(m.node.kwargs), layout)
+
+
 @dataclass(frozen=True)
 class ChannelRule:
     name: str
     forward: Callable[[RuleContext], Any]
     mask: str = BY_ID
     prune: Callable[[PruneContext], None] | None = None
+    merge: Callable[[MergeContext], None] | None = None
 
 
 @dataclass
@@ -90,11 +153,13 @@ class _Registry:
 REGISTRY = _Registry()
 
 
-def channel_rule(*keys: Any, mask: str = BY_ID, prune: Callable | None = None, name: str | None = None):
+def channel_rule(*keys: Any, mask: str = BY_ID, prune: Callable | None = None,
+                 merge: Callable | None = None, name: str | None = None):
     """Register ``forward`` as the channel rule of every op in ``keys``."""
 
     def deco(forward: Callable[[RuleContext], Any]) -> Callable[[RuleContext], Any]:
-        REGISTRY.register(keys, ChannelRule(name or forward.__name__, forward, mask, prune))
+        REGISTRY.register(keys, ChannelRule(name or forward.__name__, forward, mask, prune,
+                                            merge))
         return forward
 
     return deco

@@ -7,6 +7,9 @@ N-ary ops with broadcasting (add/sub/mul/div of tensors, as in residual adds, SE
 scale) mix the operands position by position, so the operands' channels at one output position
 must be kept or dropped together: the output gets fresh ids, coupled with each tensor operand's
 ids broadcast to the output. An operand of size 1 along a dim is shared by every channel there.
+
+Merged layout: unary ops run unchanged on the merged tensor; an element-wise op of two tensors
+first brings the second operand into the first one's layout (an ``index_select``).
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from . import BY_ID, POSITIONAL, Barrier, RuleContext, channel_rule
+from . import BY_ID, POSITIONAL, Barrier, MergeContext, RuleContext, channel_rule, merge_same
 from ..channels import compress
+from ..errors import PreconditionError
 
 UNARY_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
@@ -37,7 +41,7 @@ UNARY_METHODS = (
 )
 
 
-@channel_rule(*UNARY_MODULES, *UNARY_FUNCTIONS, *UNARY_METHODS, mask=BY_ID)
+@channel_rule(*UNARY_MODULES, *UNARY_FUNCTIONS, *UNARY_METHODS, mask=BY_ID, merge=merge_same)
 def unary_rule(ctx: RuleContext):
     x = ctx.args[0] if ctx.args else next(iter(ctx.kwargs.values()))
     if not isinstance(ctx.out, torch.Tensor) or not isinstance(x, torch.Tensor) or ctx.out.shape != x.shape:
@@ -52,7 +56,20 @@ NARY = (
 )
 
 
-@channel_rule(*NARY, mask=POSITIONAL)
+def merge_broadcast(m: MergeContext) -> None:
+    tensors = [a for a in m.node.args[:2] if hasattr(a, "name")]
+    base = m.layout(tensors[0])
+    args = list(m.arg(m.node.args))
+    for i, a in enumerate(m.node.args[:2]):
+        if hasattr(a, "name") and m.layout(a) != base:
+            if base is None or m.layout(a) is None:
+                raise PreconditionError(f"merged layout: {m.node.format_node()} mixes the shared "
+                                        "input with a component tensor")
+            args[i] = m.permute(args[i], m.layout(a), base)
+    m.emit(tuple(args), m.arg(m.node.kwargs), base)
+
+
+@channel_rule(*NARY, mask=POSITIONAL, merge=merge_broadcast)
 def broadcast_rule(ctx: RuleContext):
     out = ctx.out
     if not isinstance(out, torch.Tensor):

@@ -17,6 +17,12 @@ Two constraints keep the pruned graph expressible:
   the channel it reads, and a strided slice or tensor index on a channel dim is a barrier.
   ``squeeze`` of a tensor with droppable channels is frozen: pruning to one channel would change
   what it squeezes.
+
+Merged layout: a concat along dim 1 of merged tensors lays the inputs' layouts end to end, so
+component k's channels of input i follow its channels of inputs 0..i-1 (the layout records it;
+nothing is reordered); a flatten from dim 1 maps ``(k, j)`` to features ``(k, j·HW + s)``. Other
+data movement cannot be merged (the final class-reordering ``getitem`` of a component,
+:func:`is_class_select`, is not merged but folded into the merged output's order).
 """
 from __future__ import annotations
 
@@ -26,8 +32,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import BY_ID, Barrier, PruneContext, RuleContext, channel_rule
+from . import BY_ID, Barrier, Layout, MergeContext, PruneContext, RuleContext, channel_rule
 from ..channels import ChannelForest, along, compress, expand_to, varying_dims
+from ..errors import InternalError, PreconditionError
+from ..ir import shape_of
 
 RESHAPES = ("view", "reshape", "expand", torch.reshape)
 SPLITS = ("split", "chunk", torch.split, torch.chunk)
@@ -143,7 +151,7 @@ def _kept_count(kept: torch.Tensor, dim: int) -> int:
 def _channel_dim(p: PruneContext, node) -> int | None:
     dims = varying_dims(p.roots_of(node))
     if len(dims) > 1:
-        raise AssertionError(f"{node} has channels on several dims {dims}")
+        raise InternalError(f"{node} has channels on several dims {dims}")
     return dims[0] if dims else None
 
 
@@ -214,7 +222,61 @@ def prune_getitem(p: PruneContext) -> None:
 
 
 
-channel_rule(*PLAIN, name="movement_rule")(movement_rule)
+# ----------------------------------------------------------------------------- merged layout
+
+
+def _refuse(m: MergeContext) -> None:
+    raise PreconditionError(f"merged layout: no merge for {m.node.format_node()}; use "
+                            "layout='parallel'")
+
+
+def _flatten_layout(layout: Layout | None, shape) -> Layout | None:
+    if layout is None:
+        return None
+    hw = 1
+    for s in tuple(shape or ())[2:]:
+        hw *= s
+    return [(k, j * hw + s) for k, j in layout for s in range(hw)]
+
+
+def merge_movement(m: MergeContext) -> None:
+    """cat along dim 1 and flatten from dim 1 (module docstring); anything else is refused."""
+    node, target = m.node, m.node.target
+    if target in (torch.cat, torch.concat):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if dim != 1 or any(m.layout(a) is None for a in node.args[0]):
+            _refuse(m)
+        offset, layout = [0] * len(m.column), []
+        for part in node.args[0]:
+            part_layout = m.layout(part)
+            layout += [(k, j + offset[k]) for k, j in part_layout]
+            offset = [o + s for o, s in zip(offset, m.sizes(part_layout))]
+        m.emit(m.arg(node.args), m.arg(node.kwargs), layout)
+        return
+    is_flatten = target in (torch.flatten, "flatten") or node.op == "call_module" and isinstance(
+        m.modules[0], nn.Flatten)
+    if is_flatten:
+        start = (m.modules[0].start_dim if node.op == "call_module" else
+                 node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0))
+        if start != 1:
+            _refuse(m)
+        layout = _flatten_layout(m.layout(node.args[0]), shape_of(node.args[0]))
+        if node.op == "call_module":
+            m.emit_module(m.modules[0], m.arg(node.args), layout)
+        else:
+            m.emit(m.arg(node.args), m.arg(node.kwargs), layout)
+        return
+    _refuse(m)
+
+
+def is_class_select(node: fx.Node) -> bool:
+    """``x[:, [i, j, ...]]``: the class reordering PruneChannels appends to a component."""
+    idx = node.args[1] if len(node.args) > 1 else None
+    return (node.target is operator.getitem and isinstance(idx, tuple) and len(idx) == 2
+            and idx[0] == slice(None) and isinstance(idx[1], list))
+
+
+channel_rule(*PLAIN, merge=merge_movement, name="movement_rule")(movement_rule)
 channel_rule(*RESHAPES, prune=prune_reshape, name="reshape_rule")(movement_rule)
 channel_rule(*SPLITS, prune=prune_split, name="split_rule")(movement_rule)
 channel_rule(operator.getitem, prune=prune_getitem, name="getitem_rule")(getitem_rule)

@@ -7,6 +7,9 @@ LayerNorm and GroupNorm normalise with statistics taken *across* channels: dropp
 changes every other channel's output. mdafx therefore keeps every channel they normalise over
 (frozen, reported as a barrier on those channels) and passes the ids through; nothing is pruned
 inside them, so the result stays exact.
+
+Merged layout: a BatchNorm's parameters and statistics are permuted into its input's layout
+(channel p takes component k's entry j where ``layout(p) = (k, j)``).
 """
 from __future__ import annotations
 
@@ -14,9 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import BY_ID, Barrier, PruneContext, RuleContext, channel_rule
+from . import BY_ID, Barrier, MergeContext, PruneContext, RuleContext, channel_rule
 from .elementwise import unary_rule
 from ..channels import along
+from ..errors import PreconditionError
 
 
 def prune_batchnorm(p: PruneContext) -> None:
@@ -37,7 +41,26 @@ def prune_batchnorm(p: PruneContext) -> None:
     p.replace_module(new)
 
 
-@channel_rule(nn.BatchNorm1d, nn.BatchNorm2d, mask=BY_ID, prune=prune_batchnorm)
+def merge_batchnorm(m: MergeContext) -> None:
+    src = m.node.args[0]
+    layout = m.layout(src)
+    bns = m.modules
+    if layout is None:
+        raise PreconditionError(f"merged layout: a batch norm on the shared input "
+                                f"{m.node.format_node()}")
+    b0 = bns[0]
+    merged = type(b0)(len(layout), eps=b0.eps, momentum=b0.momentum, affine=b0.affine,
+                      track_running_stats=b0.track_running_stats)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(merged, name, None) is not None:
+                getattr(merged, name).copy_(torch.stack([getattr(bns[k], name)[j]
+                                                         for k, j in layout]))
+    m.emit_module(merged.eval(), (m.arg(src),), layout)
+
+
+@channel_rule(nn.BatchNorm1d, nn.BatchNorm2d, mask=BY_ID, prune=prune_batchnorm,
+              merge=merge_batchnorm)
 def batchnorm_rule(ctx: RuleContext):
     ids = unary_rule(ctx)
     if ids.dim() == 3 and ids.shape[2] != 1:

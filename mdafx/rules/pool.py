@@ -7,6 +7,8 @@ would mix channels and the node is a barrier.
 
 A reduction (``mean``/``sum`` over ``dim``) is per-channel under the same condition; a reduction
 over the channel axis itself mixes channels and is a barrier.
+
+Merged layout: pooling runs unchanged on the merged tensor; so does a reduction that keeps dim 1.
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import BY_ID, Barrier, RuleContext, channel_rule
+from . import BY_ID, Barrier, MergeContext, RuleContext, channel_rule, merge_same
+from ..errors import PreconditionError
+from ..ir import shape_of
 
 POOL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
@@ -26,7 +30,7 @@ POOL_FUNCTIONS = (
 )
 
 
-@channel_rule(*POOL_MODULES, *POOL_FUNCTIONS, mask=BY_ID)
+@channel_rule(*POOL_MODULES, *POOL_FUNCTIONS, mask=BY_ID, merge=merge_same)
 def pool_rule(ctx: RuleContext):
     src = ctx.node.args[0] if ctx.node.args else ctx.node.kwargs.get("input")
     ids = ctx.ids_of(src)
@@ -43,7 +47,17 @@ def pool_rule(ctx: RuleContext):
 REDUCTIONS = (torch.mean, torch.sum, torch.amax, "mean", "sum", "amax")
 
 
-@channel_rule(*REDUCTIONS, mask=BY_ID)
+def merge_reduction(m: MergeContext) -> None:
+    dims = m.node.args[1] if len(m.node.args) > 1 else m.node.kwargs.get("dim")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    rank = len(shape_of(m.node.args[0]) or ())
+    if not dims or not rank or any(d % rank in (0, 1) for d in dims):
+        raise PreconditionError(f"merged layout: {m.node.format_node()} reduces over the batch "
+                                "or channel dim")
+    merge_same(m)
+
+
+@channel_rule(*REDUCTIONS, mask=BY_ID, merge=merge_reduction)
 def reduction_rule(ctx: RuleContext):
     src = ctx.node.args[0]
     ids = ctx.ids_of(src)

@@ -14,20 +14,17 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from passes.contributions import (
-    Profile,
-    ProfileMismatchError,
-    build_profile,
+from mdafx.errors import InternalError, PreconditionError
+from mdafx.passes.contributions import (
     FactoredContribution,
     contributions,
-    default_per_class,
     densify,
     naive_contributions,
     naive_sample_contributions,
     sample_contributions,
-    select_confident_samples,
     weighted_layers,
 )
+from mdafx.profiling import build_profile
 
 NUM_CLASSES = 4
 RTOL64 = 1e-10  # float64 end to end: only summation order differs
@@ -252,7 +249,7 @@ def test_unsupported_and_shared_layers_raise() -> None:
     mod = nn.Conv2d(2, 2, 3, padding=1)
     gm = traced(mod)
     gm.get_submodule("0").padding_mode = "mirror"
-    with pytest.raises(ValueError, match="'0'.*padding_mode='mirror'"):
+    with pytest.raises(PreconditionError, match="'0'.*padding_mode='mirror'"):
         weighted_layers(gm)
 
     class Shared(nn.Module):
@@ -264,127 +261,15 @@ def test_unsupported_and_shared_layers_raise() -> None:
             return self.conv(self.conv(x))
 
     gm = torch.fx.symbolic_trace(Shared())
-    with pytest.raises(RuntimeError, match="'conv' is called more than once"):
+    with pytest.raises(PreconditionError, match="'conv' is called more than once"):
         contributions(gm, [(torch.randn(2, 2, 3, 3), torch.tensor([0, 1]))], 2, progress=False)
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+    with pytest.raises(PreconditionError, match=r"labels must lie in \[0, 2\)"):
         contributions(traced(nn.Conv2d(2, 2, 1)), [(torch.randn(1, 2, 3, 3), torch.tensor([2]))],
                       2, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
 # sample selection
-
-
-def logit_batches(logits: Tensor, labels: Tensor, order: list[int], batch: int
-                  ) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Batches of (x, y, idx) where the model is the identity, so x are the logits."""
-    idx = torch.tensor(order)
-    return [(logits[idx[i:i + batch]], labels[idx[i:i + batch]], idx[i:i + batch])
-            for i in range(0, len(order), batch)]
-
-
-def brute_force_top(logits: Tensor, labels: Tensor, k: int, c: int) -> list[int]:
-    probs = logits.double().softmax(-1)
-    members = [i for i in range(len(labels)) if labels[i] == c]
-    return sorted(members, key=lambda i: (-probs[i, c].item(), i))[:k]
-
-
-def test_select_confident_samples_top_k() -> None:
-    # class 0: true-label probabilities ranked 3 > 0 > 4; class 1: 1 > 2 (sample 2 is
-    # misclassified but still eligible); sample 5 ties with 3 (same logits) and loses on index
-    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 5.0, 0.0], [3.0, 1.0, 0.0],
-                           [4.0, 0.0, 0.0], [1.0, 0.0, 0.0], [4.0, 0.0, 0.0],
-                           [0.0, 0.0, 9.0]])
-    labels = torch.tensor([0, 1, 1, 0, 0, 0, 2])
-    model = nn.Identity()
-    orders = [(list(range(7)), 7), ([6, 5, 4, 3, 2, 1, 0], 2), ([4, 0, 5, 2, 3, 6, 1], 3)]
-    for order, batch in orders:
-        sel = select_confident_samples(model, logit_batches(logits, labels, order, batch), 3, 2,
-                                       progress=False)
-        assert sel.indices == {0: [3, 5], 1: [1, 2], 2: [6]}
-        expected_lp = logits.double().log_softmax(-1)[[3, 5], 0].tolist()
-        assert sel.log_probs[0] == pytest.approx(expected_lp, rel=1e-12)
-    sel = select_confident_samples(model, logit_batches(logits, labels, list(range(7)), 4), 3,
-                                   {0: 3, 2: 1}, progress=False)
-    assert sel.indices == {0: [3, 5, 0], 1: [], 2: [6]}
-    assert sel.all_indices() == [0, 3, 5, 6]
-
-
-def test_select_confident_samples_random_matches_brute_force() -> None:
-    torch.manual_seed(1)
-    logits, labels = torch.randn(200, 5) * 3, torch.randint(0, 5, (200,))
-    logits[10:20] = logits[10]  # ties
-    labels[10:20] = labels[10]
-    order = torch.randperm(200).tolist()
-    sel = select_confident_samples(nn.Identity(), logit_batches(logits, labels, order, 17), 5,
-                                   [4, 1, 7, 0, 3], progress=False)
-    for c, k in enumerate([4, 1, 7, 0, 3]):
-        assert sel.indices[c] == brute_force_top(logits, labels, k, c)
-
-
-@pytest.mark.parametrize("n,expected", [(0, 1), (49, 1), (50, 1), (149, 1), (150, 2),
-                                        (250, 3), (1300, 13), (5000, 50)])
-def test_default_per_class(n: int, expected: int) -> None:
-    assert default_per_class(n) == expected
-
-
-# ---------------------------------------------------------------------------------------------
-# profile
-
-
-def small_profile(seed: int = 0) -> tuple[torch.fx.GraphModule, Profile]:
-    torch.manual_seed(seed)
-    gm = torch.fx.symbolic_trace(SmallNet())
-    x, y = torch.randn(6, 3, 6, 6), torch.tensor([0, 1, 1, 3, 0, 1])
-    profile = build_profile(gm, make_batches(x, y, 4), NUM_CLASSES, ["a", "b", "c", "d"],
-                            progress=False)
-    return gm, profile
-
-
-def test_profile_round_trip(tmp_path: os.PathLike[str]) -> None:
-    gm, profile = small_profile()
-    assert profile.samples_per_class == [2, 3, 0, 1]
-    assert profile.layers == ["conv1", "conv2", "fc"]
-    assert profile.weight_shapes == {"conv1": [6, 3, 3, 3], "conv2": [6, 3, 3, 3],
-                                     "fc": [NUM_CLASSES, 24]}
-    assert profile.groups == {"conv1": 1, "conv2": 2, "fc": 1}
-    path = os.path.join(tmp_path, "p.pt")
-    profile.save(path)
-    assert os.listdir(tmp_path) == ["p.pt"]  # no temporary file left behind
-    loaded = Profile.load(path)
-    for key in ("layers", "class_names", "samples_per_class", "weight_shapes", "groups",
-                "fingerprint", "layer_digests"):
-        assert getattr(loaded, key) == getattr(profile, key), key
-    assert loaded.contributions.keys() == profile.contributions.keys()
-    for name, a in profile.contributions.items():
-        assert type(loaded.contributions[name]) is type(a)
-        assert torch.equal(densify(loaded.contributions[name]), densify(a))
-    loaded.check_matches(gm)
-    raw = torch.load(path, weights_only=True)
-    assert raw["format"] == "mdafx.profile"
-
-
-def test_profile_mismatch_names_the_layer() -> None:
-    gm, profile = small_profile()
-    with torch.no_grad():
-        gm.conv2.weight[0, 0, 0, 0] += 1.0
-    with pytest.raises(ProfileMismatchError, match="'conv2'"):
-        profile.check_matches(gm)
-    other = torch.fx.symbolic_trace(SmallNet(width=8))
-    with pytest.raises(ProfileMismatchError, match="'conv1': weight shape"):
-        profile.check_matches(other)
-    with pytest.raises(ProfileMismatchError, match="#0 is 'conv1' but the model has '0'"):
-        profile.check_matches(traced(nn.Conv2d(3, 6, 3)))
-    same_arch, _ = small_profile(seed=1)
-    with pytest.raises(ProfileMismatchError, match="'conv1'"):
-        profile.check_matches(same_arch)
-
-
-def test_profile_load_rejects_other_files(tmp_path: os.PathLike[str]) -> None:
-    path = os.path.join(tmp_path, "x.pt")
-    torch.save({"a": torch.zeros(1)}, path)
-    with pytest.raises(ValueError, match="not an mdafx contribution profile"):
-        Profile.load(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,16 +357,16 @@ def test_factored_refuses_a_weight_changed_in_place() -> None:
     fac.for_class(0)
     with torch.no_grad():
         gm.get_submodule("0").weight.mul_(2.0)
-    with pytest.raises(RuntimeError, match="modified in place"):
+    with pytest.raises(PreconditionError, match="modified in place"):
         fac.for_class(0)
 
 
 def test_factored_rejects_bad_shapes() -> None:
-    with pytest.raises(ValueError, match="1×1 kernel"):
+    with pytest.raises(InternalError, match="1×1 kernel"):
         FactoredContribution(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(4, 3, 3, 3))
-    with pytest.raises(ValueError, match=r"pos/neg must both be \[C, 6\]"):
+    with pytest.raises(InternalError, match=r"pos/neg must both be \[C, 6\]"):
         FactoredContribution(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(4, 3), groups=2)
-    with pytest.raises(ValueError, match="groups=3"):
+    with pytest.raises(InternalError, match="groups=3"):
         FactoredContribution(torch.zeros(2, 9), torch.zeros(2, 9), torch.zeros(4, 3), groups=3)
 
 
@@ -504,50 +389,6 @@ class PointwiseNet(nn.Module):
         return self.fc2(self.fc1(x).relu())
 
 
-def test_profile_round_trip_factored(tmp_path: os.PathLike[str]) -> None:
-    torch.manual_seed(3)
-    gm = torch.fx.symbolic_trace(PointwiseNet())
-    x, y = torch.randn(10, 3, 5, 5), torch.arange(10) % NUM_CLASSES
-    profile = build_profile(gm, make_batches(x, y, 4), NUM_CLASSES, progress=False)
-    kinds = {k: type(v).__name__ for k, v in profile.contributions.items()}
-    assert kinds == {"stem": "Tensor", "pw": "FactoredContribution",
-                     "gpw": "FactoredContribution", "dw": "FactoredContribution",
-                     "fc1": "FactoredContribution", "fc2": "FactoredContribution"}
-    path = os.path.join(tmp_path, "p.pt")
-    profile.save(path)
-    raw = torch.load(path, weights_only=True)  # plain data only: no custom class in the file
-    assert raw["version"] == 2
-    assert isinstance(raw["contributions"]["pw"], dict)
-    assert set(raw["contributions"]["pw"]) == {"kind", "pos", "neg", "weight", "groups", "dtype"}
-    for mmap in (False, True):
-        loaded = Profile.load(path, mmap=mmap)
-        loaded.check_matches(gm)
-        for name, a in profile.contributions.items():
-            b = loaded.contributions[name]
-            assert type(b) is type(a) and b.shape == a.shape
-            assert torch.equal(densify(b), densify(a)), name
-        assert loaded.contributions["gpw"].groups == 2 and loaded.contributions["dw"].groups == 6
-    dense = build_profile(gm, make_batches(x, y, 4), NUM_CLASSES, progress=False, dense=True)
-    for name, a in profile.contributions.items():
-        assert torch.equal(dense.contributions[name], densify(a)), name
-
-
-def test_profile_version_1_still_loads(tmp_path: os.PathLike[str]) -> None:
-    gm, profile = small_profile()
-    data = profile.to_dict()
-    data["version"] = 1
-    data["contributions"] = {k: densify(v) for k, v in profile.contributions.items()}
-    path = os.path.join(tmp_path, "v1.pt")
-    torch.save(data, path)
-    loaded = Profile.load(path)
-    loaded.check_matches(gm)
-    assert all(isinstance(v, Tensor) for v in loaded.contributions.values())
-    data["version"] = 99
-    torch.save(data, path)
-    with pytest.raises(ValueError, match="version 99"):
-        Profile.load(path)
-
-
 def test_forward_batch_slices_give_the_same_contributions() -> None:
     torch.manual_seed(4)
     gm = torch.fx.symbolic_trace(PointwiseNet().double())
@@ -561,7 +402,7 @@ def test_forward_batch_slices_give_the_same_contributions() -> None:
         assert got.samples_per_class == ref.samples_per_class == [3, 3, 3, 2]
         for name, a in ref.contributions.items():
             assert max_rel(densify(got.contributions[name]), densify(a)) < 1e-12, (fb, name)
-    with pytest.raises(ValueError, match="forward_batch must be >= 1"):
+    with pytest.raises(PreconditionError, match="forward_batch must be >= 1"):
         contributions(gm, batches, NUM_CLASSES, progress=False, forward_batch=0)
-    with pytest.raises(ValueError, match="one input row per label"):
+    with pytest.raises(PreconditionError, match="one input row per label"):
         contributions(gm, [(x[:3], y[:4])], NUM_CLASSES, progress=False, forward_batch=2)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mdafx.api import trace
 from mdafx.errors import PreconditionError
 from mdafx.passmanager import PassManager
-from passes.reestimate_norms import ReestimateNorms, reestimate_norms
+from mdafx.passes.reestimate_norms import ReestimateNorms, reestimate_norms
 
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 

@@ -6,7 +6,11 @@ with ``torch.onnx.export`` and only moves the file into place once it has passed
 1. ``onnx.checker.check_model(full_check=True)``;
 2. ``onnx.shape_inference.infer_shapes(check_type=True, strict_mode=True, data_prop=True)``;
 3. (``check=True``) onnxruntime on CPU vs torch at batch 1 and batch 3, failing when any element
-   has ``|ort - torch| > atol + rtol * |torch|`` (numpy ``allclose``, NaN == NaN).
+   has ``|ort - torch| > atol + rtol * |torch|`` (numpy ``allclose``), and on any non-finite
+   output of either (a NaN model never passes as "equal").
+
+This module is the only place where a model is lowered to ATen (``torch.export``): mdafx files
+keep module-level graphs.
 
 The exporter is the dynamo-based one (the default of ``torch.onnx.export``), fed with the same
 ``torch.export`` program that :mod:`mdafx.serialize` stores (eval mode, dynamic batch axis named
@@ -33,14 +37,46 @@ from typing import Any
 import numpy as np
 import torch
 
-from mdafx.errors import ExportError
-from mdafx.serialize import atomic_output, export_program, mdafx_version
+from mdafx.errors import ExportError, PreconditionError
+from mdafx.fileio import atomic_output, check_outputs
+from mdafx.ir import eval_mode
 
-__all__ = ["ExportReport", "export_onnx", "onnx_latency", "read_onnx_metadata"]
+__all__ = ["ExportReport", "export_onnx", "export_program", "onnx_latency", "onnxruntime_logits",
+           "read_onnx_metadata"]
 
 INPUT_NAME = "input"
 PARITY_BATCH_SIZES = (1, 3)
 _TWO_GIB = 2**31
+OPSETS = range(18, 24)
+"""Opsets the dynamo exporter writes (a request outside them is refused before any work)."""
+
+
+def mdafx_version() -> str:
+    """The installed mdafx version (``0+unknown`` when it is not installed)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("mdafx")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def export_program(model: torch.nn.Module,
+                   example_input: torch.Tensor) -> torch.export.ExportedProgram:
+    """``torch.export`` ``model`` in eval mode with a dynamic batch dimension (a batch of 1 is
+    doubled for tracing: torch.export specialises sizes 0 and 1)."""
+    traced_input = example_input
+    if example_input.shape[0] < 2:
+        traced_input = torch.cat([example_input, example_input], dim=0)
+    with eval_mode(model):
+        try:
+            return torch.export.export(
+                model, (traced_input,), dynamic_shapes=({0: torch.export.Dim("batch")},),
+                strict=False)
+        except Exception as e:
+            raise ExportError(
+                f"torch.export failed for {type(model).__name__} with input "
+                f"{tuple(example_input.shape)}: {type(e).__name__}: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,24 +123,27 @@ def export_onnx(
     The checker and strict shape inference always run; ``check`` adds the onnxruntime parity
     check at batch 1 and 3. Any failure raises :class:`ExportError` and leaves no file (the
     model is written to a temp file next to ``path`` and moved into place at the end).
-    ``opset=None`` takes the exporter's default. Raises ``FileExistsError`` if ``path`` exists
-    and not ``overwrite``.
+    ``opset=None`` takes the exporter's default. Raises ``OutputError`` if ``path`` exists and
+    not ``overwrite``.
     """
     import onnx
 
     path = Path(path)
+    if opset is not None and opset not in OPSETS:
+        raise PreconditionError(f"ONNX opset {opset} is not supported: mdafx exports opsets "
+                                f"{OPSETS.start}..{OPSETS.stop - 1}")
     props = _metadata_props(metadata or {})
-    if not overwrite and os.path.lexists(path):
-        raise FileExistsError(f"{path}: file exists; pass overwrite=True to replace it")
-    was_training = model.training
-    model.eval()
-    try:
+    check_outputs([path], overwrite=overwrite)
+    with eval_mode(model):
         with torch.no_grad():
             n_outputs = len(_flat(model(example_input)))
         output_names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
         proto, exporter, reason = _to_proto(model, example_input, opset, output_names)
         onnx.helper.set_model_props(proto, {**_existing_props(proto), **props})
         _verify_proto(proto, path)
+        if opset is not None and _opset(proto) != opset:
+            raise ExportError(f"{path}: asked for opset {opset} but the exporter wrote opset "
+                              f"{_opset(proto)}; file not written")
         if proto.ByteSize() >= _TWO_GIB:
             raise ExportError(f"{path}: model is over 2 GiB; external data is not supported")
         with atomic_output(path, overwrite=overwrite) as tmp:
@@ -115,8 +154,6 @@ def export_onnx(
                 abs_errs, rel_errs = _parity(model, tmp, example_input, output_names, rtol, atol,
                                              shown_as=path)
             size = tmp.stat().st_size
-    finally:
-        model.train(was_training)
     return ExportReport(path=path, opset=_opset(proto), file_size=size, max_abs_err=abs_errs,
                         max_rel_err=rel_errs, exporter=exporter, fallback_reason=reason)
 
@@ -277,16 +314,19 @@ def _parity(model: torch.nn.Module, onnx_path: Path, example_input: torch.Tensor
             if w.shape != g.shape:
                 failures.append(f"batch {batch} {name}: shape {g.shape} vs torch {w.shape}")
                 continue
+            if not (np.isfinite(w).all() and np.isfinite(g).all()):
+                failures.append(f"batch {batch} {name}: non-finite outputs (torch "
+                                f"{int((~np.isfinite(w)).sum())}, onnxruntime "
+                                f"{int((~np.isfinite(g)).sum())} of {w.size})")
+                continue
             diff = np.abs(g.astype(np.float64) - w.astype(np.float64))
-            diff[np.isnan(g) & np.isnan(w)] = 0.0
-            diff[np.isnan(diff)] = np.inf
             ref = np.abs(w.astype(np.float64))
             big = ref > atol
             max_abs = float(diff.max(initial=0.0))
             max_rel = float(np.max(diff[big] / ref[big], initial=0.0))
             abs_errs[batch] = max(abs_errs[batch], max_abs)
             rel_errs[batch] = max(rel_errs[batch], max_rel)
-            bad = ~np.isclose(g, w, rtol=rtol, atol=atol, equal_nan=True)
+            bad = ~np.isclose(g, w, rtol=rtol, atol=atol)
             if bad.any():
                 failures.append(f"batch {batch} {name}: {int(bad.sum())}/{bad.size} elements off, "
                                 f"max abs err {max_abs:.3e}, max rel err {max_rel:.3e}")
@@ -321,3 +361,28 @@ def _numpy_dtype(ort_type: str, path: str | os.PathLike[str]) -> Any:
     if ort_type not in table:
         raise ExportError(f"{path}: input type {ort_type} is not supported by onnx_latency")
     return table[ort_type]
+
+
+def onnxruntime_logits(path: str | os.PathLike[str], batches) -> torch.Tensor:
+    """The outputs of the ONNX model at ``path`` (onnxruntime, CPU) on ``(x, ...)`` batches."""
+    session = _session(path, None)
+    name = session.get_inputs()[0].name
+    return torch.from_numpy(np.concatenate([session.run(None, {name: x.numpy()})[0]
+                                            for x, *_ in batches]))
+
+
+def export(model, path: str | os.PathLike[str], *, opset: int | None = None,
+           check: bool = True, rtol: float = 1e-3, atol: float = 1e-4,
+           latency_batches: Sequence[int] = (), threads: int | None = None,
+           overwrite: bool = False) -> tuple[ExportReport, dict[int, float]]:
+    """ONNX of a component or assembled model (or any traced GraphModule) with its metadata,
+    verified as :func:`export_onnx` says; with ``latency_batches``, the median onnxruntime
+    latency (ms) at each batch size on ``threads`` intra-op threads."""
+    from mdafx.ir import input_shape
+
+    module = getattr(model, "module", model)
+    example = torch.zeros(1, *input_shape(module)[1:])
+    report = export_onnx(module, path, example, metadata=getattr(model, "metadata", None),
+                         check=check, opset=opset, rtol=rtol, atol=atol, overwrite=overwrite)
+    latency = {b: onnx_latency(path, b, threads=threads) for b in latency_batches}
+    return report, latency

@@ -42,10 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import labels_at
-from .errors import PreconditionError
+from .assembly import InputAdapter, component_format
+from .data import labels_at, split_per_class
+from .errors import InternalError, PreconditionError
+from .evaluation import check_finite
+from .ir import eval_mode
 
-__all__ = ["FinetuneReport", "distillation_loss", "finetune"]
+__all__ = ["FinetuneReport", "distill", "distillation_loss", "finetune", "teacher_maps"]
 
 
 @dataclass
@@ -141,14 +144,11 @@ def _batches(dataset, indices: list[int], batch_size: int, shuffle: bool = False
 @torch.no_grad()
 def _accuracy(module: nn.Module, dataset, indices: list[int], targets: torch.Tensor,
               batch_size: int) -> float:
-    was_training = module.training
-    module.eval()
     correct = 0
-    try:
+    with eval_mode(module):
         for x, pos in _batches(dataset, indices, batch_size):
-            correct += int((module(x).argmax(1) == targets[pos]).sum())
-    finally:
-        module.train(was_training)
+            logits = check_finite(module(x), "the fine-tuned model")
+            correct += int((logits.argmax(1) == targets[pos]).sum())
     return correct / len(indices)
 
 
@@ -156,7 +156,7 @@ def _signature(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def finetune(component_module: nn.Module, teacher_modules_and_class_maps, dataset,
+def distill(component_module: nn.Module, teacher_modules_and_class_maps, dataset,
              indices: Sequence[int], epochs: int, lr: float, temperature: float = 4.0,
              alpha: float = 0.5, seed: int = 0, *, eval_indices: Sequence[int],
              eval_dataset=None, label_map: Mapping[int, int] | None = None,
@@ -240,7 +240,8 @@ def finetune(component_module: nn.Module, teacher_modules_and_class_maps, datase
                 loss_sum += float(loss.detach()) * len(y)
                 seen += len(y)
             if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"fine-tuning diverged (lr={lr})")
+                raise PreconditionError(f"fine-tuning diverged (lr={lr}): the loss is not "
+                                        "finite; lower --lr")
             epoch_losses.append(loss_sum / max(1, seen))
     finally:
         for m, training in was:
@@ -250,9 +251,117 @@ def finetune(component_module: nn.Module, teacher_modules_and_class_maps, datase
 
     after = _signature(student)
     if after != before:
-        raise AssertionError("fine-tuning changed the architecture: state_dict keys/shapes "
+        raise InternalError("fine-tuning changed the architecture: state_dict keys/shapes "
                              f"differ ({sorted(set(before) ^ set(after))[:5]} ...)")
     acc_after = _accuracy(student, eval_dataset, eval_idx, eval_targets, 256)
     return student, FinetuneReport(acc_before, acc_after, len(eval_idx), len(train_idx), epochs,
                                    steps, seconds, lr, temperature, alpha, len(teachers),
                                    epoch_losses)
+
+
+def teacher_maps(model) -> list[dict[int, int]]:
+    """Per source of ``model`` (a Component: one; an Assembled model: one per component), the
+    map ``{output position: that source's logit}`` it teaches; a class several components share
+    is taught by the first."""
+    meta = model.metadata
+    if meta.get("kind") == "assembled" or hasattr(model, "class_map"):
+        class_map = getattr(model, "class_map", None) or meta.get("class_map") or []
+        maps: list[dict[int, int]] = [{} for _ in meta.get("components") or []]
+        for position, entry in enumerate(class_map):
+            first = entry["sources"][0]
+            maps[int(first["component"])][position] = int(first["source_class"])
+        return maps
+    return [dict(enumerate(int(c) for c in model.classes))]
+
+
+def finetune(model, dataset, *, epochs: int, teachers: Sequence[nn.Module] | None = None,
+             lr: float = 0.01, temperature: float = 4.0, alpha: float = 0.5,
+             holdout: float = 0.1, eval_dataset=None, batch_size: int = 64, seed: int = 0):
+    """Fine-tune a Component or Assembled model on the images of ``dataset`` (a labelled
+    dataset with ``class_names``; folders matched to the model's classes by name) and report
+    the accuracy before and after on ``eval_dataset`` or a ``holdout`` share held out of it.
+
+    ``teachers[k]`` is the source model of component k (taking that source's input format):
+    distillation from the sources, as MDA §4 suggests. Without teachers the frozen starting
+    model is its own teacher (the labels teach; the soft targets keep what it knew), so a file
+    alone is enough. Returns ``(fine-tuned model, FinetuneReport)``; the input is unchanged."""
+    names = list(model.class_names)
+    folders = list(getattr(dataset, "class_names", None) or [])
+    position = {n: i for i, n in enumerate(names)}
+    label_map = {j: position[n] for j, n in enumerate(folders) if n in position}
+    if not label_map:
+        raise PreconditionError(f"no class folder is named like a class of the model "
+                                f"({', '.join(names)})")
+    labels = labels_at(dataset).numpy()
+    index = [i for i, y in enumerate(labels.tolist()) if y in label_map]
+    if eval_dataset is None:
+        if not 0.0 < holdout < 1.0:
+            raise PreconditionError("give holdout in (0, 1) or an evaluation dataset: accuracy "
+                                    "is reported on images the fine-tuning does not train on")
+        fit, held = split_per_class(labels[index], [1.0 - holdout, holdout], seed=seed)
+        train_idx = [index[i] for i in fit.tolist()]
+        eval_idx = [index[i] for i in held.tolist()]
+        eval_ds = dataset
+    else:
+        eval_folders = list(getattr(eval_dataset, "class_names", None) or [])
+        relabel = {j: folders.index(n) for j, n in enumerate(eval_folders) if n in folders}
+        missing = [n for n in eval_folders if n in position and n not in folders]
+        if missing:
+            raise PreconditionError(f"classes {', '.join(missing)} have evaluation images but "
+                                    "no training images")
+        eval_labels = labels_at(eval_dataset).tolist()
+        eval_idx = [i for i, y in enumerate(eval_labels) if relabel.get(y) in label_map]
+        eval_ds = _Relabelled(eval_dataset, relabel)
+        train_idx = index
+    if teachers is None:
+        frozen = copy.deepcopy(model.module).eval()
+        pairs = [(frozen, {p: p for p in range(len(names))})]
+    else:
+        maps = teacher_maps(model)
+        if len(teachers) != len(maps):
+            raise PreconditionError(f"{len(teachers)} teachers for {len(maps)} sources")
+        shared = getattr(model, "input_format", None) or component_format(model)
+        parts = model.metadata.get("components") or [model.metadata]
+        pairs = []
+        for teacher, cmap, part in zip(teachers, maps, parts):
+            fmt = component_format(_Meta(part)) if part.get("input") else shared
+            if fmt != shared:  # the teacher sees the student's input in its own format
+                teacher = nn.Sequential(InputAdapter(shared, fmt), teacher).eval()
+            if cmap:
+                pairs.append((teacher, cmap))
+    student, report = distill(model.module, pairs, dataset, train_idx, epochs, lr, temperature,
+                              alpha, seed, eval_indices=eval_idx, eval_dataset=eval_ds,
+                              label_map=label_map, batch_size=batch_size)
+    tuned = copy.copy(model)
+    tuned.module = student
+    tuned.metadata = {**model.metadata, "finetune": {
+        "epochs": epochs, "lr": lr, "temperature": temperature, "alpha": alpha, "seed": seed,
+        "teachers": "sources" if teachers is not None else "self",
+        "train_images": report.train_images, "eval_images": report.eval_images,
+        "acc_before": report.acc_before, "acc_after": report.acc_after}}
+    return tuned, report
+
+
+class _Meta:
+    """An object with ``metadata`` (what ``component_format`` reads) for a metadata dict."""
+
+    def __init__(self, metadata: dict) -> None:
+        self.metadata = metadata
+
+
+class _Relabelled:
+    """``dataset`` with its labels mapped through ``relabel`` (other labels become -1)."""
+
+    def __init__(self, dataset, relabel: Mapping[int, int]) -> None:
+        self.dataset = dataset
+        table = torch.full((max(relabel, default=0) + 1,), -1, dtype=torch.long)
+        for k, v in relabel.items():
+            table[k] = v
+        self.labels = table[labels_at(dataset)]
+        self.class_names = getattr(dataset, "class_names", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[i][0], int(self.labels[i])

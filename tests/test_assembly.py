@@ -1,16 +1,14 @@
-"""Assembly oracles (MDA.md §2): every assembled logit equals the scaled component logit."""
+"""mdafx/assembly.py (MDA.md §2): every assembled logit equals the scaled component logit, in
+both layouts, from objects and from files."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-import mdafx
-from mdafx.api import channel_groups, disassemble, locate
-from mdafx.assemble import InputFormat, assemble
+from mdafx import api
+from mdafx.api import InputFormat, assemble, cut
 from mdafx.errors import PreconditionError
-from mdafx.passmanager import AnalysisManager
-from passes.contributions import contributions
-from passes.logit_scaling import FoldLogitScale, InsertLogitScale, calibrate_scales
+from mdafx.passes.contributions import contributions
 from zoo import build
 
 NAMES = [f"c{i}" for i in range(10)]
@@ -20,12 +18,10 @@ def component(name, task, seed=0, size=None, fmt=None):
     model, example = build(name, seed=seed)
     if size is not None:
         example = torch.randn(1, 3, size, size)
-    gm = mdafx.trace(model, example)
+    gm = api.trace(model, example)
     x = torch.randn(20, *example.shape[1:], generator=torch.Generator().manual_seed(seed))
     A = contributions(gm, [(x, torch.arange(20) % 10)], 10, progress=False)
-    cg = channel_groups(gm)
-    comp = disassemble(gm, locate(gm, A, cg=cg), task, cg=cg, source=f"{name}#{seed}",
-                       class_names=NAMES)
+    comp = cut(gm, A, task, source=f"{name}#{seed}", class_names=NAMES)
     if fmt is not None:
         comp.metadata["input"] = fmt.to_dict()
     return comp
@@ -87,44 +83,11 @@ def test_merged_needs_isomorphic_components():
         assemble([component("resnet18", [1, 2]), component("squeezenet1_1", [3, 4])], layout="merged")
 
 
-def test_calibrate_scales_and_degenerate_classes():
-    logits = torch.tensor([[4.0, 1.0, 0.0], [2.0, 1.0, 0.0], [0.0, 5.0, 1.0], [3.0, 0.0, 2.0]])
-    labels = torch.tensor([0, 0, 1, 2])  # sample 3 (class 2) is misclassified
-    s = calibrate_scales(logits, labels)
-    assert torch.allclose(s.factors[:2], torch.tensor([1 / 3.0, 1 / 5.0]))
-    assert torch.isclose(s.factors[2], torch.tensor(1 / ((4 + 2 + 5) / 3)))  # component-wide
-    assert 2 in s.fallbacks and "no correctly classified" in s.fallbacks[2]
-    negative = calibrate_scales(torch.tensor([[-1.0, -3.0]]), torch.tensor([0]))
-    assert torch.equal(negative.factors, torch.ones(2)) and set(negative.fallbacks) == {0, 1}
-    assert bool(torch.isfinite(negative.factors).all())
-
-
-def test_insert_and_fold_logit_scale_are_equivalent():
-    comp = component("resnet18", [3, 5])  # sorted task: the head Linear is the output
-    gm = comp.module
-    x = torch.randn(2, *comp.input_shape[1:])
-    with torch.no_grad():
-        before = gm(x)
-    factors = torch.tensor([0.5, 4.0])
-    assert InsertLogitScale(factors).run(gm, AnalysisManager(gm)) is True
-    gm.recompile()
-    with torch.no_grad():
-        scaled = gm(x)
-    assert torch.allclose(scaled, before * factors, atol=1e-5)
-    n_nodes = len(gm.graph.nodes)
-    assert FoldLogitScale().run(gm, AnalysisManager(gm)) is True
-    gm.recompile()
-    assert len(gm.graph.nodes) == n_nodes - 2  # the mul and its constant
-    with torch.no_grad():
-        assert torch.allclose(gm(x), scaled, atol=1e-5)
-    assert FoldLogitScale().run(gm, AnalysisManager(gm)) is False  # nothing left to fold
-
-
 @pytest.mark.ort
 @pytest.mark.parametrize("layout", ["parallel", "merged"])
 def test_components_and_assembled_models_export_and_round_trip(layout, tmp_path):
-    from mdafx.export import export_onnx, read_onnx_metadata
-    from mdafx.serialize import load_model, save_model
+    from mdafx.deployment import export_onnx, read_onnx_metadata
+    from mdafx.modelfile import load_model, save_model
 
     # squeezenet: concats (fire modules) at a size the exporter handles in seconds
     comps = [component("squeezenet1_1", [3, 5]), component("squeezenet1_1", [9, 1], seed=1)]
@@ -139,5 +102,25 @@ def test_components_and_assembled_models_export_and_round_trip(layout, tmp_path)
         loaded = load_model(tmp_path / f"{name}.mdafx")
         x = torch.randn(3, *example.shape[1:])
         with torch.no_grad():
-            assert torch.equal(loaded(x), model(x))
+            assert torch.equal(loaded.module(x), model(x))
         assert loaded.metadata["class_names"] == meta["class_names"]
+
+
+def test_merged_layout_from_files_alone(tmp_path):
+    """Component files hold module-level graphs: the merged layout needs nothing else (no
+    source model, no weights), and equals the parallel layout of the same files."""
+    comps = [component("resnet18", [3, 5]), component("resnet18", [9, 1, 0], seed=1)]
+    paths = [tmp_path / "a.mdafx", tmp_path / "b.mdafx"]
+    for comp, path in zip(comps, paths):
+        api.save(comp, path)
+    del comps
+    loaded = [api.load_component(p) for p in paths]
+    scales = [torch.tensor([0.5, 2.0]), torch.tensor([1.0, 3.0, 0.25])]
+    merged = assemble(loaded, scales, layout="merged")
+    parallel = assemble(loaded, scales, layout="parallel")
+    x = torch.randn(2, *loaded[0].input_shape[1:])
+    with torch.no_grad():
+        a, b = merged(x), parallel(x)
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    names = {n.target for n in merged.module.graph.nodes if n.op == "call_module"}
+    assert names and all(t.startswith("merged.") for t in names)  # the branches are gone

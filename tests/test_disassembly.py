@@ -1,4 +1,5 @@
-"""disassemble (MDA.md §1.3-1.4) on torchvision models with random weights.
+"""mdafx/disassembly.py: cutting components (MDA.md §1.3-1.4) out of torchvision models with
+random weights.
 
 Per model: contributions from 2 random inputs per class (passes.contributions), locate with the
 default thresholds, then cut the component of a 2-class task given in non-sorted order. The
@@ -10,13 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mdafx.api import (channel_groups, disassemble, locate, masked_model, plan_from_votes,
-                       resolve_classes, trace)
+from mdafx.api import (channel_groups, cut, locate, masked_model, plan_from_votes,
+                       resolve_classes, source_analyses, trace)
 from mdafx.errors import PreconditionError
 from mdafx.ir import count_params
 from models.zoo import build
 from oracle import max_rel_error
-from passes.contributions import contributions
+from mdafx.passes.contributions import contributions
 
 NUM_CLASSES = 10
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -34,7 +35,8 @@ class Located:
         x = torch.randn(2 * NUM_CLASSES, *example.shape[1:], generator=g)
         y = torch.arange(NUM_CLASSES).repeat(2)
         self.A = contributions(self.gm, [(x, y)], NUM_CLASSES, progress=False)
-        self.masks = locate(self.gm, self.A, cg=self.cg)
+        self.am = source_analyses(self.gm, self.A, self.cg)
+        self.masks = locate(self.gm, self.A, am=self.am)
         self.x = torch.randn(3, *example.shape[1:], generator=g)
 
 
@@ -53,7 +55,7 @@ def test_component_equals_masked_model(name):
     m = located(name)
     with torch.no_grad():
         before = m.gm(m.x)
-    comp = disassemble(m.gm, m.masks, TASK, cg=m.cg)
+    comp = cut(m.gm, m.A, TASK, am=m.am)
     plan = plan_from_votes(m.cg, m.masks.votes(TASK), TASK)
     oracle = masked_model(m.gm, plan, m.cg)
     with torch.no_grad():
@@ -75,8 +77,8 @@ def test_component_equals_masked_model(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_task_by_class_names(name):
     m = located(name)
-    by_index = disassemble(m.gm, m.masks, TASK, cg=m.cg)
-    by_name = disassemble(m.gm, m.masks, [NAMES[c] for c in TASK], class_names=NAMES, cg=m.cg)
+    by_index = cut(m.gm, m.A, TASK, am=m.am)
+    by_name = cut(m.gm, m.A, [NAMES[c] for c in TASK], class_names=NAMES, am=m.am)
     assert by_name.classes == TASK
     assert by_name.class_names == ["horse", "bird"]
     assert by_index.class_names == ["7", "2"]
@@ -89,18 +91,29 @@ def test_task_by_class_names(name):
 def test_bad_tasks_name_the_bad_class():
     m = located("mobilenet_v3_small")
     with pytest.raises(PreconditionError, match="zebra"):
-        disassemble(m.gm, m.masks, ["horse", "zebra"], class_names=NAMES, cg=m.cg)
+        cut(m.gm, m.A, ["horse", "zebra"], class_names=NAMES, am=m.am)
     with pytest.raises(PreconditionError, match="zebra"):        # names without class_names
-        disassemble(m.gm, m.masks, ["zebra"], cg=m.cg)
+        cut(m.gm, m.A, ["zebra"], am=m.am)
     with pytest.raises(PreconditionError, match="repeats.*bird"):
-        disassemble(m.gm, m.masks, ["bird", "horse", "bird"], class_names=NAMES, cg=m.cg)
+        cut(m.gm, m.A, ["bird", "horse", "bird"], class_names=NAMES, am=m.am)
     with pytest.raises(PreconditionError, match="repeats"):
-        disassemble(m.gm, m.masks, [7, 2, 7], cg=m.cg)
+        cut(m.gm, m.A, [7, 2, 7], am=m.am)
     with pytest.raises(PreconditionError, match="10"):
-        disassemble(m.gm, m.masks, [2, 10], cg=m.cg)
+        cut(m.gm, m.A, [2, 10], am=m.am)
     with pytest.raises(PreconditionError):
-        disassemble(m.gm, m.masks, [], cg=m.cg)
-    assert resolve_classes(["ship", 0, "3"], NAMES, NUM_CLASSES) == [8, 0, 3]
+        cut(m.gm, m.A, [], am=m.am)
+    assert resolve_classes(["ship", 0, "#3"], NAMES, NUM_CLASSES) == [8, 0, 3]
+    with pytest.raises(PreconditionError, match="write #3"):   # a digit string is a name
+        resolve_classes(["3"], NAMES, NUM_CLASSES)
+
+
+def test_numeric_class_names_are_names():
+    """Folders named 1, 2, 3: '1' is the class named 1 (index 0), '#1' is index 1."""
+    names = ["1", "2", "3"]
+    assert resolve_classes(["1", "3"], names, 3) == [0, 2]
+    assert resolve_classes(["#1", 2], names, 3) == [1, 2]
+    with pytest.raises(PreconditionError, match="'4'"):
+        resolve_classes(["4"], names, 3)
 
 
 def test_more_classes_never_keep_fewer_channels():
@@ -115,7 +128,7 @@ def test_more_classes_never_keep_fewer_channels():
     for task in tasks:
         plan = plan_from_votes(m.cg, m.masks.votes(task), task)
         keep = plan.keep[body]
-        params = disassemble(m.gm, m.masks, task, cg=m.cg).params
+        params = cut(m.gm, m.A, task, am=m.am).params
         if prev_keep is not None:
             lost = int((prev_keep & ~keep).sum())
             assert lost == 0, f"task {task} drops {lost} channels that a smaller task keeps"

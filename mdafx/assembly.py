@@ -1,0 +1,211 @@
+"""Assembling (MDA §2): components of any sources into one classifier.
+
+``assemble(components, calibration=...)`` builds the *parallel graph*: every component is a
+branch on the shared input, which first adapts the input to the format its source was trained on
+(undo the shared normalisation, convert channels, resize, apply the source's normalisation); the
+branches' logits are concatenated (node ``mdafx_branches``). Then the assembly pipeline
+(``mdafx.passes.assembly_pipeline``) calibrates the logits (MDA §2.1), merges the branches into
+one wider network for ``layout="merged"`` (alignment padding, §2.2: isomorphic components with
+one input format), folds the calibration into the heads, and merges classes of the same name.
+
+Classes: the output has one logit per distinct class *name*, in order of first appearance over
+the components. Where several components carry a class of the same name, its logit is the
+maximum of their calibrated logits ("merge by max"), and the class map lists every source of it.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import InputFormat, batches
+from .disassembly import Component, RunnableModel
+from .errors import DataError, PreconditionError
+from .instrument import run_pipeline
+from .ir import eval_mode, trace
+from .passes import assembly_pipeline
+from .passes.align_padding import BRANCHES
+from .passes.logit_scaling import ScaleFactors, calibrate_scales
+
+__all__ = ["Assembled", "InputAdapter", "assemble", "calibrate", "class_groups",
+           "component_format"]
+
+LUMA = (0.299, 0.587, 0.114)
+
+
+class InputAdapter(nn.Module):
+    """Maps an input in format ``src`` to format ``dst``: de-normalise, convert channels
+    (grey→RGB by repetition, RGB→grey by ITU-R 601 luma), resize (bilinear), normalise."""
+
+    def __init__(self, src: InputFormat, dst: InputFormat) -> None:
+        super().__init__()
+        self.size = tuple(dst.size) if tuple(dst.size) != tuple(src.size) else None
+        self.convert = (src.channels, dst.channels) if src.channels != dst.channels else None
+        if self.convert not in (None, (1, 3), (3, 1)):
+            raise PreconditionError(f"cannot convert {src.channels} input channels to "
+                                    f"{dst.channels}")
+        self.register_buffer("src_std", torch.tensor(src.std).reshape(1, -1, 1, 1))
+        self.register_buffer("src_mean", torch.tensor(src.mean).reshape(1, -1, 1, 1))
+        self.register_buffer("dst_std", torch.tensor(dst.std).reshape(1, -1, 1, 1))
+        self.register_buffer("dst_mean", torch.tensor(dst.mean).reshape(1, -1, 1, 1))
+        self.register_buffer("luma", torch.tensor(LUMA).reshape(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.src_std + self.src_mean
+        if self.convert == (1, 3):
+            x = x.repeat(1, 3, 1, 1)
+        elif self.convert == (3, 1):
+            x = (x * self.luma).sum(1, keepdim=True)
+        if self.size is not None:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return (x - self.dst_mean) / self.dst_std
+
+
+class _Parallel(nn.Module):
+    """``cat([branch_k(adapter_k(x)) for k], 1)``; traced into the parallel graph."""
+
+    def __init__(self, branches: list[nn.Module], adapters: list[nn.Module | None]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.adapters = nn.ModuleDict({str(k): a for k, a in enumerate(adapters)
+                                       if a is not None})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for k, branch in enumerate(self.branches):
+            adapter = self.adapters[str(k)] if str(k) in self.adapters else None
+            outs.append(branch(adapter(x) if adapter is not None else x))
+        return torch.cat(outs, 1)
+
+
+@dataclass
+class Assembled(RunnableModel):
+    """An assembled classifier: ``module`` maps the shared input to ``class_names`` logits."""
+
+    module: fx.GraphModule
+    class_names: list[str]
+    class_map: list[dict]
+    input_format: InputFormat
+    layout: str
+    metadata: dict = field(default_factory=dict)
+
+
+def component_format(component) -> InputFormat:
+    """The input format a component's source was trained on (its metadata), else its input
+    shape without normalisation."""
+    fmt = component.metadata.get("input")
+    if fmt:
+        return InputFormat.from_dict(fmt)
+    shape = component.input_shape
+    c = int(shape[1])
+    return InputFormat((int(shape[2]), int(shape[3])), c, (0.0,) * c, (1.0,) * c)
+
+
+def class_groups(components) -> tuple[list[str], list[list[int]], list[dict]]:
+    """Distinct class names in order of first appearance, the concatenated-logit positions of
+    each, and the class map (name, and every (component, source, class index) behind it)."""
+    names, groups, cmap, position = [], [], [], 0
+    for k, comp in enumerate(components):
+        for name, cls in zip(comp.class_names, comp.classes):
+            entry = {"component": k, "source": comp.source, "source_class": int(cls)}
+            if name in names:
+                i = names.index(name)
+                groups[i].append(position)
+                cmap[i]["sources"].append(entry)
+            else:
+                names.append(name)
+                groups.append([position])
+                cmap.append({"name": name, "sources": [entry]})
+            position += 1
+    return names, groups, cmap
+
+
+def _branch(component, shared: InputFormat) -> nn.Module:
+    fmt = component_format(component)
+    module = copy.deepcopy(component.module)
+    return module if fmt == shared else nn.Sequential(InputAdapter(shared, fmt), module)
+
+
+def dataset_class_names(dataset) -> list[str]:
+    """The names of a labelled dataset's classes (``class_names``, or torchvision's
+    ``classes``)."""
+    names = getattr(dataset, "class_names", None) or getattr(dataset, "classes", None)
+    if not names:
+        raise DataError("the calibration dataset does not name its classes (give a dataset "
+                        "with class_names, e.g. an ImageFolder)")
+    return list(names)
+
+
+def _task_indices(dataset, names: Sequence[str]) -> tuple[list[int], torch.Tensor]:
+    """Indices of the samples whose class is one of ``names``, and their positions in it."""
+    from .data import labels_at
+
+    folder = dataset_class_names(dataset)
+    position = {n: i for i, n in enumerate(names)}
+    labels = labels_at(dataset).tolist()
+    index = [i for i, y in enumerate(labels) if folder[y] in position]
+    return index, torch.as_tensor([position[folder[labels[i]]] for i in index])
+
+
+def calibrate(components: Sequence, dataset, *, batch_size: int = 256
+              ) -> tuple[list[ScaleFactors], list[int]]:
+    """MDA §2.1's logit scale factors of every component, each on the samples of ``dataset``
+    (a calibration split, never the test split) whose class it outputs, fed as the assembled
+    model feeds it. Returns the factors and the number of samples per component."""
+    shared = component_format(components[0])
+    results, counts = [], []
+    for k, comp in enumerate(components):
+        index, positions = _task_indices(dataset, comp.class_names)
+        if not index:
+            raise DataError(f"the calibration data has no sample of component {k}'s classes "
+                            f"({comp.source}: {', '.join(comp.class_names)})")
+        branch = _branch(comp, shared)
+        with eval_mode(branch), torch.no_grad():
+            logits = torch.cat([branch(x) for x, _ in batches(dataset, index, batch_size)])
+        results.append(calibrate_scales(logits, positions))
+        counts.append(len(index))
+    return results, counts
+
+
+def assemble(components: Sequence[Component], scales: Sequence[torch.Tensor] | None = None, *,
+             layout: str = "parallel", input_format: InputFormat | None = None,
+             instruments=None, name: str = "assembled") -> Assembled:
+    """Assemble ``components`` into one classifier (module docstring).
+
+    ``scales[k]`` are component k's logit factors (e.g. ``calibrate(...)[0][k].factors``);
+    ``None`` assembles without scaling. ``input_format`` defaults to the first component's.
+    """
+    if len(components) < 2:
+        raise PreconditionError("assembling needs at least two components")
+    if layout not in ("parallel", "merged"):
+        raise PreconditionError(f"unknown layout {layout!r}: use 'parallel' or 'merged'")
+    scales = [torch.ones(len(c.classes)) if scales is None or scales[k] is None
+              else torch.as_tensor(scales[k], dtype=torch.float32)
+              for k, c in enumerate(components)]
+    for k, (c, s) in enumerate(zip(components, scales)):
+        if s.shape != (len(c.classes),) or not bool(torch.isfinite(s).all()):
+            raise PreconditionError(f"scale factors of component {k} ({c.source}) must be "
+                                    f"{len(c.classes)} finite numbers")
+    formats = [component_format(c) for c in components]
+    shared = input_format or formats[0]
+    if layout == "merged" and any(f != shared for f in formats):
+        raise PreconditionError("the merged layout needs components with the same input "
+                                "format; use layout='parallel'")
+    names, groups, cmap = class_groups(components)
+    parallel = _Parallel([copy.deepcopy(c.module) for c in components],
+                         [None if f == shared else InputAdapter(shared, f) for f in formats])
+    gm = trace(parallel, shared.example())
+    cat = next(n for n in reversed(gm.graph.nodes) if n.target is torch.cat)
+    cat.name = BRANCHES
+    gm.recompile()
+    run_pipeline(assembly_pipeline(torch.cat(scales), groups, merged=layout == "merged"), gm,
+                 instruments=instruments, name=name)
+    meta = {"layout": layout, "class_names": names, "class_map": cmap,
+            "input": shared.to_dict(), "components": [dict(c.metadata) for c in components],
+            "scales": [s.tolist() for s in scales]}
+    return Assembled(gm, names, cmap, shared, layout, meta)

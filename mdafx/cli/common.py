@@ -1,0 +1,445 @@
+"""What every command shares: argument types and flag groups, input and output checks, printing.
+
+Nothing here imports torch at module level: the parser is built from these helpers, and
+``mdafx --help`` or a usage error must not pay torch's import (seconds). Helpers that need the
+library import it inside.
+
+Printing: every line a command prints goes through :func:`say`, :func:`warn` or :func:`table`,
+which replace control characters (ANSI escapes, newlines, carriage returns, bidi overrides) in
+what they print by visible ``\\xNN`` escapes, so a class name or path taken from a file or a
+folder can never move the cursor, recolour the terminal or fake a line of output. ``--json``
+prints one JSON object instead (ASCII, so escaped too).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mdafx.errors import MdafxError, OutputError
+
+PROG = "mdafx"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class CliError(MdafxError):
+    """A command-line input is unusable: a missing file, a flag that does not fit the file."""
+
+
+class UsageError(Exception):
+    """A usage error found after parsing; reported with the command's usage (exit 2)."""
+
+
+# ============================================================================ argument types
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def finite(text: str) -> float:
+    return _number(text)
+
+
+def positive(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _number(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text!r}")
+    return value
+
+
+def half_open_unit(text: str) -> float:
+    """A number in [0, 1): thresholds, held-out shares."""
+    value = _number(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A share of the source, ``0.5`` or ``50%``, in (0, 1]."""
+    raw = text.strip()
+    value = _number(raw[:-1]) / 100 if raw.endswith("%") else _number(raw)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1] (or (0%, 100%]), got {text!r}")
+    return value
+
+
+def size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}")
+    h, w = int(match.group(1)), int(match.group(2) or match.group(1))
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {text!r}")
+    return (h, w)
+
+
+def _channel_values(text: str) -> tuple[float, ...]:
+    values = tuple(_number(v) for v in text.split(","))
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"give 1 or 3 values, got {len(values)}")
+    return values * 3 if len(values) == 1 else values
+
+
+def means(text: str) -> tuple[float, ...]:
+    return _channel_values(text)
+
+
+def stds(text: str) -> tuple[float, ...]:
+    values = _channel_values(text)
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"every std must be > 0, got {text!r}")
+    return values
+
+
+def _finite_literal(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, complex):
+        return math.isfinite(value.real) and math.isfinite(value.imag)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return all(_finite_literal(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite_literal(k) and _finite_literal(v) for k, v in value.items())
+    return True
+
+
+def model_arg(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``: VALUE a Python literal (``8``, ``0.5``, ``(1, 2)``), else the text."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        value = raw
+    if not _finite_literal(value):
+        raise argparse.ArgumentTypeError(f"{key}: numbers must be finite, got {raw!r}")
+    return key, value
+
+
+def names(text: str) -> list[str]:
+    """Comma-separated class names; ``#N`` is the class with index N."""
+    items = [t.strip() for t in text.split(",")]
+    if any(not t for t in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated class names (or #INDEX), "
+                                         f"got {text!r}")
+    return items
+
+
+# ============================================================================ flag groups
+
+def add_global(p: argparse.ArgumentParser) -> None:
+    """Flags every command takes, before or after its name (SUPPRESS: a later parser never
+    resets what an earlier one set)."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of errors")
+    p.add_argument("--threads", type=positive_int, default=argparse.SUPPRESS, metavar="N",
+                   help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress bars (they are shown only on a terminal anyway)")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress and no tables: only errors, warnings and the final line")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="print one JSON object instead of tables")
+
+
+def add_model(p: argparse.ArgumentParser, required: bool = True, title: str = "model") -> None:
+    g = p.add_argument_group(title)
+    g.add_argument("--model", required=required, metavar="NAME|MODULE:CALLABLE",
+                   help="torchvision name, mdafx.models name (tiny_cnn, vgg_cifar, resnet_cifar) "
+                        "or package.module:callable returning an nn.Module")
+    g.add_argument("--model-arg", type=model_arg, action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="keyword argument for the model factory (Python literal; repeatable)")
+    g.add_argument("--weights", metavar="FILE",
+                   help="state_dict file (torch.save, read with weights_only=True, or "
+                        ".safetensors); default: the factory's initial weights")
+    g.add_argument("--num-classes", type=positive_int, metavar="N",
+                   help="number of logits (default: the class count of the data or profile, "
+                        "else the factory's default)")
+    where = "the profile's, else"
+    g.add_argument("--input-size", type=size, metavar="N|HxW",
+                   help=f"model input height and width (default: {where} 32)")
+    g.add_argument("--mean", type=means, metavar="M[,M,M]",
+                   help=f"per-channel mean of [0,1] pixels (default: {where} CIFAR-10's)")
+    g.add_argument("--std", type=stds, metavar="S[,S,S]",
+                   help=f"per-channel std of [0,1] pixels, > 0 (default: {where} CIFAR-10's)")
+
+
+def add_thresholds(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("component locating thresholds (MDA section 1.3)")
+    for flag, default in (("--alpha-conv", 0.3), ("--beta-conv", 0.2), ("--alpha-linear", 0.4),
+                          ("--beta-linear", 0.3)):
+        which, layer = flag[2:].split("-")
+        g.add_argument(flag, type=half_open_unit, default=default, metavar=which.upper(),
+                       help=f"{layer} {which} in [0, 1) (default {default})")
+
+
+def add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="replace existing outputs (regular files only)")
+
+
+# ============================================================================ reading the flags
+
+def flag(args: argparse.Namespace, name: str) -> bool:
+    return bool(getattr(args, name, False))
+
+
+def progress(args: argparse.Namespace) -> bool:
+    """Progress bars: on a terminal, unless --no-progress, --quiet or --json."""
+    return (not flag(args, "no_progress") and not flag(args, "quiet") and not flag(args, "json")
+            and sys.stderr.isatty())
+
+
+def model_given(args: argparse.Namespace) -> bool:
+    return any(getattr(args, k, None) for k in ("model", "weights", "model_arg", "num_classes",
+                                                 "input_size", "mean", "std"))
+
+
+def input_format(args: argparse.Namespace, fallback: dict | None = None):
+    """``InputFormat`` of ``--input-size/--mean/--std``, each defaulting to ``fallback`` (a
+    profile's recorded format), else to CIFAR-10's statistics at 32x32."""
+    from mdafx.data import CIFAR10_MEAN, CIFAR10_STD, InputFormat
+
+    base = InputFormat.from_dict(fallback) if fallback else InputFormat(
+        (32, 32), 3, CIFAR10_MEAN, CIFAR10_STD)
+    return InputFormat(tuple(args.input_size or base.size), base.channels,
+                       tuple(args.mean or base.mean), tuple(args.std or base.std))
+
+
+def thresholds(args: argparse.Namespace):
+    from mdafx.passes.locate import Thresholds
+
+    return Thresholds(args.alpha_conv, args.beta_conv, args.alpha_linear, args.beta_linear)
+
+
+def thresholds_text(args: argparse.Namespace) -> str:
+    return (f"conv alpha {args.alpha_conv:g} beta {args.beta_conv:g}, "
+            f"linear alpha {args.alpha_linear:g} beta {args.beta_linear:g}")
+
+
+def model_args_list(args: argparse.Namespace) -> list[list]:
+    return [[k, v] for k, v in args.model_arg]
+
+
+def source_record(args: argparse.Namespace) -> dict[str, Any]:
+    """What a file records about its source model, for people to read (never run)."""
+    return {"model": args.model, "model_args": model_args_list(args),
+            "weights": str(Path(args.weights).resolve()) if args.weights else None}
+
+
+def source_name(args: argparse.Namespace) -> str:
+    if getattr(args, "name", None):
+        return args.name
+    return Path(args.weights).stem if args.weights else args.model
+
+
+def build_source(args: argparse.Namespace, num_classes: int | None, fmt):
+    """The traced ``--model`` (``mdafx.models.build_source``)."""
+    from mdafx.models import build_source as build
+
+    return build(args.model, num_classes, args.model_arg, args.weights, fmt)
+
+
+def check_profile_matches(args: argparse.Namespace, prof, gm) -> None:
+    """Refuse a profile computed on another model or other weights than ``--model``."""
+    from mdafx.errors import ProfileMismatchError
+
+    try:
+        prof.check_matches(gm)
+    except ProfileMismatchError as e:
+        raise ProfileMismatchError(f"{args.profile} was not computed on --model {args.model} "
+                                   f"with these weights: {e}") from e
+
+
+# ============================================================================ inputs and outputs
+
+def require_files(**paths: str | os.PathLike | Iterable | None) -> None:
+    """Fail fast, before heavy work, on input files that are missing or not regular files."""
+    for what, value in paths.items():
+        for path in ([value] if isinstance(value, (str, os.PathLike)) or value is None
+                     else value):
+            if path is None:
+                continue
+            p = Path(path)
+            if not p.exists():
+                raise CliError(f"{path}: {what.replace('_', ' ')} file not found")
+            if not p.is_file():
+                raise CliError(f"{path}: {what.replace('_', ' ')} is not a file")
+            if not os.access(p, os.R_OK):
+                raise CliError(f"{path}: {what.replace('_', ' ')} file is not readable")
+
+
+def require_dirs(**paths: str | os.PathLike | None) -> None:
+    for what, path in paths.items():
+        if path is not None and not Path(path).is_dir():
+            state = "not found" if not Path(path).exists() else "is not a directory"
+            raise CliError(f"{path}: {what.replace('_', ' ')} folder {state}")
+
+
+def check_outputs(args: argparse.Namespace, outputs: Sequence, inputs: Sequence = ()) -> None:
+    """``mdafx.fileio.check_outputs`` with ``--force``: before any slow work, refuse outputs
+    that exist, that are not regular files, that repeat, or that are one of the inputs."""
+    from mdafx.fileio import check_outputs as check, describe_os_error
+
+    try:
+        check(outputs, inputs, overwrite=bool(getattr(args, "force", False)))
+    except OSError as e:  # e.g. a path under a regular file
+        raise OutputError(describe_os_error(e)) from e
+
+
+def check_output_dir(args: argparse.Namespace, directory: Path) -> None:
+    """A directory a command fills: refused when it is a file, or not empty without --force."""
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"{directory}: is not a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not getattr(args, "force", False):
+        raise OutputError(f"{directory}: already exists and is not empty; pass --force to "
+                          "write into it")
+
+
+class AllOrNothing:
+    """Collects the files a command wrote; on an exception they are all removed again."""
+
+    def __init__(self) -> None:
+        self.written: list[Path] = []
+
+    def __enter__(self) -> AllOrNothing:
+        return self
+
+    def add(self, path: str | os.PathLike) -> Path:
+        self.written.append(Path(path))
+        return Path(path)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            for path in self.written:
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+
+
+# ============================================================================ printing
+
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+                     "\u2066-\u2069]")
+
+
+def clean(value: Any) -> str:
+    """``str(value)`` with every control character replaced by a visible escape."""
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
+                       else f"\\u{ord(m.group()):04x}", str(value))
+
+
+def say(args: argparse.Namespace, *lines: Any, final: bool = False) -> None:
+    """Print ``lines`` on stdout (one line each, made safe); with --quiet only ``final`` ones,
+    with --json none (the command prints its JSON object instead)."""
+    if flag(args, "json") or (flag(args, "quiet") and not final):
+        return
+    for line in lines:
+        print(clean(line), flush=True)
+
+
+def warn(*lines: Any) -> None:
+    """Warnings go to stderr, always (also with --quiet and --json)."""
+    for line in lines:
+        print(clean(line), file=sys.stderr, flush=True)
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[Any]) -> list[str]:
+    """``tabulate`` lines of ``rows``: cells made safe, numbers right-aligned, no number parsing
+    of text (a class named "1" stays text)."""
+    from tabulate import tabulate
+
+    columns = list(zip(*rows)) if rows else [[] for _ in headers]
+    align = ["right" if col and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                    or v is None for v in col) else "left" for col in columns]
+    cells = [["-" if v is None else clean(v) for v in row] for row in rows]
+    text = tabulate(cells, headers=[clean(h) for h in headers], tablefmt="simple",
+                    disable_numparse=True, colalign=align or None)
+    return text.splitlines()
+
+
+def lines_of(text: str) -> list[str]:
+    """A multi-line text from the library (a timing table) as separate lines, for :func:`say`."""
+    return text.splitlines()
+
+
+def emit_json(args: argparse.Namespace, obj: dict[str, Any]) -> None:
+    """With --json: ``obj`` as one JSON object on stdout (non-finite numbers as null)."""
+    if flag(args, "json"):
+        print(json.dumps(_plain(obj), indent=2, allow_nan=False), flush=True)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if hasattr(value, "tolist"):  # a tensor or numpy number
+        return _plain(value.tolist())
+    return str(value)
+
+
+def pct(value: float | None, digits: int = 2) -> str | None:
+    return None if value is None else f"{value:.{digits}%}"
+
+
+def share(part: int, whole: int) -> str:
+    return f"{part:,} ({part / whole:.1%})" if whole else f"{part:,}"

@@ -1,0 +1,186 @@
+"""``mdafx disassemble``: a profiled model and tasks -> one component file per task.
+
+At fixed thresholds, or (with a budget) the smallest candidate of a threshold search scored on
+the profile's calibration split. Tasks are independent: a budget one task cannot meet gives
+that task its most accurate candidate with a ``warning:`` line, unless ``--strict``.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from mdafx.fileio import write_text  # stdlib only: light
+
+from . import common
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    common.add_model(p)
+    p.add_argument("--profile", required=True, metavar="FILE", help="profile from 'mdafx analyse'")
+    p.add_argument("--task", required=True, action="append", type=common.names,
+                   metavar="A,B,...", help="classes of one task by name, or #INDEX, in output "
+                                           "order; repeatable")
+    p.add_argument("--name", metavar="SOURCE",
+                   help="source name recorded in the components (default: weights file stem)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR|FILE.mdafx",
+                   help="directory for one <task>.mdafx per task, or a file for one task")
+    common.add_thresholds(p)
+    g = p.add_argument_group(
+        "accuracy-targeted thresholds and norm re-estimation (training-free)",
+        "With a budget, the thresholds above are the base that a grid of multipliers scales "
+        "(conv x0.1..1.25 times linear x0/0.1/1), scored on calibration images of the task. "
+        "Without --calibrate they are the split 'analyse --holdout' kept out of profiling.")
+    g.add_argument("--max-drop", type=common.non_negative, metavar="PTS",
+                   help="at most PTS percentage points below the source's accuracy on the "
+                        "task's calibration images")
+    g.add_argument("--max-params", type=common.fraction, metavar="F",
+                   help="at most this share of the source's parameters (0.5 or 50%%)")
+    g.add_argument("--max-macs", type=common.fraction, metavar="F",
+                   help="at most this share of the source's multiply-accumulates")
+    g.add_argument("--strict", action="store_true",
+                   help="a budget a task cannot meet is an error and no component is written "
+                        "(default: write its most accurate candidate with a warning)")
+    g.add_argument("--reestimate-norms", action="store_true",
+                   help="re-estimate BatchNorm statistics of each component on calibration "
+                        "images of every class (forward passes only)")
+    g.add_argument("--calibrate", metavar="DIR",
+                   help="ImageFolder of calibration images, disjoint from the profiled ones "
+                        "(default: the profile's held-out split); never the test split")
+    g.add_argument("--norm-images", type=common.positive_int, default=50, metavar="N",
+                   help="calibration images per class that re-estimate the norms (default 50)")
+    g.add_argument("--search-table", metavar="FILE",
+                   help="write every task's explored trade-off (markdown) to FILE")
+    g.add_argument("--search-plot", metavar="FILE.svg",
+                   help="plot every task's trade-off (calibration accuracy vs MACs) to FILE.svg")
+    common.add_force(p)
+
+
+def _component_paths(output: Path, tasks: list[list[str]]) -> list[Path]:
+    """``-o``: a file for one task (it has a suffix), else a directory of ``<a>-<b>.mdafx``."""
+    if output.suffix and not output.is_dir():
+        if len(tasks) != 1:
+            raise common.UsageError(f"-o {output} is a file but there are {len(tasks)} tasks; "
+                                    "give a directory")
+        return [output]
+    files = ["-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", t) for t in task) + ".mdafx"
+             for task in tasks]
+    if len(set(files)) != len(files):
+        raise common.UsageError("two tasks give the same file name; give them distinct classes")
+    return [output / f for f in files]
+
+
+def run(args: argparse.Namespace) -> int:
+    budgeted = (args.max_drop, args.max_params, args.max_macs) != (None, None, None)
+    calibrating = budgeted or args.reestimate_norms
+    if (args.search_table or args.search_plot or args.strict) and not budgeted:
+        raise common.UsageError("--search-table/--search-plot/--strict need a budget "
+                                "(--max-drop, --max-params or --max-macs)")
+    if args.calibrate and not calibrating:
+        raise common.UsageError("--calibrate goes with a budget (--max-drop, --max-params, "
+                                "--max-macs) or --reestimate-norms")
+    common.require_files(weights=args.weights, profile=args.profile)
+    common.require_dirs(calibration=args.calibrate)
+    from mdafx import api  # heavy: only when the command runs (`--help` stays light)
+    from mdafx.search import tradeoff_svg
+
+    prof = api.Profile.load(args.profile)
+    k = len(prof.class_names)
+    tasks = [[prof.class_names[c] for c in api.resolve_classes(t, prof.class_names, k)]
+             for t in args.task]  # every class checked before any work
+    paths = _component_paths(Path(args.output), tasks)
+    extras = [args.search_table, args.search_plot]
+    common.check_outputs(args, [*paths, *extras], [args.profile, args.weights, args.calibrate])
+
+    fmt = common.input_format(args, prof.record.get("input"))
+    gm = common.build_source(args, args.num_classes or k, fmt)
+    common.check_profile_matches(args, prof, gm)
+    budget = api.Budget(args.max_drop, args.max_params, args.max_macs) if budgeted else None
+    calibration, calib_text = None, None
+    if calibrating:
+        ds, idx, calib_text = api.calibration_split(prof, args.calibrate, fmt)
+        calibration = (ds, idx)
+    am = api.source_analyses(gm, prof)  # channel groups and masks shared by the tasks
+    name = common.source_name(args)
+    comps = [api.disassemble(gm, prof, task, thresholds=common.thresholds(args), budget=budget,
+                             calibration=calibration, reestimate_norms=args.reestimate_norms,
+                             norm_images=args.norm_images, source=name, am=am,
+                             progress=common.progress(args)) for task in tasks]
+    unmet = [(t, c.search) for t, c in zip(tasks, comps) if c.search is not None
+             and not c.search.met]
+    for task, res in unmet:
+        common.warn(f"warning: task {','.join(task)}: {res.message}" + (
+            "" if args.strict else "; writing it anyway (--strict refuses)"))
+
+    with common.AllOrNothing() as written:
+        searched = [(",".join(t), c.search) for t, c in zip(tasks, comps) if c.search]
+        if args.search_table:
+            text = "".join(f"## {title}\n\n{res.table('github')}\n\n" for title, res in searched)
+            written.add(write_text(args.search_table, text, overwrite=args.force))
+        if args.search_plot:
+            written.add(write_text(args.search_plot, tradeoff_svg(searched),
+                                   overwrite=args.force))
+        if unmet and args.strict:
+            raise common.CliError("; ".join(f"task {','.join(t)}: budget not met" for t, _ in unmet)
+                                  + "; no component written (--strict)"
+                                  + ("; the search table/plot were written" if searched and
+                                     any(extras) else ""))
+        for comp, path in zip(comps, paths):
+            meta = {**common.source_record(args), "num_classes_source": k}
+            if calib_text is not None:
+                meta["calibration"] = {**comp.metadata["calibration"], "data": calib_text}
+            written.add(api.save(comp, path, overwrite=args.force, metadata=meta))
+    _report(args, tasks, comps, paths, budget, calib_text, name, k)
+    return common.EXIT_OK
+
+
+def _report(args, tasks, comps, paths, budget, calib_text, name, k) -> None:
+    records, rows = [], []
+    for task, comp, path in zip(tasks, comps, paths):
+        m = comp.metadata
+        cal, res = m.get("calibration"), comp.search
+        records.append({"task": task, "classes": comp.classes, "file": str(path),
+                        "params": m["params"], "params_source": m["params_source"],
+                        "macs": m["macs"], "macs_source": m["macs_source"],
+                        "channels_kept": m["channels_kept"], "channels_total": m["channels_total"],
+                        "thresholds": m["thresholds"], "calibration": cal,
+                        "norms_reestimated_on": m.get("norms_reestimated_on"),
+                        "search": None if res is None else {
+                            "met": res.met, "scale": res.scale, "message": res.message}})
+        row = [",".join(task), ",".join(map(str, comp.classes)),
+               common.share(m["params"], m["params_source"]),
+               common.share(m["macs"], m["macs_source"]),
+               f"{m['channels_kept']}/{m['channels_total']} "
+               f"({m['channels_kept'] / max(1, m['channels_total']):.0%})"]
+        if cal:
+            row.append(f"{common.pct(cal['accuracy'])} ({common.pct(cal['source_accuracy'])})")
+        if budget is not None:
+            from mdafx.search import scale_text
+
+            row += [scale_text(res.scale), "yes" if res.met else "NO"]
+        rows.append(row + [str(path)])
+    first = comps[0].metadata
+    common.emit_json(args, {"command": "disassemble", "source": name, "classes_source": k,
+                            "params_source": first["params_source"],
+                            "macs_source": first["macs_source"],
+                            "budget": None if budget is None else vars(budget),
+                            "calibration": calib_text, "components": records})
+    headers = ["task", "classes", "params (kept)", "MACs (kept)", "channel groups kept"]
+    headers += ["calib acc (source)"] if calib_text else []
+    headers += ["thresholds", "budget met"] if budget is not None else []
+    lines = [*common.table(rows, headers + ["file"]),
+             f"source {name}: {k} classes, {first['params_source']:,} params, "
+             f"{first['macs_source']:,} MACs; "
+             + (f"budget {budget.describe()}; base " if budget is not None else "")
+             + f"thresholds {common.thresholds_text(args)}"]
+    if calib_text:
+        reest = first.get("norms_reestimated_on")
+        lines.append(f"calibration: {calib_text}"
+                     + (f"; norms re-estimated on {reest} of them" if reest else ""))
+    for what, path in (("explored thresholds", args.search_table),
+                       ("trade-off plot", args.search_plot)):
+        if path:
+            lines.append(f"{what}: {path}")
+    common.say(args, *lines)
+    common.say(args, f"wrote {len(paths)} component file(s): {', '.join(map(str, paths))}",
+               final=True)

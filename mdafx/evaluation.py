@@ -1,0 +1,202 @@
+"""Scoring models on data: logits, task accuracy, per-class tables (one copy for all of mdafx).
+
+``task_accuracy`` is how a source model is scored on an MDA task T (a subset of its classes):
+only the samples whose label is in T count, and the prediction is the argmax over T's logits
+only, which is exactly what a component for T outputs. Every score refuses non-finite logits
+(a model whose outputs are NaN or infinite is an error, never a 50% accuracy).
+
+>>> import torch
+>>> logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0], [0.0, 5.0, 1.0]])
+>>> task_accuracy(logits, torch.tensor([2, 0, 2]), classes=[0, 2])
+1.0
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import DataError, PreconditionError
+from .ir import eval_mode, module_device
+
+__all__ = ["EvaluationReport", "accuracy", "accuracy_rows", "check_finite", "confusion_report",
+           "evaluate", "logits_of", "matched_indices", "predict", "task_accuracy"]
+
+
+def check_finite(logits: torch.Tensor, what: str = "the model") -> torch.Tensor:
+    """``logits`` if every entry is finite, else a DataError naming ``what``."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).any(-1).sum()) if logits.dim() else 1
+        raise DataError(f"{what} gives non-finite outputs (NaN or infinity) on {bad} of "
+                        f"{len(logits)} images")
+    return logits
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+            what: str = "the model") -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits (float32, CPU, finite) and labels of ``batches`` under ``model`` in eval mode
+    (every submodule's mode is restored)."""
+    device = module_device(model)
+    logits, labels = [], []
+    with eval_mode(model):
+        for x, y, *_ in batches:
+            logits.append(model(x.to(device)).float().cpu())
+            labels.append(torch.as_tensor(y))
+    if not logits:
+        raise PreconditionError("predict() got no batches")
+    return check_finite(torch.cat(logits), what), torch.cat(labels)
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 256, *,
+              what: str = "the model") -> torch.Tensor:
+    """``model`` on the rows of ``x`` in slices of ``batch_size`` (eval mode, finite)."""
+    device = module_device(model)
+    with eval_mode(model):
+        out = torch.cat([model(x[s:s + batch_size].to(device)).float().cpu()
+                         for s in range(0, len(x), batch_size)])
+    return check_finite(out, what)
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor | Sequence[int]) -> float:
+    """Share of rows whose argmax is the target."""
+    targets = torch.as_tensor(targets)
+    if not len(targets):
+        raise PreconditionError("accuracy of no samples")
+    return float((logits.argmax(1) == targets).float().mean())
+
+
+def task_accuracy(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
+                  classes: Sequence[int] | np.ndarray | torch.Tensor) -> float:
+    """Accuracy on the samples whose label is in ``classes``, predicting the argmax over only
+    those classes' logits."""
+    logits = torch.as_tensor(logits)
+    labels = torch.as_tensor(labels)
+    classes_t = torch.as_tensor(np.asarray(classes), dtype=torch.int64).flatten()
+    if len(classes_t) == 0:
+        raise PreconditionError("classes must not be empty")
+    if len(torch.unique(classes_t)) != len(classes_t):
+        raise PreconditionError(f"classes contain duplicates: {classes_t.tolist()}")
+    mask = torch.isin(labels, classes_t)
+    if not bool(mask.any()):
+        raise PreconditionError(f"no sample has a label in classes {classes_t.tolist()}")
+    pred = classes_t[logits[mask][:, classes_t].argmax(1)]
+    return float((pred == labels[mask]).float().mean())
+
+
+def accuracy_rows(logits: torch.Tensor, positions: Sequence[int] | torch.Tensor,
+                  class_names: Sequence[str]) -> list[list]:
+    """Per-class rows ``[class, samples, correct, accuracy]`` and the overall row."""
+    positions = torch.as_tensor(positions)
+    pred = logits.argmax(1)
+    rows = []
+    for c, name in enumerate(class_names):
+        hit = positions == c
+        n = int(hit.sum())
+        correct = int((pred[hit] == c).sum())
+        rows.append([name, n, correct, correct / n if n else None])
+    total, correct = len(positions), int((pred == positions).sum())
+    rows.append(["overall", total, correct, correct / total if total else None])
+    return rows
+
+
+def confusion_report(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     num_classes: int | None = None) -> tuple[float, np.ndarray, np.ndarray]:
+    """``(overall_acc, per_class_acc, confusion)`` of ``model`` on ``batches``.
+
+    ``confusion[t, p]`` counts samples of true class t predicted as p (int64, K x K with K =
+    ``num_classes`` or the logit width). ``per_class_acc[c]`` is NaN for a class with no sample.
+    """
+    logits, labels = predict(model, batches)
+    k = num_classes if num_classes is not None else logits.shape[1]
+    pred = logits.argmax(1)
+    confusion = torch.bincount(labels * k + pred, minlength=k * k).reshape(k, k).numpy()
+    support = confusion.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.diag(confusion) / support
+    overall = float(np.trace(confusion) / max(1, confusion.sum()))
+    return overall, per_class.astype(np.float64), confusion.astype(np.int64)
+
+
+@dataclass
+class EvaluationReport:
+    """What :func:`evaluate` measured: per-class ``rows`` ``[class, samples, correct,
+    accuracy]`` (last row: overall) of the model on the data's images of its classes, the
+    same for ``source`` (the source model restricted to the same classes) when one was given,
+    and the data's folders the model does not know."""
+
+    label: str
+    class_names: list[str]
+    rows: list[list]
+    images: int
+    skipped: list[str] = field(default_factory=list)
+    source_rows: list[list] | None = None
+
+    @property
+    def accuracy(self) -> float:
+        return self.rows[-1][3]
+
+    def to_dict(self) -> dict:
+        def table(rows):
+            return [{"class": r[0], "samples": r[1], "correct": r[2], "accuracy": r[3]}
+                    for r in rows]
+        return {"model": self.label, "classes": self.class_names, "images": self.images,
+                "per_class": table(self.rows), "skipped_folders": self.skipped,
+                "source": None if self.source_rows is None else table(self.source_rows)}
+
+
+def matched_indices(dataset, class_names: Sequence[str]) -> tuple[list[int], list[int], list[str]]:
+    """Indices of the samples whose folder is named like a model class, their model
+    positions, and the folder names that are not."""
+    from .data import labels_at
+
+    folders = list(getattr(dataset, "class_names", None) or [])
+    if not folders:
+        raise DataError("the evaluation data must name its classes (an ImageFolder)")
+    position = {name: i for i, name in enumerate(class_names)}
+    labels = labels_at(dataset).tolist()
+    index = [i for i, y in enumerate(labels) if folders[y] in position]
+    return (index, [position[folders[labels[i]]] for i in index],
+            [n for n in folders if n not in position])
+
+
+def evaluate(model: nn.Module, dataset, class_names: Sequence[str], *,
+             classes: Sequence[int] | None = None,
+             source: nn.Module | None = None, source_classes: Sequence[int] | None = None,
+             batch_size: int = 256, label: str = "model") -> EvaluationReport:
+    """Per-class accuracy of ``model`` (logits of ``class_names``, in that order) on the images
+    of ``dataset`` whose folder is named like one of its classes (folders matched by name).
+
+    ``classes`` (the model's logit index of each class) restricts a wider model, e.g. a source
+    scored on a task, to those logits: it predicts over them only. With ``source`` (a source
+    model) and ``source_classes`` (its logit index of each class), the source is scored on the
+    same images predicting over those logits only, side by side."""
+    from .data import batches
+
+    index, positions, skipped = matched_indices(dataset, class_names)
+    if not index:
+        raise DataError(f"no data folder is named like a class of {label} "
+                        f"({', '.join(class_names)})")
+    logits, _ = predict(model, batches(dataset, index, batch_size), what=label)
+    if classes is not None:
+        if len(classes) != len(class_names):
+            raise PreconditionError(f"{len(classes)} logit indices for {len(class_names)} "
+                                    "class names")
+        if logits.dim() != 2 or not all(0 <= int(c) < logits.shape[1] for c in classes):
+            raise DataError(f"{label}: outputs {tuple(logits.shape[1:])} per sample, too few "
+                            f"for the logit indices {list(classes)}")
+        logits = logits[:, [int(c) for c in classes]]
+    if logits.dim() != 2 or logits.shape[1] != len(class_names):
+        raise DataError(f"{label}: outputs {tuple(logits.shape[1:])} per sample but has "
+                        f"{len(class_names)} class names")
+    source_rows = None
+    if source is not None:
+        src, _ = predict(source, batches(dataset, index, batch_size), what="the source model")
+        source_rows = accuracy_rows(src[:, list(source_classes)], positions, class_names)
+    return EvaluationReport(label, list(class_names), accuracy_rows(logits, positions,
+                                                                     class_names),
+                            len(index), skipped, source_rows)
