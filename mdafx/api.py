@@ -33,7 +33,7 @@ from .modelfile import load_model, save_model
 from .models import build_model, load_weights
 from .passes.locate import ChannelMasks, Thresholds
 from .passes.prune_channels import ChannelPlan, masked_model, plan_from_votes, plan_random
-from .passes.reestimate_norms import reestimate_norms
+from .passes.reestimate_norms import reestimate_batch_norms
 from .profiling import Profile, analyse, build_profile, calibration_split, profile
 from .recipes import disassemble
 from .search import Budget, SearchResult, search_thresholds
@@ -50,7 +50,7 @@ __all__ = [
     # building blocks
     "trace", "channel_groups", "profile", "build_profile", "locate", "cut", "prune",
     "resolve_classes", "source_analyses", "calibration_split", "calibrate", "search_thresholds",
-    "reestimate_norms", "distill", "export_onnx", "onnx_latency", "read_onnx_metadata",
+    "reestimate_batch_norms", "distill", "export_onnx", "onnx_latency", "read_onnx_metadata",
     "predict", "task_accuracy", "build_model", "load_weights", "count_params", "count_macs",
     "Budget", "Thresholds", "ChannelMasks", "ChannelPlan", "plan_from_votes", "plan_random",
     "masked_model", "InputFormat", "InputAdapter", "ArrayDataset", "load_imagefolder",

@@ -22,7 +22,8 @@ from .disassembly import Component
 from .errors import FormatError
 from .fileio import describe_os_error
 from .ir import shape_of
-from .modelfile import FORMAT_NAME, MAX_HEADER_BYTES, LoadedModel, load_model, save_model
+from .modelfile import (FORMAT_NAME, MAX_HEADER_BYTES, RESERVED_METADATA_KEYS, LoadedModel,
+                        load_model, save_model)
 from .profiling import PROFILE_FORMAT
 
 __all__ = ["file_kind", "load", "load_component", "onnx_summary", "save"]
@@ -35,6 +36,8 @@ def save(model: Component | Assembled, path: str | os.PathLike, *, overwrite: bo
     """Write ``model`` with its metadata (plus ``metadata``) to ``path`` atomically."""
     kind = "assembled" if isinstance(model, Assembled) else "component"
     meta = {**model.metadata, **(metadata or {}), "kind": kind}
+    for key in RESERVED_METADATA_KEYS:  # a loaded model's: the writer records its own
+        meta.pop(key, None)
     if isinstance(model, Component):
         meta.update(classes=list(model.classes), class_names=list(model.class_names),
                     source=model.source)

@@ -316,14 +316,14 @@ class ArrayDataset(torch.utils.data.Dataset):
         images = np.asarray(images)
         labels = np.asarray(labels)
         if images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError(
+            raise DataError(
                 f"images must be uint8 N x H x W x C, got {images.dtype} {images.shape}"
             )
         if labels.shape != (images.shape[0],):
-            raise ValueError(f"labels shape {labels.shape} != ({images.shape[0]},)")
+            raise DataError(f"labels shape {labels.shape} != ({images.shape[0]},)")
         c = images.shape[3]
         if len(mean) != c or len(std) != c:
-            raise ValueError(f"mean/std need {c} values, got {len(mean)}/{len(std)}")
+            raise DataError(f"mean/std need {c} values, got {len(mean)}/{len(std)}")
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.augment = augment
@@ -384,7 +384,7 @@ class ArrayDataset(torch.utils.data.Dataset):
         channels-last memory format (no copy: the storage is already NHWC).
         """
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
         idx = (
             torch.arange(len(self))
             if indices is None
@@ -417,22 +417,22 @@ def split_per_class(
     """
     labels = np.asarray(labels)
     if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+        raise DataError(f"labels must be 1-D, got shape {labels.shape}")
     if isinstance(sizes, (int, float)):
         sizes = [sizes]
     sizes = list(sizes)
     if not sizes:
-        raise ValueError("sizes must not be empty")
+        raise DataError("sizes must not be empty")
     if any(isinstance(s, bool) for s in sizes):
-        raise TypeError(f"sizes must be ints (counts) or floats (fractions), got {sizes}")
+        raise DataError(f"sizes must be ints (counts) or floats (fractions), got {sizes}")
     is_count = all(isinstance(s, (int, np.integer)) for s in sizes)
     if not is_count:
         if not all(isinstance(s, (float, np.floating)) for s in sizes):
-            raise TypeError(f"sizes mix counts (int) and fractions (float): {sizes}")
+            raise DataError(f"sizes mix counts (int) and fractions (float): {sizes}")
         if any(s < 0 or s > 1 for s in sizes) or sum(sizes) > 1 + 1e-9:
-            raise ValueError(f"fractions must lie in [0, 1] and sum to at most 1, got {sizes}")
+            raise DataError(f"fractions must lie in [0, 1] and sum to at most 1, got {sizes}")
     elif any(s < 0 for s in sizes):
-        raise ValueError(f"counts must be >= 0, got {sizes}")
+        raise DataError(f"counts must be >= 0, got {sizes}")
 
     parts: list[list[np.ndarray]] = [[] for _ in sizes]
     for c in np.unique(labels):
@@ -441,7 +441,7 @@ def split_per_class(
         if is_count:
             bounds = np.concatenate([[0], np.cumsum(sizes)])
             if bounds[-1] > n:
-                raise ValueError(
+                raise DataError(
                     f"class {c} has {n} samples, fewer than the {int(bounds[-1])} requested "
                     f"(counts {sizes})"
                 )

@@ -735,8 +735,9 @@ def _parse_layers(raw: Any) -> dict[str, tuple[storage.LayerSpec, dict[str, Any]
         raise _Invalid("graph layers are not an object")
     layers = {}
     for path, layer in raw.items():
-        if _path_problem(path):
-            raise _Invalid(f"layer {path!r}: {_path_problem(path)}")
+        problem = _path_problem(path)
+        if problem:
+            raise _Invalid(f"layer {str(path)[:200]!r}: {problem}")
         if not isinstance(layer, dict) or set(layer) != {"type", "args"}:
             raise _Invalid(f"layer {path!r}: not an object with type and args")
         spec = storage.LAYERS_BY_NAME.get(layer["type"]) if isinstance(layer["type"], str) else None

@@ -134,7 +134,7 @@ class ResNetCifar(nn.Module):
     def __init__(self, depth: int = 20, num_classes: int = 10, width: int = 16):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, ...), got {depth}")
+            raise ModelError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, ...), got {depth}")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)

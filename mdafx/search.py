@@ -76,7 +76,7 @@ from .disassembly import Component, cut, resolve_classes, source_analyses
 from .errors import PreconditionError
 from .evaluation import logits_of
 from .instrument import run_pipeline
-from .ir import count_macs, count_params, input_shape
+from .ir import count_macs, count_params
 from .passes.channel_groups import ChannelGraph
 from .passes.contributions import Contributions
 from .passes.locate import Thresholds

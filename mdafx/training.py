@@ -12,7 +12,7 @@ Scoring lives in ``mdafx.evaluation``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

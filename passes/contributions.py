@@ -105,7 +105,7 @@ __all__ = [
     "Contributions",
     "FactoredContribution",
     "accumulate",
-    "contributions",
+    "class_contributions",
     "conv_padding",
     "densify",
     "naive_contributions",
@@ -698,7 +698,7 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
     return weighted_layers(model)
 
 
-def contributions(gm: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int,
+def class_contributions(gm: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int,
                   layers: Sequence[str] | None = None, progress: bool = True, *,
                   dtype: torch.dtype = torch.float32, chunk_bytes: int = CHUNK_BYTES,
                   dense: bool = False, forward_batch: int | None = None
@@ -741,7 +741,7 @@ def accumulate(gm: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int
 def naive_contributions(gm: nn.Module, batches: Iterable[Sequence[Any]], num_classes: int,
                         layers: Sequence[str] | None = None, progress: bool = True, *,
                         dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """Same result as ``contributions(..., dense=True)`` by the reference's formula (``unfold``
+    """Same result as ``class_contributions(..., dense=True)`` by the reference's formula (``unfold``
     and the ``B×O×I×H×W`` product per layer and batch; dense tensors for every layer). For tests
     and benchmarks only."""
     layers = resolve_layers(gm, layers)
@@ -769,4 +769,4 @@ class Contributions(Analysis):
             raise PreconditionError(
                 "no contributions for this graph: profile the model (mdafx.api.analyse) and "
                 "seed them with am.provide(Contributions, profile.contributions)")
-        return contributions(gm, self.batches, self.num_classes, progress=False)
+        return class_contributions(gm, self.batches, self.num_classes, progress=False)

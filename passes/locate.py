@@ -194,7 +194,7 @@ def _reduce_to(mask_1d: torch.Tensor, in_ids: torch.Tensor, axis: int) -> torch.
     return mask_1d.reshape(K, *shape).expand(K, *in_ids.shape).clone()
 
 
-def locate(gm: fx.GraphModule, cg: ChannelGraph,
+def locate_masks(gm: fx.GraphModule, cg: ChannelGraph,
            contributions: dict[str, torch.Tensor | FactoredContribution],
            thresholds: Thresholds = Thresholds(), *,
            chunk_bytes: int = LOCATE_CHUNK_BYTES) -> ChannelMasks:
@@ -304,5 +304,5 @@ class Locate(Analysis):
         return (self.thresholds,)
 
     def compute(self, gm: fx.GraphModule, am: AnalysisManager) -> ChannelMasks:
-        return locate(gm, am.get(ChannelGroups), am.get(Contributions), self.thresholds,
+        return locate_masks(gm, am.get(ChannelGroups), am.get(Contributions), self.thresholds,
                       chunk_bytes=self.chunk_bytes)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from mdafx.channels import FROZEN, along, varying_dims
+from mdafx.channels import FROZEN, along
 from mdafx.errors import PreconditionError
 from mdafx.errors import InternalError
 from mdafx.ir import META_KEPT

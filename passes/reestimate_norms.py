@@ -38,7 +38,7 @@ from mdafx.errors import PreconditionError
 from mdafx.passmanager import AnalysisManager, Pass
 from mdafx.passes.channel_groups import ChannelGroups
 
-__all__ = ["ReestimateNorms", "reestimate_norms"]
+__all__ = ["ReestimateNorms", "reestimate_batch_norms"]
 
 _STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -59,7 +59,7 @@ def _inputs(batch: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reestimate_norms(module: nn.Module, batches: Iterable[Any]) -> nn.Module:
+def reestimate_batch_norms(module: nn.Module, batches: Iterable[Any]) -> nn.Module:
     """Re-estimate, in place, the running statistics of every BatchNorm of ``module`` from
     ``batches`` (tensors or ``(x, y, ...)`` tuples) as described in the module docstring.
     Returns ``module``. Raises PreconditionError (and leaves the statistics as they were) when
@@ -123,5 +123,5 @@ class ReestimateNorms(Pass):
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> bool:
         if not _norms(gm):
             return False
-        reestimate_norms(gm, self.batches)
+        reestimate_batch_norms(gm, self.batches)
         return True

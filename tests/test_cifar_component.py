@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdafx.api import (channel_groups, disassemble, locate, masked_model, plan_from_votes,
+from mdafx.api import (channel_groups, cut, locate, masked_model, plan_from_votes,
                        profile, trace)
 from mdafx.data import ArrayDataset, load_imagefolder, split_per_class
 from mdafx.ir import count_params
@@ -63,7 +63,7 @@ def run(data_root):
     cg = channel_groups(gm)
     prof = profile(gm, train_ds, train.class_names, indices=subset, progress=False)
     masks = locate(gm, prof, cg=cg)
-    comp = disassemble(gm, masks, TASK, class_names=train.class_names, cg=cg)
+    comp = cut(gm, prof, TASK, class_names=train.class_names)
 
     classes = comp.classes
     index = np.flatnonzero(np.isin(test.labels, classes))

@@ -15,7 +15,7 @@ from mdafx.data import (
     resolve_data_root,
     split_per_class,
 )
-from mdafx.errors import MdafxError
+from mdafx.errors import DataError, MdafxError
 
 
 # --- split_per_class ------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def test_split_errors():
     labels = _labels([5, 3])
     with pytest.raises(ValueError, match="class 1 has 3 samples"):
         split_per_class(labels, [2, 2], seed=0)
-    with pytest.raises(TypeError, match="mix"):
+    with pytest.raises(DataError, match="mix"):
         split_per_class(labels, [1, 0.5], seed=0)
     with pytest.raises(ValueError, match="sum to at most 1"):
         split_per_class(labels, [0.6, 0.6], seed=0)

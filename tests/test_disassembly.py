@@ -17,7 +17,7 @@ from mdafx.errors import PreconditionError
 from mdafx.ir import count_params
 from models.zoo import build
 from oracle import max_rel_error
-from mdafx.passes.contributions import contributions
+from mdafx.passes.contributions import class_contributions
 
 NUM_CLASSES = 10
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -34,7 +34,7 @@ class Located:
         g = torch.Generator().manual_seed(1)
         x = torch.randn(2 * NUM_CLASSES, *example.shape[1:], generator=g)
         y = torch.arange(NUM_CLASSES).repeat(2)
-        self.A = contributions(self.gm, [(x, y)], NUM_CLASSES, progress=False)
+        self.A = class_contributions(self.gm, [(x, y)], NUM_CLASSES, progress=False)
         self.am = source_analyses(self.gm, self.A, self.cg)
         self.masks = locate(self.gm, self.A, am=self.am)
         self.x = torch.randn(3, *example.shape[1:], generator=g)

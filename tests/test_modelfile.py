@@ -492,6 +492,49 @@ def test_missing_and_extra_tensors_are_refused(tiny) -> None:
     _refused(_crafted(tiny[1], only_in_file), "differ", "stray")
 
 
+def _add_tensor(name: str, tensor: torch.Tensor, kind: str = "buffer", grad: bool = False):
+    def edit(graph, tensors, meta):
+        tensors[name] = tensor
+        graph["tensors"][name] = {"kind": kind, "persistent": True, "requires_grad": grad}
+    return edit
+
+
+RELU = {"type": "ReLU", "args": {"inplace": False}}
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda g, t, m: g["layers"].__setitem__("graph", RELU), "'graph' collides"),
+    (lambda g, t, m: g["layers"].__setitem__("features.0.sub", RELU), "inside another layer"),
+    (_add_tensor("training", torch.zeros(1)), "'training' cannot be registered"),
+    (_add_tensor("features", torch.zeros(1)), "'features' collides with a module path"),
+    (_add_tensor("p", torch.zeros(1, dtype=torch.int64), "parameter", True), "'p'"),
+    (lambda g, t, m: g["nodes"][1].__setitem__("kwargs", {"k": json.loads("[" * 40 + "]" * 40)}),
+     "nested deeper"),
+    (lambda g, t, m: g["nodes"][1].__setitem__("kwargs", {"lambda": 1}), "'lambda'"),
+    (lambda g, t, m: g["nodes"][1].__setitem__("args", [X, {"$device": "cpu'); import os"}]),
+     "invalid argument"),
+    (lambda g, t, m: g["nodes"].insert(1, {"op": "placeholder", "name": "y"}), "placeholder"),
+    (lambda g, t, m: _insert_node(g, _node("call_eval", "x")), "unknown op"),
+    (lambda g, t, m: g["nodes"].pop(), "no output node"),
+    (lambda g, t, m: g["tensors"]["features.0.weight"].__setitem__("kind", "buffer"), "bad info"),
+    (lambda g, t, m: g["layers"]["features.1"]["args"].__setitem__("eps", "1e-5"), "eps='1e-5'"),
+    (lambda g, t, m: g["layers"]["features.0"]["args"].__setitem__("device", "cpu"), "takes"),
+    (lambda g, t, m: m.__setitem__("metadata", '{"format_version": 7}'), "reserved keys"),
+    (lambda g, t, m: m.__setitem__("extra", "1"), "metadata keys"),
+    (lambda g, t, m: m.__setitem__("format_version", "2.0"), "invalid format_version"),
+])
+def test_malformed_graphs_are_refused(edit: Callable, fragment: str, tiny) -> None:
+    _refused(_crafted(tiny[1], edit), fragment)
+
+
+def test_graph_that_does_not_run_is_refused(tiny) -> None:
+    def edit(graph, tensors, meta):
+        graph["layers"]["classifier"]["args"]["in_features"] = 7
+        tensors["classifier.weight"] = torch.zeros(5, 7)
+
+    _refused(_crafted(tiny[1], edit), "does not run on an input of shape (1, 3, 8, 8)")
+
+
 @pytest.mark.parametrize("eighths", range(8))
 def test_truncated_file_is_refused(eighths: int, tiny) -> None:
     data = tiny[1].read_bytes()

@@ -7,9 +7,10 @@ import torch.fx
 from torch import nn
 
 from mdafx.data import ArrayDataset
-from mdafx.models import resnet_cifar, tiny_cnn, vgg_cifar
+from mdafx.models import ModelError, resnet_cifar, tiny_cnn, vgg_cifar
 from mdafx.evaluation import confusion_report as evaluate, task_accuracy
 from mdafx.training import train_classifier
+from mdafx.errors import PreconditionError
 
 FACTORIES = {
     "vgg": vgg_cifar,
@@ -50,7 +51,7 @@ def test_resnet20_structure():
     assert sum(m.kernel_size == (3, 3) for m in convs) == 19  # + fc = 20 weighted layers
     assert sum(m.kernel_size == (1, 1) for m in convs) == 2  # downsampling shortcuts
     assert sum(p.numel() for p in model.parameters()) < 0.3e6
-    with pytest.raises(ValueError, match="6n"):
+    with pytest.raises(ModelError, match="6n"):
         resnet_cifar(21)
 
 
@@ -94,5 +95,5 @@ def test_task_accuracy_restricts_labels_and_logits():
     # Sample 0 is right only because class 0's logit is left out; sample 3 is not counted.
     assert task_accuracy(logits, labels, [1, 2]) == pytest.approx(2 / 3)
     assert task_accuracy(logits.numpy(), labels.numpy(), np.array([0])) == 1.0
-    with pytest.raises(ValueError, match="no sample"):
+    with pytest.raises(PreconditionError, match="no sample"):
         task_accuracy(logits, torch.tensor([1, 1, 1, 1]), [0, 2])

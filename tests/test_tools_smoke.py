@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import bench_assembly as ba  # noqa: E402
 import report_accuracy as ra  # noqa: E402
-import reproduce as rp  # noqa: E402
+import common  # noqa: E402
+import reproduce  # noqa: E402
 from mdafx.data import ArrayDataset, load_imagefolder, split_per_class  # noqa: E402
 from mdafx.models import resnet_cifar, vgg_cifar  # noqa: E402
 
@@ -53,7 +54,7 @@ def test_reproduce_tables(cifar_subset, sources, tmp_path):
     reports = []
     for name, model in sources.items():
         path = tmp_path / f"{name}.pt"
-        rep = rp.reproduce_model(name, model, train_ds, sel, test_ds, names, per_class=3,
+        rep = reproduce.reproduce_model(name, model, train_ds, sel, test_ds, names, per_class=3,
                                  profile_file=path, batch_size=128)
         assert path.is_file() and not rep.profile_loaded
         assert rep.samples_per_class == [3] * 10
@@ -69,15 +70,15 @@ def test_reproduce_tables(cifar_subset, sources, tmp_path):
         # the component of all ten classes keeps at least as much as any smaller task
         assert rep.rows[-1]["params"] >= max(r["params"] for r in rep.rows[:3])
         reports.append(rep)
-    again = rp.reproduce_model("res_t", sources["res_t"], train_ds, sel, test_ds, names,
+    again = reproduce.reproduce_model("res_t", sources["res_t"], train_ds, sel, test_ds, names,
                                tasks=[("cat", "dog")], per_class=3,
                                profile_file=tmp_path / "res_t.pt", reuse_profile=True)
     assert again.profile_loaded
     assert again.rows[0]["component_acc"] == reports[1].rows[0]["component_acc"]
 
-    text = rp.format_report(reports)
-    md = rp.format_report(reports, tablefmt="github", title_prefix="## ")
-    for header in rp.HEADERS:
+    text = reproduce.format_report(reports)
+    md = reproduce.format_report(reports, tablefmt="github", title_prefix="## ")
+    for header in reproduce.HEADERS:
         assert header in text and header in md
     assert text.count("all ten") == 2 and md.count("## ") == 2
     assert "profile (computed)" in text
@@ -85,13 +86,13 @@ def test_reproduce_tables(cifar_subset, sources, tmp_path):
 
 def test_load_sources(tmp_path, sources):
     with pytest.raises(SystemExit, match="tools/train_sources.py"):
-        rp.load_sources(["vgg"], tmp_path)
+        common.load_sources(["vgg"], tmp_path)
     model = sources["res_t"]
     torch.save(model.state_dict(), tmp_path / "res_t.pt")
     info = {"architecture": {"factory": "mdafx.models.resnet_cifar",
                              "kwargs": {"depth": 8, "width": 4}}}
     (tmp_path / "res_t.json").write_text(json.dumps(info))
-    loaded, got_info = rp.load_sources(["res_t"], tmp_path)["res_t"]
+    loaded, got_info = common.load_sources(["res_t"], tmp_path)["res_t"]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
@@ -115,7 +116,7 @@ def test_bench_assembly_table(cifar_subset, sources, tmp_path):
         ("res_t{cat, dog} + res_t{airplane, ship}", "parallel"),
     ]
     assert [r["n_test"] for r in report.rows] == [80, 200, 80, 80, 80, 80]
-    assert report.rows[1]["classes"] == list(rp.FIVE_A + rp.FIVE_B)
+    assert report.rows[1]["classes"] == list(common.FIVE_A + common.FIVE_B)
     for r in report.rows:
         for key in ("baseline", "components", "assembled", "scaled"):
             assert _in_unit(r[key]), (key, r)

@@ -43,9 +43,9 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import reproduce as rp  # noqa: E402
+import common  # noqa: E402
 from mdafx import api  # noqa: E402
-from mdafx.assemble import assemble  # noqa: E402
+from mdafx.assembly import assemble  # noqa: E402
 from mdafx.data import ArrayDataset  # noqa: E402
 from mdafx.evaluation import predict, task_accuracy  # noqa: E402
 from mdafx.passes.locate import Thresholds  # noqa: E402
@@ -80,7 +80,7 @@ class Spec:
 def default_specs(vgg: str = "vgg", resnet: str = "resnet20") -> list[Spec]:
     return [
         Spec((Part(vgg, CAT_DOG), Part(resnet, AIRPLANE_SHIP)), "parallel"),
-        Spec((Part(vgg, rp.FIVE_A), Part(resnet, rp.FIVE_B)), "parallel"),
+        Spec((Part(vgg, common.FIVE_A), Part(resnet, common.FIVE_B)), "parallel"),
         Spec((Part(vgg, CAT_DOG), Part(vgg, AIRPLANE_SHIP)), "merged"),
         Spec((Part(vgg, CAT_DOG), Part(vgg, AIRPLANE_SHIP)), "parallel"),
         Spec((Part(resnet, CAT_DOG), Part(resnet, AIRPLANE_SHIP)), "merged"),
@@ -118,10 +118,10 @@ class BenchReport:
 
 def _latency(module: torch.nn.Module, path: Path, metadata: dict, threads: int,
              iters: int) -> tuple[float, float]:
-    from mdafx.export import export_onnx, onnx_latency
+    from mdafx.deployment import export_onnx, onnx_latency
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(module, path, torch.zeros(*rp.INPUT_SHAPE), metadata, overwrite=True)
+    export_onnx(module, path, torch.zeros(*common.INPUT_SHAPE), metadata, overwrite=True)
     b1 = onnx_latency(path, 1, warmup=10, iters=max(iters, 50), threads=threads)
     b64 = onnx_latency(path, 64, warmup=3, iters=iters, threads=threads)
     return b1, b64
@@ -134,9 +134,9 @@ def _slug(text: str) -> str:
 def bench_assembly(sources: dict[str, torch.nn.Module], train_ds: ArrayDataset,
                    select_idx: np.ndarray, calib_idx: np.ndarray, test_ds: ArrayDataset,
                    class_names: Sequence[str], specs: Sequence[Spec], *,
-                   per_class: int = rp.DEFAULT_PER_CLASS, thresholds: Thresholds = Thresholds(),
+                   per_class: int = common.DEFAULT_PER_CLASS, thresholds: Thresholds = Thresholds(),
                    profile_dir: Path | None = None, reuse_profile: bool = True,
-                   calib_frac: float = rp.DEFAULT_CALIB_FRAC, seed: int = rp.DEFAULT_SEED,
+                   calib_frac: float = common.DEFAULT_CALIB_FRAC, seed: int = common.DEFAULT_SEED,
                    latency: bool = True, latency_specs: Sequence[int] | None = None,
                    onnx_dir: Path | None = None, latency_iters: int = 20, threads: int = 1,
                    batch_size: int = 256, progress: bool = False) -> BenchReport:
@@ -154,29 +154,28 @@ def bench_assembly(sources: dict[str, torch.nn.Module], train_ds: ArrayDataset,
 
     located = {}
     for name in used:
-        gm = api.trace(sources[name], torch.zeros(*rp.INPUT_SHAPE))
-        cg = api.channel_groups(gm)
-        path = None if profile_dir is None else rp.profile_path(
+        gm = api.trace(sources[name], torch.zeros(*common.INPUT_SHAPE))
+        path = None if profile_dir is None else common.profile_path(
             profile_dir, name, gm, per_class, calib_frac, seed)
-        prof, prof_s, loaded = rp.get_profile(gm, train_ds, select_idx, class_names, per_class,
+        prof, prof_s, loaded = common.get_profile(gm, train_ds, select_idx, class_names, per_class,
                                               path=path, reuse=reuse_profile,
                                               batch_size=batch_size, progress=progress)
-        masks = api.locate(gm, prof, thresholds, cg)
+        am = api.source_analyses(gm, prof)
         logits, labels = predict(gm, test_ds.batches(500))
-        located[name] = (gm, cg, masks, logits, labels)
-        info = SourceInfo(rp.count_params(gm), rp.count_macs(gm), prof_s, loaded)
+        located[name] = (gm, prof, am, logits, labels)
+        info = SourceInfo(common.count_params(gm), common.count_macs(gm), prof_s, loaded)
         if latency:
             info.latency_ms = _latency(gm, onnx_dir / f"source_{_slug(name)}.onnx",
                                        {"source": name}, threads, latency_iters)
         report.sources[name] = info
 
     for part in dict.fromkeys(p for s in specs for p in s.parts):
-        gm, cg, masks, src_logits, src_labels = located[part.source]
-        comp = api.disassemble(gm, masks, list(part.task), class_names=class_names,
-                               source=part.source, cg=cg)
-        idx = rp.indices_of(test_labels, comp.classes)
+        gm, prof, am, src_logits, src_labels = located[part.source]
+        comp = api.cut(gm, prof, list(part.task), thresholds=thresholds,
+                       class_names=class_names, source=part.source, am=am)
+        idx = common.indices_of(test_labels, comp.classes)
         src_acc = task_accuracy(src_logits[idx], src_labels[idx], comp.classes)
-        comp_acc = rp.component_accuracy(comp.module, test_ds, idx, comp.classes)
+        comp_acc = common.component_accuracy(comp.module, test_ds, idx, comp.classes)
         cal = calib_idx[np.isin(calib_labels, comp.classes)]
         if len(cal) == 0:
             raise ValueError(f"no calibration images of {part.label}'s classes")
@@ -195,14 +194,14 @@ def bench_assembly(sources: dict[str, torch.nn.Module], train_ds: ArrayDataset,
         plain = assemble(comps, None, layout=spec.layout)
         scaled = assemble(comps, [i.scales for i in infos], layout=spec.layout)
         union = [class_names.index(c) for c in scaled.class_names]
-        idx = rp.indices_of(test_labels, union)
+        idx = common.indices_of(test_labels, union)
         position = {c: j for j, c in enumerate(union)}
         accs = []
         for asm in (plain, scaled):
             logits, labels = predict(asm.module, test_ds.batches(500, idx))
             target = torch.tensor([position[int(y)] for y in labels.tolist()])
             accs.append(float((logits.argmax(1) == target).float().mean()))
-        params = rp.count_params(scaled.module)
+        params = common.count_params(scaled.module)
         nonzero = sum(int((p != 0).sum()) for p in scaled.module.parameters())
         row = {
             "label": spec.label, "layout": spec.layout, "classes": list(scaled.class_names),
@@ -211,7 +210,7 @@ def bench_assembly(sources: dict[str, torch.nn.Module], train_ds: ArrayDataset,
             "components": float(np.dot(n, [i.component_acc for i in infos]) / n.sum()),
             "assembled": accs[0], "scaled": accs[1],
             "params": params, "params_nonzero": nonzero,
-            "macs": rp.count_macs(scaled.module), "latency_ms": None,
+            "macs": common.count_macs(scaled.module), "latency_ms": None,
         }
         if latency and (latency_specs is None or k in latency_specs):
             meta = {"layout": scaled.layout, "class_names": scaled.class_names,
@@ -229,14 +228,14 @@ HEADERS = ["union task", "layout", "test imgs", "baseline", "components", "assem
 def table_rows(report: BenchReport) -> list[list[str]]:
     rows = []
     for r in report.rows:
-        params = rp.human(r["params"])
+        params = common.human(r["params"])
         if r["params_nonzero"] != r["params"]:
-            params += f" ({rp.human(r['params_nonzero'])} nonzero)"
+            params += f" ({common.human(r['params_nonzero'])} nonzero)"
         lat = r["latency_ms"]
         rows.append([
             r["label"], r["layout"], r["n_test"], f"{r['baseline']:.2%}",
             f"{r['components']:.2%}", f"{r['assembled']:.2%}", f"{r['scaled']:.2%}", params,
-            rp.human(r["macs"]),
+            common.human(r["macs"]),
             "-" if lat is None else f"{lat[0]:.2f} ms", "-" if lat is None else f"{lat[1]:.1f} ms",
         ])
     return rows
@@ -245,7 +244,7 @@ def table_rows(report: BenchReport) -> list[list[str]]:
 def notes(report: BenchReport) -> list[str]:
     out = []
     for name, s in report.sources.items():
-        line = (f"source {name}: {rp.human(s.params)} params, {rp.human(s.macs)} MACs, profile "
+        line = (f"source {name}: {common.human(s.params)} params, {common.human(s.macs)} MACs, profile "
                 f"{'loaded' if s.profile_loaded else 'computed'} in {s.profile_seconds:.1f} s")
         if s.latency_ms is not None:
             line += f", ORT {s.latency_ms[0]:.2f} ms (b1) / {s.latency_ms[1]:.1f} ms (b64)"
@@ -254,7 +253,7 @@ def notes(report: BenchReport) -> list[str]:
         scales = ", ".join(f"{c}={s:.3f}" for c, s in zip(part.task, info.scales.tolist()))
         line = (f"{part.label}: source {info.source_acc:.2%} -> component "
                 f"{info.component_acc:.2%} on {info.n_test} test images, "
-                f"{rp.human(info.component.params)} params; scales ({info.n_calib} calibration "
+                f"{common.human(info.component.params)} params; scales ({info.n_calib} calibration "
                 f"images) {scales}")
         if info.fallbacks:
             line += "; fallbacks: " + "; ".join(f"{part.task[c]}: {why}"
@@ -272,7 +271,7 @@ def format_report(report: BenchReport, tablefmt: str = "simple") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    rp.common_args(ap)
+    common.common_args(ap)
     ap.add_argument("--vgg", default="vgg", help="cached VGG-style source (default %(default)s)")
     ap.add_argument("--resnet", default="resnet20",
                     help="cached ResNet source (default %(default)s)")
@@ -286,11 +285,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="markdown copy of the table (default <cache>/bench_assembly.md)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cache = rp.cache_root()
-    loaded = rp.load_sources([args.vgg, args.resnet], cache / "sources")
-    root = rp.data_root(args.data)
-    train, train_ds, test_ds = rp.load_cifar(root)
-    select_idx, calib_idx = rp.split_train(train.labels, args.calib_frac, args.seed)
+    cache = common.cache_root()
+    loaded = common.load_sources([args.vgg, args.resnet], cache / "sources")
+    root = common.data_root(args.data)
+    train, train_ds, test_ds = common.load_cifar(root)
+    select_idx, calib_idx = common.split_train(train.labels, args.calib_frac, args.seed)
     thresholds = Thresholds().scaled(args.threshold_scale)
 
     t0 = time.perf_counter()

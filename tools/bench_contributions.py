@@ -168,7 +168,7 @@ def _limit_data(gb: float | None) -> None:
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from mdafx.passes.contributions import FactoredContribution, contributions, naive_contributions
+    from mdafx.passes.contributions import FactoredContribution, class_contributions, naive_contributions
 
     torch.set_num_threads(args.threads)
     gm, batches = _build(args)
@@ -189,7 +189,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                     gm(x)
                 a = None
             elif args.worker == "cheap":
-                a = contributions(gm, batches, args.num_classes, progress=False,
+                a = class_contributions(gm, batches, args.num_classes, progress=False,
                                   chunk_bytes=args.chunk_mb * MIB,
                                   forward_batch=args.forward_batch)
             else:

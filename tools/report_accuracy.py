@@ -49,42 +49,42 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import reproduce as rp  # noqa: E402
+import common  # noqa: E402
 from mdafx import api  # noqa: E402
 from mdafx.data import split_per_class  # noqa: E402
-from mdafx.search import (DEFAULT_SCALES, GLOBAL_SCALES, Budget, count_macs,  # noqa: E402
+from mdafx.ir import count_macs  # noqa: E402
+from mdafx.search import (DEFAULT_SCALES, GLOBAL_SCALES, Budget,  # noqa: E402
                           norm_batches, scale_text, search_thresholds)
 from mdafx.evaluation import predict, task_accuracy  # noqa: E402
 from mdafx.passes.locate import Thresholds  # noqa: E402
-from mdafx.passes.reestimate_norms import reestimate_norms  # noqa: E402
+from mdafx.passes.reestimate_norms import reestimate_batch_norms  # noqa: E402
 
-TASKS = rp.TASKS[:4]
+TASKS = common.TASKS[:4]
 HEADERS = ["model", "task", "variant", "thresholds", "params", "MACs", "calib acc",
            "test acc", "source test acc", "delta (pp)", "goal"]
 NORM_PER_CLASS = 50     # calibration images per class (all classes) that re-estimate the norms
 
 
 def _test_acc(module, test_ds, idx, classes) -> float:
-    return rp.component_accuracy(module, test_ds, idx, classes)
+    return common.component_accuracy(module, test_ds, idx, classes)
 
 
 def report_model(name: str, model: torch.nn.Module, train_ds, select_idx: np.ndarray,
                  calib_idx: np.ndarray, test_ds, class_names: Sequence[str], *,
                  tasks=TASKS, budget: Budget = Budget(max_acc_drop=1.0),
-                 per_class: int = rp.DEFAULT_PER_CLASS, profile_file: Path | None = None,
+                 per_class: int = common.DEFAULT_PER_CLASS, profile_file: Path | None = None,
                  scales=DEFAULT_SCALES, compare: bool = False, finetune_epochs: int = 0,
                  seed: int = 0, norm_per_class: int = NORM_PER_CLASS, log=print) -> dict:
     """Rows (one per task and variant), the search tables, and the parametrisation comparison
     of one source model."""
-    gm = api.trace(model, torch.zeros(*rp.INPUT_SHAPE))
-    cg = api.channel_groups(gm)
-    prof, prof_s, loaded = rp.get_profile(gm, train_ds, select_idx, class_names, per_class,
+    gm = api.trace(model, torch.zeros(*common.INPUT_SHAPE))
+    prof, prof_s, loaded = common.get_profile(gm, train_ds, select_idx, class_names, per_class,
                                           path=profile_file, reuse=True)
     log(f"[{name}] profile {'loaded' if loaded else 'computed'} ({prof_s:.1f} s)")
-    default_masks = api.locate(gm, prof, Thresholds(), cg)
+    am = api.source_analyses(gm, prof)
     test_labels = test_ds.labels.numpy()
     src_logits, src_labels = predict(gm, test_ds.batches(500))
-    src_params, src_macs = rp.count_params(gm), count_macs(gm, rp.INPUT_SHAPE)
+    src_params, src_macs = common.count_params(gm), count_macs(gm, common.INPUT_SHAPE)
     train_labels = train_ds.labels.numpy()
     out = {"name": name, "source_params": src_params, "source_macs": src_macs,
            "source_test_acc": float((src_logits.argmax(1) == src_labels).float().mean()),
@@ -97,17 +97,17 @@ def report_model(name: str, model: torch.nn.Module, train_ds, select_idx: np.nda
     for task in tasks:
         t0 = time.perf_counter()
         classes = api.resolve_classes(list(task), list(class_names), len(class_names))
-        idx = rp.indices_of(test_labels, classes)
+        idx = common.indices_of(test_labels, classes)
         src_acc = task_accuracy(src_logits[idx], src_labels[idx], classes)
-        task_calib = np.asarray(calib_idx)[rp.indices_of(train_labels[calib_idx], classes)]
+        task_calib = np.asarray(calib_idx)[common.indices_of(train_labels[calib_idx], classes)]
 
         def row(variant, comp, thresholds_text, calib_acc, calib_delta):
             acc = _test_acc(comp.module, test_ds, idx, classes)
-            params, macs = comp.params, count_macs(comp.module, rp.INPUT_SHAPE)
+            params, macs = comp.params, count_macs(comp.module, common.INPUT_SHAPE)
             delta = 100 * (acc - src_acc)
             ok = delta >= -1.0 - 1e-9 and macs <= 0.5 * src_macs
             out["rows"].append({
-                "model": name, "task": rp.task_label(task), "variant": variant,
+                "model": name, "task": common.task_label(task), "variant": variant,
                 "thresholds": thresholds_text, "params": params, "params_rel": params / src_params,
                 "macs": macs, "macs_rel": macs / src_macs, "calib_acc": calib_acc,
                 "calib_delta": calib_delta, "test_acc": acc, "source_acc": src_acc,
@@ -117,12 +117,11 @@ def report_model(name: str, model: torch.nn.Module, train_ds, select_idx: np.nda
         # MDA's defaults, scored on calibration too so the columns compare like for like
         logits, labels = predict(gm, train_ds.batches(500, task_calib))
         source_calib = task_accuracy(logits, labels, classes)
-        comp = api.disassemble(gm, default_masks, classes, class_names=list(class_names),
-                               source=name, cg=cg)
-        cal = rp.component_accuracy(comp.module, train_ds, task_calib, classes)
+        comp = api.cut(gm, prof, classes, class_names=list(class_names), source=name, am=am)
+        cal = common.component_accuracy(comp.module, train_ds, task_calib, classes)
         row("MDA defaults", comp, "MDA", cal, 100 * (cal - source_calib))
-        reestimate_norms(comp.module, norm_batches(x_norm, 250, seed))
-        cal = rp.component_accuracy(comp.module, train_ds, task_calib, classes)
+        reestimate_batch_norms(comp.module, norm_batches(x_norm, 250, seed))
+        cal = common.component_accuracy(comp.module, train_ds, task_calib, classes)
         row("defaults + norms", comp, "MDA", cal, 100 * (cal - source_calib))
         if finetune_epochs:
             out["finetune"].append(_finetune(name, gm, comp, classes, train_ds, select_idx,
@@ -138,18 +137,18 @@ def report_model(name: str, model: torch.nn.Module, train_ds, select_idx: np.nda
                 res = search_thresholds(gm, prof, classes, train_ds, calib_idx, budget,
                                         class_names=class_names, reestimate=reest,
                                         reestimate_indices=norm_idx, scales=grid_scales,
-                                        seed=seed, cg=cg, source=name)
+                                        seed=seed, am=am, source=name)
                 seconds = time.perf_counter() - ts
                 flag = "" if res.met else " NOT MET"
                 if grid == "conv x linear":
                     delta = row(variant, res.component, scale_text(res.scale) + flag,
                                 res.candidate.accuracy, 0.0 - res.candidate.acc_drop)
-                    out["searches"].append((f"{name} {rp.task_label(task)} {variant}", res))
+                    out["searches"].append((f"{name} {common.task_label(task)} {variant}", res))
                 else:
                     delta = 100 * (_test_acc(res.component.module, test_ds, idx, classes)
                                    - src_acc)
                 out["compare"].append({
-                    "model": name, "task": rp.task_label(task), "norms": reest, "grid": grid,
+                    "model": name, "task": common.task_label(task), "norms": reest, "grid": grid,
                     "candidates": len(res.candidates),
                     "scored": sum(c.accuracy is not None and c.same_as is None
                                   for c in res.candidates),
@@ -157,7 +156,7 @@ def report_model(name: str, model: torch.nn.Module, train_ds, select_idx: np.nda
                     "macs_rel": res.candidate.macs_frac,
                     "calib_delta": 0.0 - res.candidate.acc_drop, "test_delta": delta,
                     "seconds": seconds})
-        log(f"[{name}] {rp.task_label(task)}: {time.perf_counter() - t0:.0f} s")
+        log(f"[{name}] {common.task_label(task)}: {time.perf_counter() - t0:.0f} s")
     return out
 
 
@@ -166,23 +165,23 @@ def _finetune(name, gm, comp, classes, train_ds, select_idx, task_calib, test_ds
     """Distil the source into ``comp`` (MDA defaults, norms re-estimated) on the task's
     selection images with the source's augmentation; held out: the task's calibration images."""
     from mdafx.data import ArrayDataset
-    from mdafx.finetune import finetune
+    from mdafx.distillation import distill as finetune
 
     aug = ArrayDataset(train_ds.images.numpy(), train_ds.labels.numpy(), augment=True, pad=2)
-    task_sel = np.asarray(select_idx)[rp.indices_of(train_ds.labels.numpy()[select_idx], classes)]
+    task_sel = np.asarray(select_idx)[common.indices_of(train_ds.labels.numpy()[select_idx], classes)]
     module, rep = finetune(comp.module, [(gm, classes)], aug, task_sel, epochs=epochs, lr=0.01,
                            seed=seed, eval_dataset=train_ds, eval_indices=task_calib)
     acc = _test_acc(module, test_ds, test_idx, classes)
-    return {"model": name, "task": rp.task_label(task), "epochs": epochs,
+    return {"model": name, "task": common.task_label(task), "epochs": epochs,
             "calib_before": rep.acc_before, "calib_after": rep.acc_after, "test_after": acc,
             "source_acc": src_acc, "seconds": rep.seconds, "train_images": rep.train_images,
-            "macs_rel": count_macs(module, rp.INPUT_SHAPE) / count_macs(gm, rp.INPUT_SHAPE)}
+            "macs_rel": count_macs(module, common.INPUT_SHAPE) / count_macs(gm, common.INPUT_SHAPE)}
 
 
 def format_rows(rows: list[dict], tablefmt: str = "simple") -> str:
     table = [[r["model"], r["task"], r["variant"], r["thresholds"],
-              f"{rp.human(r['params'])} ({r['params_rel']:.1%})",
-              f"{rp.human(r['macs'])} ({r['macs_rel']:.1%})",
+              f"{common.human(r['params'])} ({r['params_rel']:.1%})",
+              f"{common.human(r['macs'])} ({r['macs_rel']:.1%})",
               f"{r['calib_acc']:.2%} ({r['calib_delta']:+.2f})",
               f"{r['test_acc']:.2%}", f"{r['source_acc']:.2%}", f"{r['delta']:+.2f}",
               "yes" if r["goal"] else "no"] for r in rows]
@@ -213,16 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", help="folder containing cifar10/ (default: $MDAFX_DATA, "
                                    "else ../shared/data)")
-    ap.add_argument("--models", default=",".join(rp.DEFAULT_MODELS),
+    ap.add_argument("--models", default=",".join(common.DEFAULT_MODELS),
                     help="comma-separated cached source models (default %(default)s)")
     ap.add_argument("--budget", type=float, default=1.0,
                     help="max accuracy drop on calibration, in points (default %(default)s)")
-    ap.add_argument("--per-class", type=int, default=rp.DEFAULT_PER_CLASS,
+    ap.add_argument("--per-class", type=int, default=common.DEFAULT_PER_CLASS,
                     help="profiling samples per class (default %(default)s)")
-    ap.add_argument("--calib-frac", type=float, default=rp.DEFAULT_CALIB_FRAC,
+    ap.add_argument("--calib-frac", type=float, default=common.DEFAULT_CALIB_FRAC,
                     help="share of each class's training images for calibration (default "
                          "%(default)s = 500 per class)")
-    ap.add_argument("--seed", type=int, default=rp.DEFAULT_SEED, help="split and search seed")
+    ap.add_argument("--seed", type=int, default=common.DEFAULT_SEED, help="split and search seed")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--compare-parametrisations", action="store_true",
                     help="also measure global vs per-type threshold multipliers")
@@ -238,10 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     names = [m.strip() for m in args.models.split(",") if m.strip()]
-    cache = rp.cache_root()
-    sources = rp.load_sources(names, cache / "sources")
-    train, train_ds, test_ds = rp.load_cifar(rp.data_root(args.data))
-    select_idx, calib_idx = rp.split_train(train.labels, args.calib_frac, args.seed)
+    cache = common.cache_root()
+    sources = common.load_sources(names, cache / "sources")
+    train, train_ds, test_ds = common.load_cifar(common.data_root(args.data))
+    select_idx, calib_idx = common.split_train(train.labels, args.calib_frac, args.seed)
     budget = Budget(max_acc_drop=args.budget)
     tasks = TASKS if args.tasks is None else [tuple(c.strip() for c in t.split(","))
                                               for t in args.tasks.split(";") if t.strip()]
@@ -249,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
 
     reports = []
     for name, (model, _) in sources.items():
-        gm = api.trace(model, torch.zeros(*rp.INPUT_SHAPE))
-        path = rp.profile_path(cache / "profiles", name, gm, args.per_class, args.calib_frac,
+        gm = api.trace(model, torch.zeros(*common.INPUT_SHAPE))
+        path = common.profile_path(cache / "profiles", name, gm, args.per_class, args.calib_frac,
                                args.seed)
         reports.append(report_model(name, model, train_ds, select_idx, calib_idx, test_ds,
                                     train.class_names, tasks=tasks, budget=budget,
@@ -266,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
               f"class from the rest; seed {args.seed}). Test acc on the CIFAR-10 test images of "
               f"the task; goal = within 1 pt of the source on test at <= 50% of its MACs. "
               f"{args.threads} thread(s), total {total:.0f} s.")
-    sources_line = "; ".join(f"{rep['name']}: {rp.human(rep['source_params'])} params, "
-                             f"{rp.human(rep['source_macs'])} MACs, test acc "
+    sources_line = "; ".join(f"{rep['name']}: {common.human(rep['source_params'])} params, "
+                             f"{common.human(rep['source_macs'])} MACs, test acc "
                              f"{rep['source_test_acc']:.2%}" for rep in reports)
     print(header)
     print(sources_line)

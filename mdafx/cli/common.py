@@ -403,7 +403,8 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[Any]) -> list[str]:
 
     columns = list(zip(*rows)) if rows else [[] for _ in headers]
     align = ["right" if col and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                    or v is None for v in col) else "left" for col in columns]
+                                    or v is None or v == "" for v in col) else "left"
+             for col in columns]
     cells = [["-" if v is None else clean(v) for v in row] for row in rows]
     text = tabulate(cells, headers=[clean(h) for h in headers], tablefmt="simple",
                     disable_numparse=True, colalign=align or None)

@@ -120,16 +120,15 @@ def run(args: argparse.Namespace) -> int:
         if args.search_plot:
             written.add(write_text(args.search_plot, tradeoff_svg(searched),
                                    overwrite=args.force))
-        if unmet and args.strict:
-            raise common.CliError("; ".join(f"task {','.join(t)}: budget not met" for t, _ in unmet)
-                                  + "; no component written (--strict)"
-                                  + ("; the search table/plot were written" if searched and
-                                     any(extras) else ""))
-        for comp, path in zip(comps, paths):
+        for comp, path in zip(comps, paths) if not (unmet and args.strict) else ():
             meta = {**common.source_record(args), "num_classes_source": k}
             if calib_text is not None:
                 meta["calibration"] = {**comp.metadata["calibration"], "data": calib_text}
             written.add(api.save(comp, path, overwrite=args.force, metadata=meta))
+    if unmet and args.strict:  # the search table and plot stay: they show why
+        raise common.CliError("; ".join(f"task {','.join(t)}: budget not met" for t, _ in unmet)
+                              + "; no component written (--strict)"
+                              + ("; the search table/plot were written" if any(extras) else ""))
     _report(args, tasks, comps, paths, budget, calib_text, name, k)
     return common.EXIT_OK
 

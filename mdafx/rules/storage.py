@@ -11,7 +11,8 @@
 * ``METHODS``: the tensor method names a ``call_method`` node may call.
 * ``GETATTR_ATTRIBUTES``: the only attributes ``builtins.getattr`` may read.
 * ``VIEW_FUNCTIONS`` / ``VIEW_METHODS``: ops whose result may share memory with their input,
-  so an in-place op on it would write into a parameter or buffer.
+  so an in-place op on it would write into a parameter or buffer; ``INPLACE_FUNCTIONS``: the
+  functions that always write in place (others do so when called with ``inplace=True``).
 
 These tables are the whole vocabulary of a model file: loading never resolves a name anywhere
 else, so a name that is not here cannot be imported or called.

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from mdafx.errors import InternalError, PreconditionError
 from mdafx.passes.contributions import (
     FactoredContribution,
-    contributions,
+    class_contributions,
     densify,
     naive_contributions,
     naive_sample_contributions,
@@ -115,7 +115,7 @@ def conv_case(name: str, dtype: torch.dtype, batch: int = 7) -> tuple[nn.Conv2d,
 def test_conv_cheap_equals_literal_float64(name: str) -> None:
     mod, x, y = conv_case(name, torch.float64)
     expected = per_class_sum(literal_contributions(mod, x), y, NUM_CLASSES)
-    got = contributions(traced(mod), make_batches(x, y, 3), NUM_CLASSES, progress=False,
+    got = class_contributions(traced(mod), make_batches(x, y, 3), NUM_CLASSES, progress=False,
                         dtype=torch.float64)
     assert list(got) == ["0"]
     a = densify(got["0"])
@@ -129,7 +129,7 @@ def test_conv_cheap_equals_literal_float64(name: str) -> None:
 def test_conv_cheap_equals_naive_float32(name: str) -> None:
     mod, x, y = conv_case(name, torch.float32)
     batches = make_batches(x, y, 4)
-    cheap = densify(contributions(traced(mod), batches, NUM_CLASSES, progress=False)["0"])
+    cheap = densify(class_contributions(traced(mod), batches, NUM_CLASSES, progress=False)["0"])
     naive = naive_contributions(traced(mod), batches, NUM_CLASSES, progress=False)["0"]
     assert cheap.dtype == naive.dtype == torch.float32
     assert max_rel(cheap, naive) < RTOL32
@@ -152,7 +152,7 @@ def test_conv_hand_computed() -> None:
         mod.weight.fill_(1.0)
     x = torch.ones(2, 1, 4, 4)
     x[1] *= -1  # negative sample: ReLU per sample drops it
-    a = contributions(traced(mod), [(x, torch.tensor([0, 0]))], 1, progress=False)["0"]
+    a = class_contributions(traced(mod), [(x, torch.tensor([0, 0]))], 1, progress=False)["0"]
     assert a.item() == 100.0
 
 
@@ -163,7 +163,7 @@ def test_linear_2d_and_tokens() -> None:
         x = torch.randn(shape, dtype=torch.float64)
         y = torch.tensor([0, 2, 1, 2, 0, 2])
         expected = per_class_sum(literal_contributions(mod, x), y, NUM_CLASSES)
-        got = densify(contributions(traced(mod), make_batches(x, y, 4), NUM_CLASSES,
+        got = densify(class_contributions(traced(mod), make_batches(x, y, 4), NUM_CLASSES,
                                     progress=False, dtype=torch.float64)["0"])
         naive = naive_contributions(traced(mod), make_batches(x, y, 4), NUM_CLASSES,
                                     progress=False, dtype=torch.float64)["0"]
@@ -178,11 +178,11 @@ def test_linear_relu_after_token_sum_and_per_sample() -> None:
         mod.weight.fill_(1.0)
     gm = traced(mod)
     # two samples of class 0: +2 and -3 -> ReLU per sample -> 2 (not relu(-1) = 0)
-    a = densify(contributions(gm, [(torch.tensor([[2.0], [-3.0]]), torch.tensor([0, 0]))], 1,
+    a = densify(class_contributions(gm, [(torch.tensor([[2.0], [-3.0]]), torch.tensor([0, 0]))], 1,
                               progress=False)["0"])
     assert a.item() == 2.0
     # one sample with tokens +2 and -3: summed before the ReLU -> 0
-    a = densify(contributions(gm, [(torch.tensor([[[2.0], [-3.0]]]), torch.tensor([0]))], 1,
+    a = densify(class_contributions(gm, [(torch.tensor([[[2.0], [-3.0]]]), torch.tensor([0]))], 1,
                               progress=False)["0"])
     assert a.item() == 0.0
 
@@ -191,7 +191,7 @@ def test_mixed_labels_in_one_batch() -> None:
     mod, x, _ = conv_case("groups2", torch.float64, batch=6)
     y = torch.tensor([2, 0, 2, 1, 0, 2])
     c = literal_contributions(mod, x).clamp_min(0)
-    got = contributions(traced(mod), [(x, y)], NUM_CLASSES, progress=False,
+    got = class_contributions(traced(mod), [(x, y)], NUM_CLASSES, progress=False,
                         dtype=torch.float64)["0"]
     for label, rows in [(0, [1, 4]), (1, [3]), (2, [0, 2, 5])]:
         assert max_rel(got[label], c[rows].sum(0)) < RTOL64
@@ -202,12 +202,12 @@ def test_mixed_labels_in_one_batch() -> None:
 def test_independent_of_batch_size_and_chunking(dtype: torch.dtype, rtol: float) -> None:
     mod, x, y = conv_case("groups2", dtype, batch=11)
     gm = traced(mod)
-    reference = contributions(gm, [(x, y)], NUM_CLASSES, progress=False, dtype=dtype)["0"]
+    reference = class_contributions(gm, [(x, y)], NUM_CLASSES, progress=False, dtype=dtype)["0"]
     per_sample = mod.out_channels * (mod.in_channels // mod.groups) * x.element_size()
     for batch in (1, 3, 11):
         # chunk budgets: whole batch, one sample per chunk, and below one sample (o-chunks)
         for chunk in (2**30, per_sample, per_sample // 3):
-            got = contributions(gm, make_batches(x, y, batch), NUM_CLASSES, progress=False,
+            got = class_contributions(gm, make_batches(x, y, batch), NUM_CLASSES, progress=False,
                                 dtype=dtype, chunk_bytes=chunk)["0"]
             assert max_rel(got, reference) <= rtol, (batch, chunk)
 
@@ -234,7 +234,7 @@ def test_weighted_layers_graph_order_and_eval_mode() -> None:
     gm.train()
     before = gm.bn1.running_mean.clone()
     x, y = torch.randn(5, 3, 6, 6), torch.tensor([0, 1, 2, 3, 0])
-    got = contributions(gm, [(x, y)], NUM_CLASSES, progress=False, dtype=torch.float64)
+    got = class_contributions(gm, [(x, y)], NUM_CLASSES, progress=False, dtype=torch.float64)
     assert gm.training and gm.bn1.training  # restored
     assert torch.equal(gm.bn1.running_mean, before)  # ran in eval mode
     # the inner layers see eval-mode activations: recompute conv2's input by hand
@@ -262,9 +262,9 @@ def test_unsupported_and_shared_layers_raise() -> None:
 
     gm = torch.fx.symbolic_trace(Shared())
     with pytest.raises(PreconditionError, match="'conv' is called more than once"):
-        contributions(gm, [(torch.randn(2, 2, 3, 3), torch.tensor([0, 1]))], 2, progress=False)
+        class_contributions(gm, [(torch.randn(2, 2, 3, 3), torch.tensor([0, 1]))], 2, progress=False)
     with pytest.raises(PreconditionError, match=r"labels must lie in \[0, 2\)"):
-        contributions(traced(nn.Conv2d(2, 2, 1)), [(torch.randn(1, 2, 3, 3), torch.tensor([2]))],
+        class_contributions(traced(nn.Conv2d(2, 2, 1)), [(torch.randn(1, 2, 3, 3), torch.tensor([2]))],
                       2, progress=False)
 
 
@@ -302,8 +302,8 @@ def test_factored_equals_dense_and_literal_float64(name: str) -> None:
     mod, x, y = pointwise_case(name)
     gm = traced(mod)
     batches = make_batches(x, y, 4)
-    fac = contributions(gm, batches, NUM_CLASSES, progress=False, dtype=torch.float64)["0"]
-    dense = contributions(gm, batches, NUM_CLASSES, progress=False, dtype=torch.float64,
+    fac = class_contributions(gm, batches, NUM_CLASSES, progress=False, dtype=torch.float64)["0"]
+    dense = class_contributions(gm, batches, NUM_CLASSES, progress=False, dtype=torch.float64,
                           dense=True)["0"]
     expected = per_class_sum(literal_contributions(mod, x), y, NUM_CLASSES)
     groups = getattr(mod, "groups", 1)
@@ -332,8 +332,8 @@ def test_factored_float32_is_bitwise_the_dense_form() -> None:
     mod, x, y = pointwise_case("conv1x1_groups2")
     gm = traced(mod.float())
     batches = make_batches(x.float(), y, 4)
-    fac = contributions(gm, batches, NUM_CLASSES, progress=False)["0"]
-    dense = contributions(gm, batches, NUM_CLASSES, progress=False, dense=True)["0"]
+    fac = class_contributions(gm, batches, NUM_CLASSES, progress=False)["0"]
+    dense = class_contributions(gm, batches, NUM_CLASSES, progress=False, dense=True)["0"]
     assert fac.dtype == dense.dtype == torch.float32
     assert torch.equal(fac.dense(), dense)
     naive = naive_contributions(gm, batches, NUM_CLASSES, progress=False)["0"]
@@ -344,7 +344,7 @@ def test_factored_memory_is_per_input_not_per_pair() -> None:
     """The head of a wide Linear: the object holds two [C, I] sums and shares the weight."""
     mod = nn.Linear(4096, 1024)
     x, y = torch.randn(8, 4096), torch.arange(8) % NUM_CLASSES
-    fac = contributions(traced(mod), [(x, y)], NUM_CLASSES, progress=False)["0"]
+    fac = class_contributions(traced(mod), [(x, y)], NUM_CLASSES, progress=False)["0"]
     assert fac.nbytes == 2 * NUM_CLASSES * 4096 * 8
     assert fac.dense_nbytes() == NUM_CLASSES * 1024 * 4096 * 4
     assert fac.weight.untyped_storage().data_ptr() == mod.weight.untyped_storage().data_ptr()
@@ -353,7 +353,7 @@ def test_factored_memory_is_per_input_not_per_pair() -> None:
 def test_factored_refuses_a_weight_changed_in_place() -> None:
     mod, x, y = pointwise_case("conv1x1")
     gm = traced(mod)
-    fac = contributions(gm, [(x, y)], NUM_CLASSES, progress=False, dtype=torch.float64)["0"]
+    fac = class_contributions(gm, [(x, y)], NUM_CLASSES, progress=False, dtype=torch.float64)["0"]
     fac.for_class(0)
     with torch.no_grad():
         gm.get_submodule("0").weight.mul_(2.0)
@@ -403,6 +403,6 @@ def test_forward_batch_slices_give_the_same_contributions() -> None:
         for name, a in ref.contributions.items():
             assert max_rel(densify(got.contributions[name]), densify(a)) < 1e-12, (fb, name)
     with pytest.raises(PreconditionError, match="forward_batch must be >= 1"):
-        contributions(gm, batches, NUM_CLASSES, progress=False, forward_batch=0)
+        class_contributions(gm, batches, NUM_CLASSES, progress=False, forward_batch=0)
     with pytest.raises(PreconditionError, match="one input row per label"):
-        contributions(gm, [(x[:3], y[:4])], NUM_CLASSES, progress=False, forward_batch=2)
+        class_contributions(gm, [(x[:3], y[:4])], NUM_CLASSES, progress=False, forward_batch=2)

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from mdafx.api import channel_groups, locate, trace
 from mdafx.errors import PreconditionError
-from mdafx.passes.contributions import FactoredContribution, contributions, densify, weighted_layers
+from mdafx.passes.contributions import FactoredContribution, class_contributions, densify, weighted_layers
 from mdafx.passes.locate import EPS, Thresholds, layer_input_mask, minmax, weighted_input_mask
-from mdafx.passes.locate import locate as locate_pass
+from mdafx.passes.locate import locate_masks as locate_pass
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -490,7 +490,7 @@ def test_locate_factored_equals_dense_profile():
     cg = channel_groups(gm)
     x = torch.randn(4 * K, 3, 6, 6, generator=torch.Generator().manual_seed(1))
     y = torch.arange(4 * K) % K
-    fac = contributions(gm, [(x[:7], y[:7]), (x[7:], y[7:])], K, progress=False)
+    fac = class_contributions(gm, [(x[:7], y[:7]), (x[7:], y[7:])], K, progress=False)
     kinds = {k: isinstance(v, FactoredContribution) for k, v in fac.items()}
     assert kinds == {"stem": False, "pw": True, "gpw": True, "dw": True, "fc1": True,
                      "fc2": True}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mdafx.api import trace
 from mdafx.errors import PreconditionError
 from mdafx.passmanager import PassManager
-from mdafx.passes.reestimate_norms import ReestimateNorms, reestimate_norms
+from mdafx.passes.reestimate_norms import ReestimateNorms, reestimate_batch_norms
 
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -75,7 +75,7 @@ def batches(n: int = 3, size: int = 6):
 def test_only_norm_statistics_change():
     net = Net().eval()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    reestimate_norms(net, [(x, torch.zeros(len(x))) for x in batches()])
+    reestimate_batch_norms(net, [(x, torch.zeros(len(x))) for x in batches()])
     after = net.state_dict()
     assert after.keys() == before.keys()
     for key in before:
@@ -90,7 +90,7 @@ def test_equals_the_batch_statistics_by_hand():
     xs = batches(n=1)
     net = Net().eval()
     want = stats_by_hand(net, xs[0])
-    reestimate_norms(net, xs)
+    reestimate_batch_norms(net, xs)
     for bn, (mean, var) in zip((net.bn1, net.bn2, net.bn3), want):
         torch.testing.assert_close(bn.running_mean, mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(bn.running_var, var, rtol=1e-5, atol=1e-6)
@@ -101,7 +101,7 @@ def test_several_batches_average_their_statistics():
     xs = batches(n=3)
     net = Net().eval()
     per_batch = [stats_by_hand(net, x) for x in xs]
-    reestimate_norms(net, xs)
+    reestimate_batch_norms(net, xs)
     for k, bn in enumerate((net.bn1, net.bn2, net.bn3)):
         mean = torch.stack([s[k][0] for s in per_batch]).mean(0)
         var = torch.stack([s[k][1] for s in per_batch]).mean(0)
@@ -119,7 +119,7 @@ def test_modes_and_momentum_are_restored(training):
     net.bn2.eval()                      # a mixed state must survive too
     modes = {name: m.training for name, m in net.named_modules()}
     want = stats_by_hand(copy.deepcopy(net), batches(n=1)[0])
-    reestimate_norms(net, batches(n=1))
+    reestimate_batch_norms(net, batches(n=1))
     assert {name: m.training for name, m in net.named_modules()} == modes
     assert net.bn1.momentum == 0.3 and net.bn2.momentum == 0.1
     # the model has dropout after bn1: bn2's statistics match the hand computation without it,
@@ -131,7 +131,7 @@ def test_no_batches_is_an_error_and_changes_nothing():
     net = Net().eval()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(PreconditionError, match="no calibration batches"):
-        reestimate_norms(net, [])
+        reestimate_batch_norms(net, [])
     after = net.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert net.bn1.momentum == 0.3 and not net.bn1.training

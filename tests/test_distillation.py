@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mdafx.api import disassemble, locate
+from mdafx.api import cut
 from mdafx.errors import PreconditionError
-from mdafx.finetune import distillation_loss, finetune
+from mdafx.distillation import distill as finetune, distillation_loss
 from mdafx.passes.locate import Thresholds
 from test_search import TASK, setup
 
@@ -16,8 +16,7 @@ from test_search import TASK, setup
 def over_pruned(task=TASK, scale: float = 1.5):
     """MDA's thresholds x1.5: the component keeps ~10% of the parameters and guesses."""
     gm, prof, *_ = setup()
-    masks = locate(gm, prof, Thresholds().scaled(scale))
-    return disassemble(gm, masks, task)
+    return cut(gm, prof, task, thresholds=Thresholds().scaled(scale))
 
 
 def test_loss_by_hand():

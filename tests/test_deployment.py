@@ -1,4 +1,4 @@
-"""mdafx.export: ONNX checker + strict shape inference + onnxruntime parity, metadata, atomicity."""
+"""mdafx/deployment.py: ONNX checker + strict shape inference + onnxruntime parity, metadata, atomicity."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch.fx
 import torch.nn as nn
 import torchvision
 
-from mdafx import export
-from mdafx.errors import ExportError
-from mdafx.export import ExportReport, export_onnx, onnx_latency, read_onnx_metadata
+from mdafx import deployment as export
+from mdafx.deployment import ExportReport, export_onnx, onnx_latency, read_onnx_metadata
+from mdafx.errors import ExportError, OutputError, PreconditionError
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -187,7 +187,7 @@ def test_checker_failure_raises_and_leaves_no_file(monkeypatch: pytest.MonkeyPat
 def test_overwrite_is_refused_unless_asked(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     path.write_bytes(b"precious")
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(OutputError, match="overwrite=True"):
         export_onnx(traced("tiny_net"), path, example())
     assert path.read_bytes() == b"precious"
     export_onnx(traced("tiny_net"), path, example(), {"v": 2}, overwrite=True)
