@@ -12,13 +12,14 @@ same-named function below and prints what it returns:
 ``finetune``   component / assembled model + images -> the same architecture, distilled
 ``inspect``    a pipeline run -> one dump per pass
 ``routes``     source + profile + two classes -> decision routes (§4)
+``info``       any mdafx file (profile, component, assembled model, ONNX) -> what it holds
 ``demo``       nothing -> the whole pipeline on synthetic data
 =============  ==========================================================================
 """
 from __future__ import annotations
 
 from . import artifacts
-from .artifacts import load, load_component, save
+from .artifacts import info, load, load_component, save
 from .assembly import Assembled, InputAdapter, assemble, calibrate
 from .data import ArrayDataset, InputFormat, load_imagefolder, open_images, split_per_class
 from .decision_routes import Routes, routes
@@ -42,7 +43,7 @@ from .synthetic import demo
 __all__ = [
     # commands
     "analyse", "disassemble", "assemble", "export", "evaluate", "finetune", "inspect", "routes",
-    "demo",
+    "info", "demo",
     # results and files
     "Profile", "Component", "Assembled", "SearchResult", "EvaluationReport", "FinetuneReport",
     "ExportReport", "InspectReport", "Routes", "artifacts", "load", "load_component", "save",

@@ -18,6 +18,7 @@ from typing import Any
 
 from .assembly import Assembled
 from .data import InputFormat
+from .deployment import read_onnx_metadata
 from .disassembly import Component
 from .errors import FormatError
 from .fileio import describe_os_error
@@ -76,7 +77,8 @@ def load(path: str | os.PathLike, *, max_bytes: int | None = None) -> Component 
         raise FormatError(f"{loaded.path}: unknown kind {kind!r} (expected one of {KINDS})")
     fmt = _input_format(loaded)
     if kind == "assembled":
-        return Assembled(loaded.module, names, list(meta.get("class_map") or []), fmt,
+        _check_class_map(loaded, names)
+        return Assembled(loaded.module, names, list(meta["class_map"]), fmt,
                          str(meta.get("layout", "parallel")), meta)
     classes = meta.get("classes", list(range(len(names))))
     if (not isinstance(classes, list) or len(classes) != len(names)
@@ -87,6 +89,27 @@ def load(path: str | os.PathLike, *, max_bytes: int | None = None) -> Component 
     return Component(loaded.module, list(classes), names,
                      str(meta.get("source") or Path(path).stem), (1, *loaded.input_shape[1:]),
                      {**meta, "input": fmt.to_dict()})
+
+
+def _is_index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_class_map(loaded: LoadedModel, names: list[str]) -> None:
+    """An assembled file's class map names each output and its sources consistently."""
+    meta = loaded.metadata
+    comps, cmap = meta.get("components"), meta.get("class_map")
+    ok = isinstance(comps, list) and all(isinstance(c, dict) for c in comps) and \
+        isinstance(cmap, list) and len(cmap) == len(names)
+    for entry, name in zip(cmap if ok else [], names):
+        sources = entry.get("sources") if isinstance(entry, dict) else None
+        ok = ok and entry.get("name") == name and isinstance(sources, list) and bool(sources) \
+            and all(isinstance(e, dict) and _is_index(e.get("component"))
+                    and e["component"] < len(comps) and _is_index(e.get("source_class"))
+                    for e in sources)
+    if not ok:
+        raise FormatError(f"{loaded.path}: an assembled model whose class map does not match "
+                          "its classes and components")
 
 
 def load_component(path: str | os.PathLike) -> Component:
@@ -138,6 +161,9 @@ def file_kind(path: str | os.PathLike) -> str:
         raise FormatError(f"{path}: not an mdafx file (a damaged zip archive)") from None
     except OSError as e:
         raise FormatError(describe_os_error(e, path)) from e
+    if not raw and 0 < n <= MAX_HEADER_BYTES and n > size - 8 and head[:1] != b"\x08":
+        raise FormatError(f"{path}: truncated, or not an mdafx file: its header declares {n} "
+                          f"bytes but the file has {size - 8} after the length")
     if raw[:1] == b"{":  # a safetensors header: its format says whose file it is
         try:
             meta = json.loads(raw.decode("utf-8")).get("__metadata__") or {}
@@ -154,11 +180,9 @@ def file_kind(path: str | os.PathLike) -> str:
 
 
 def onnx_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """The opset, inputs and outputs (name, element type, shape with ``batch`` for a dynamic
-    axis) and metadata of an ONNX file; a FormatError when it does not parse."""
+    """The opset, inputs and outputs (name, element type, shape: a dynamic axis by its name)
+    and metadata of an ONNX file; a FormatError when it does not parse."""
     import onnx
-
-    from .deployment import read_onnx_metadata
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -178,3 +202,49 @@ def onnx_summary(path: str | os.PathLike) -> dict[str, Any]:
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     return {"opset": opset, "ir_version": proto.ir_version, "inputs": values(proto.graph.input),
             "outputs": values(proto.graph.output), "metadata": read_onnx_metadata(path)}
+
+
+def info(path: str | os.PathLike) -> dict[str, Any]:
+    """What an mdafx file holds (the ``info`` command), told apart by content: for a profile
+    its classes, samples, layers and record; for a component or assembled model its classes,
+    params, MACs, input format, recipe and calibration (layout, class map and components of an
+    assembled one); for an ONNX file its opset, inputs, outputs and metadata. Recorded source
+    specs are provenance only: nothing a file names is imported or run."""
+    from .ir import count_macs
+    from .profiling import Profile
+
+    kind = file_kind(path)
+    if kind == "onnx":
+        return {"kind": "onnx", **onnx_summary(path)}
+    if kind == "profile":
+        prof = Profile.load(path)
+        rec = prof.record
+        cal = rec.get("calibration") if isinstance(rec.get("calibration"), dict) else None
+        return {"kind": "profile", "classes": prof.class_names,
+                "samples_per_class": prof.samples_per_class,
+                "layers": [{"name": n, "weight_shape": prof.weight_shapes[n],
+                            "groups": prof.groups[n]} for n in prof.layers],
+                "source": rec.get("source"), "input": rec.get("input"), "data": rec.get("data"),
+                "calibration": None if cal is None else {
+                    **{k: cal.get(k) for k in ("holdout", "seed", "images")},
+                    "held_out": len(cal.get("indices") or [])}}
+    model = load(path)
+    meta = model.metadata
+    assembled = isinstance(model, Assembled)
+    out = {"kind": "assembled" if assembled else "component", "classes": model.class_names,
+           "params": model.params, "macs": count_macs(model.module),
+           "input": model.input_format.to_dict() if assembled else meta.get("input"),
+           "mdafx_version": meta.get("mdafx_version"), "calibration": meta.get("calibration"),
+           "finetune": meta.get("finetune")}
+    if assembled:
+        comps = [c for c in meta.get("components") or [] if isinstance(c, dict)]
+        out.update(layout=model.layout, class_map=model.class_map,
+                   components=[{"source": c.get("source"), "classes": c.get("class_names")}
+                               for c in comps])
+    else:
+        out.update(source=model.source, source_classes=model.classes,
+                   provenance={k: meta.get(k) for k in ("model", "model_args", "weights")},
+                   thresholds=meta.get("thresholds"), recipe=meta.get("recipe"),
+                   search=meta.get("search"),
+                   params_source=meta.get("params_source"), macs_source=meta.get("macs_source"))
+    return out

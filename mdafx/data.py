@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdafx.errors import DataError, MdafxError
+from mdafx.errors import DataError, MdafxError, OutputError
+from mdafx.fileio import atomic_output
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -236,16 +236,9 @@ def _decode(class_files: list[list[Path]]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_output(path, overwrite=True) as tmp:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is shared like any build output
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_imagefolder(
@@ -286,7 +279,7 @@ def load_imagefolder(
     if use_cache:
         try:
             _atomic_savez(cache, images=images, labels=labels, class_names=np.array(class_names))
-        except OSError as e:  # a read-only or full cache only costs speed, never the data
+        except (OSError, OutputError) as e:  # a read-only or full cache only costs speed
             warnings.warn(f"could not write the data cache {str(cache)!r}: {e}", stacklevel=2)
     return result
 
@@ -471,15 +464,23 @@ def labels_at(dataset, indices: Sequence[int] | None = None) -> torch.Tensor:
     return torch.as_tensor([int(dataset[int(i)][1]) for i in idx], dtype=torch.long)
 
 
-def batches(dataset, indices: Sequence[int] | None, batch_size: int, with_index: bool = False
-            ) -> Iterator[tuple[torch.Tensor, ...]]:
+def batches(dataset, indices: Sequence[int] | None, batch_size: int, with_index: bool = False,
+            *, shuffle: bool = False, generator: torch.Generator | None = None,
+            drop_last: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """``(x, y[, idx])`` batches of ``dataset`` restricted to ``indices`` (default: all), in
-    that order; uses a dataset's own fast ``batches`` when it has one (:class:`ArrayDataset`)."""
+    that order or shuffled with ``generator`` (which also drives an :class:`ArrayDataset`'s
+    augmentation); uses a dataset's own fast ``batches`` when it has one."""
     indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
-    for start in range(0, len(indices), batch_size):
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    if shuffle:
+        order = torch.randperm(len(indices), generator=generator).tolist()
+        indices = [indices[i] for i in order]
+    stop = len(indices) - (len(indices) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
         chunk = indices[start:start + batch_size]
         if hasattr(dataset, "batches"):
-            x, y = next(iter(dataset.batches(len(chunk), chunk)))
+            x, y = next(iter(dataset.batches(len(chunk), chunk, generator=generator)))
         else:
             items = [dataset[i] for i in chunk]
             x = torch.stack([torch.as_tensor(it[0]) for it in items])

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .assembly import InputAdapter, component_format
-from .data import labels_at, split_per_class
+from .data import batches, labels_at, split_per_class
 from .errors import InternalError, PreconditionError
 from .evaluation import check_finite
 from .ir import eval_mode
@@ -123,22 +123,11 @@ def _select(dataset, indices, label_map: Mapping[int, int]) -> tuple[list[int], 
     return [i for i, _ in kept], torch.as_tensor([p for _, p in kept])
 
 
-def _batches(dataset, indices: list[int], batch_size: int, shuffle: bool = False,
-             generator: torch.Generator | None = None, drop_last: bool = False):
-    """``(x, idx positions)`` batches: ``dataset.batches`` when there is one (ArrayDataset, with
-    its own augmentation), else stacked ``dataset[i]``."""
-    order = torch.arange(len(indices))
-    if shuffle:
-        order = order[torch.randperm(len(indices), generator=generator)]
-    stop = len(order) - (len(order) % batch_size if drop_last else 0)
-    for start in range(0, stop, batch_size):
-        pos = order[start:start + batch_size]
-        chunk = [indices[int(p)] for p in pos]
-        if hasattr(dataset, "batches"):
-            x, _ = next(iter(dataset.batches(len(chunk), chunk, generator=generator)))
-        else:
-            x = torch.stack([torch.as_tensor(dataset[i][0]) for i in chunk])
-        yield x, pos
+def _batches(dataset, indices: list[int], targets: torch.Tensor, batch_size: int, **kw):
+    """``(x, target)`` batches of ``dataset[indices]`` (``targets`` aligned with ``indices``)."""
+    target_of = dict(zip(indices, targets.tolist()))
+    for x, _, idx in batches(dataset, indices, batch_size, True, **kw):
+        yield x, torch.as_tensor([target_of[int(i)] for i in idx])
 
 
 @torch.no_grad()
@@ -146,9 +135,9 @@ def _accuracy(module: nn.Module, dataset, indices: list[int], targets: torch.Ten
               batch_size: int) -> float:
     correct = 0
     with eval_mode(module):
-        for x, pos in _batches(dataset, indices, batch_size):
+        for x, y in _batches(dataset, indices, targets, batch_size):
             logits = check_finite(module(x), "the fine-tuned model")
-            correct += int((logits.argmax(1) == targets[pos]).sum())
+            correct += int((logits.argmax(1) == y).sum())
     return correct / len(indices)
 
 
@@ -184,7 +173,7 @@ def distill(component_module: nn.Module, teacher_modules_and_class_maps, dataset
 
     student = copy.deepcopy(component_module)
     was = [(m, m.training) for m in (t for t, _ in teacher_modules_and_class_maps)]
-    x_probe = next(_batches(dataset, [int(next(iter(indices)))], 1))[0]
+    x_probe = next(batches(dataset, [int(next(iter(indices)))], 1))[0]
     with torch.no_grad():
         student.eval()
         width = student(x_probe).shape[1]
@@ -224,9 +213,8 @@ def distill(component_module: nn.Module, teacher_modules_and_class_maps, dataset
         student.train()
         for _ in range(epochs):
             loss_sum, seen = 0.0, 0
-            for x, pos in _batches(dataset, train_idx, batch_size, shuffle=True, generator=gen,
-                                   drop_last=drop_last):
-                y = train_targets[pos]
+            for x, y in _batches(dataset, train_idx, train_targets, batch_size, shuffle=True,
+                                 generator=gen, drop_last=drop_last):
                 with torch.no_grad():
                     t_logits = [t(x)[:, logits] for t, _, logits in teachers]
                 out = student(x)

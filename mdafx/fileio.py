@@ -54,6 +54,8 @@ def _check_replaceable(path: Path, overwrite: bool) -> None:
         st = os.lstat(path)
     except FileNotFoundError:
         return
+    except OSError as e:  # a parent that is a file, a path too long, no permission
+        raise OutputError(describe_os_error(e, path)) from e
     if not overwrite:
         raise OutputError(f"{path}: already exists; pass --force (overwrite=True) to replace it")
     if not stat.S_ISREG(st.st_mode):

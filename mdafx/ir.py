@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import PreconditionError, TraceError
 
@@ -90,24 +90,38 @@ def _trace_error(model: torch.nn.Module, tracer: _ReportingTracer, e: Exception)
         "flow that depends on inputs.")
 
 
-class _NamingShapeProp(ShapeProp):
-    """fx's ShapeProp, failing with one line that names the node that does not execute."""
+class _ShapeProp(fx.Interpreter):
+    """fx's ShapeProp (the same ``tensor_meta`` and ``type`` keys), failing with one line that
+    names the node that does not execute instead of printing a traceback."""
 
     def run_node(self, n: fx.Node):
         try:
-            return super().run_node(n)
+            result = super().run_node(n)
         except Exception as e:
-            cause = e.__cause__ or e
-            first = (str(cause).strip().splitlines() or [""])[0][:300]
+            first = (str(e).strip().splitlines() or [""])[0][:300]
             raise PreconditionError(f"the graph does not execute at node {n.format_node()}: "
-                                    f"{type(cause).__name__}: {first}") from e
+                                    f"{type(e).__name__}: {first}") from e
+        found = False
+
+        def meta(obj):
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        value = fx.node.map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = value
+        n.meta["type"] = type(result)
+        return result
 
 
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
     """Fill ``node.meta['tensor_meta']`` for ``example`` (fx's ShapeProp), in eval mode; a node
     that does not execute is a PreconditionError naming it."""
     with eval_mode(gm), torch.no_grad():
-        _NamingShapeProp(gm).propagate(example)
+        _ShapeProp(gm).run(example)
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:

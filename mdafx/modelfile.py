@@ -53,7 +53,7 @@ import torch.utils._pytree as pytree
 
 from .errors import ExportError, FormatError
 from .fileio import atomic_output
-from .ir import propagate_shapes
+from .ir import eval_mode, propagate_shapes
 from .rules import storage
 
 __all__ = [
@@ -515,16 +515,11 @@ def _check_round_trip(module: fx.GraphModule, loaded: LoadedModel, example: torc
     if example.is_floating_point():
         g = torch.Generator().manual_seed(0)
         inputs.append(torch.randn((3, *example.shape[1:]), generator=g, dtype=example.dtype))
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            for x in inputs:
-                if not _same_outputs(module(x), loaded.module(x)):
-                    raise ExportError(f"{path}: the reloaded model does not reproduce the "
-                                      f"module bit for bit at batch {x.shape[0]}; not written")
-    finally:
-        module.train(was_training)
+    with eval_mode(module), torch.no_grad():
+        for x in inputs:
+            if not _same_outputs(module(x), loaded.module(x)):
+                raise ExportError(f"{path}: the reloaded model does not reproduce the "
+                                  f"module bit for bit at batch {x.shape[0]}; not written")
 
 
 def _same_outputs(want: Any, got: Any) -> bool:

@@ -74,7 +74,7 @@ import torch.fx as fx
 from .data import batches, labels_at
 from .disassembly import Component, cut, resolve_classes, source_analyses
 from .errors import PreconditionError
-from .evaluation import logits_of
+from .evaluation import accuracy, logits_of
 from .instrument import run_pipeline
 from .ir import count_macs, count_params
 from .passes.channel_groups import ChannelGraph
@@ -348,7 +348,7 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
     x_calib = load_images(calib_dataset, task_idx, batch_size)
 
     src_logits = logits_of(gm, x_calib, batch_size, what="the source model")[:, classes]
-    source_acc = float((src_logits.argmax(1) == targets).float().mean())
+    source_acc = accuracy(src_logits, targets)
     source_params, source_macs = count_params(gm), count_macs(gm)
 
     norm_x = None
@@ -402,7 +402,7 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
                          name=f"{source}-search-{i}")
             comp.metadata["norms_reestimated_on"] = int(len(norm_x))
         logits = logits_of(comp.module, x_calib, batch_size, what="a candidate component")
-        c.accuracy = float((logits.argmax(1) == targets).float().mean())
+        c.accuracy = accuracy(logits, targets)
         c.acc_drop = 100.0 * (source_acc - c.accuracy)
         c.meets = budget.meets(c.acc_drop, c.params_frac, c.macs_frac)
 

@@ -527,6 +527,8 @@ def test_control_characters_in_names_are_escaped(ws, tmp_path):
     assert not any(line.startswith("fake line") for line in out.splitlines())
     expect_error(r"unknown class 'x\\x1b\[2J'", "routes", *MODEL, "--profile", PROFILE,
                  "--classes", "cat,x\x1b[2J", "-o", tmp_path / "r.svg")
+    code, _, err = call("info", PROFILE, "extra\x1b[2J")  # argparse quotes what was typed
+    assert code == 2 and "\x1b" not in err and "extra\\x1b[2J" in err, err
 
 
 # ----------------------------------------------------------------------------- output safety

@@ -36,8 +36,8 @@ from collections.abc import Sequence
 
 from mdafx.errors import MdafxError
 
-from .common import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, UsageError,
-                     add_global, clean)
+from .common import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, Parser,
+                     UsageError, add_global, clean)
 
 __all__ = ["main", "build_parser", "COMMANDS", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE",
            "EXIT_INTERRUPTED"]
@@ -76,7 +76,7 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command. Command modules import only argparse-level helpers at
     module level, so building it (and ``--help``) loads neither torch nor ``mdafx.api``."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG, description="Model Disassembling and Assembling (MDA) with torch.fx.",
         epilog="Run 'mdafx COMMAND --help' for a command's options. Exit codes: 0 ok, 1 error, "
                "2 usage error, 130 interrupted.")

@@ -69,10 +69,6 @@ def seed(text: str) -> int:
     return value
 
 
-def finite(text: str) -> float:
-    return _number(text)
-
-
 def positive(text: str) -> float:
     value = _number(text)
     if value <= 0:
@@ -140,16 +136,15 @@ def stds(text: str) -> tuple[float, ...]:
     return values
 
 
-def _finite_literal(value: Any) -> bool:
+def _plain_literal(value: Any) -> bool:
+    """A value a file can record (JSON): no bytes, sets or complex numbers, finite numbers."""
     if isinstance(value, float):
         return math.isfinite(value)
-    if isinstance(value, complex):
-        return math.isfinite(value.real) and math.isfinite(value.imag)
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return all(_finite_literal(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return all(_plain_literal(v) for v in value)
     if isinstance(value, dict):
-        return all(_finite_literal(k) and _finite_literal(v) for k, v in value.items())
-    return True
+        return all(isinstance(k, str) and _plain_literal(v) for k, v in value.items())
+    return value is None or isinstance(value, (str, int, bool))
 
 
 def model_arg(text: str) -> tuple[str, Any]:
@@ -161,8 +156,9 @@ def model_arg(text: str) -> tuple[str, Any]:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
         value = raw
-    if not _finite_literal(value):
-        raise argparse.ArgumentTypeError(f"{key}: numbers must be finite, got {raw!r}")
+    if not _plain_literal(value):
+        raise argparse.ArgumentTypeError(f"{key}: give a number (finite), string, bool, None, "
+                                         f"or a list/dict of them; got {raw!r}")
     return key, value
 
 
@@ -176,6 +172,16 @@ def names(text: str) -> list[str]:
 
 
 # ============================================================================ flag groups
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose messages (usage errors quote what was typed) are made safe."""
+
+    def _print_message(self, message: str, file=None) -> None:
+        if message:
+            super()._print_message("\n".join(clean(line) for line in message.split("\n")),
+                                   file)
+
+
 
 def add_global(p: argparse.ArgumentParser) -> None:
     """Flags every command takes, before or after its name (SUPPRESS: a later parser never
@@ -268,13 +274,9 @@ def thresholds_text(args: argparse.Namespace) -> str:
             f"linear alpha {args.alpha_linear:g} beta {args.beta_linear:g}")
 
 
-def model_args_list(args: argparse.Namespace) -> list[list]:
-    return [[k, v] for k, v in args.model_arg]
-
-
 def source_record(args: argparse.Namespace) -> dict[str, Any]:
     """What a file records about its source model, for people to read (never run)."""
-    return {"model": args.model, "model_args": model_args_list(args),
+    return {"model": args.model, "model_args": [[k, v] for k, v in args.model_arg],
             "weights": str(Path(args.weights).resolve()) if args.weights else None}
 
 

@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         common.warn(f"warning: task {','.join(task)}: {res.message}" + (
             "" if args.strict else "; writing it anyway (--strict refuses)"))
 
+    refused = bool(unmet) and args.strict
     with common.AllOrNothing() as written:
         searched = [(",".join(t), c.search) for t, c in zip(tasks, comps) if c.search]
         if args.search_table:
@@ -120,12 +121,14 @@ def run(args: argparse.Namespace) -> int:
         if args.search_plot:
             written.add(write_text(args.search_plot, tradeoff_svg(searched),
                                    overwrite=args.force))
-        for comp, path in zip(comps, paths) if not (unmet and args.strict) else ():
+        for comp, path in zip(comps, paths):
+            if refused:
+                break
             meta = {**common.source_record(args), "num_classes_source": k}
             if calib_text is not None:
                 meta["calibration"] = {**comp.metadata["calibration"], "data": calib_text}
             written.add(api.save(comp, path, overwrite=args.force, metadata=meta))
-    if unmet and args.strict:  # the search table and plot stay: they show why
+    if refused:  # the search table and plot stay: they show why
         raise common.CliError("; ".join(f"task {','.join(t)}: budget not met" for t, _ in unmet)
                               + "; no component written (--strict)"
                               + ("; the search table/plot were written" if any(extras) else ""))

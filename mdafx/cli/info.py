@@ -22,110 +22,94 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def _fmt(d: dict | None) -> str:
+def _get(d: Any, key: str) -> Any:
+    """``d[key]`` of a JSON object from a file, None when ``d`` is not one (files are data)."""
+    return d.get(key) if isinstance(d, dict) else None
+
+
+def _fmt(d: Any) -> str:
     if not d:
         return "-"
-    return (f"{d['size'][0]}x{d['size'][1]}, {d['channels']} channels, mean "
-            f"{_text(d['mean'])}, std {_text(d['std'])}")
+    try:
+        return (f"{d['size'][0]}x{d['size'][1]}, {d['channels']} channels, mean "
+                f"{_text(d['mean'])}, std {_text(d['std'])}")
+    except (KeyError, TypeError, IndexError):
+        return _text(d)
 
 
-def _provenance(meta: dict) -> str:
-    if not meta.get("model"):
+def _sources(entry: Any) -> str:
+    """``#0 src[3]; #1 other[0]``: where an assembled class comes from."""
+    return "; ".join(f"#{_get(s, 'component')} {_get(s, 'source')}[{_get(s, 'source_class')}]"
+                     for s in _get(entry, "sources") or [])
+
+
+def _provenance(meta: Any) -> str:
+    if not _get(meta, "model"):
         return "-"
     args = meta.get("model_args") or []
     return (_text(meta["model"]) + (f" {_text(args)}" if args else "")
             + f", weights {_text(meta.get('weights'))} (recorded only, never run)")
 
 
-def _profile(path: str) -> tuple[dict, list[str]]:
-    from mdafx import api
-
-    prof = api.Profile.load(path)
-    rec, cal = prof.record, prof.record.get("calibration") or {}
-    info = {"kind": "profile", "classes": prof.class_names,
-            "samples_per_class": prof.samples_per_class,
-            "layers": [{"name": n, "weight_shape": prof.weight_shapes[n],
-                        "groups": prof.groups[n]} for n in prof.layers],
-            "source": rec.get("source"), "input": rec.get("input"), "data": rec.get("data"),
-            "calibration": {k: cal.get(k) for k in ("holdout", "seed", "images")} | {
-                "held_out": len(cal.get("indices") or [])} if cal else None}
-    lines = [*common.table([[c, n, s] for c, (n, s) in enumerate(
-                 zip(prof.class_names, prof.samples_per_class))], ["#", "class", "profiled"]), "",
-             *common.table([[layer["name"], "x".join(map(str, layer["weight_shape"])),
-                             layer["groups"]] for layer in info["layers"]],
-                           ["layer", "weight", "groups"]), "",
-             *common.table([["source", _provenance(rec.get("source") or {})],
-                            ["input", _fmt(rec.get("input"))], ["data", rec.get("data") or "-"],
-                            ["calibration split", f"{len(cal.get('indices') or [])} of "
-                             f"{cal.get('images')} images (holdout {cal.get('holdout')}, seed "
-                             f"{cal.get('seed')})" if cal else "none (analysed with --holdout 0)"]],
-                           ["profile", ""])]
-    return info, lines
+def _profile(info: dict) -> list[str]:
+    cal = info["calibration"]
+    return [*common.table([[c, n, s] for c, (n, s) in enumerate(
+                zip(info["classes"], info["samples_per_class"]))], ["#", "class", "profiled"]),
+            "",
+            *common.table([[layer["name"], "x".join(map(str, layer["weight_shape"])),
+                            layer["groups"]] for layer in info["layers"]],
+                          ["layer", "weight", "groups"]), "",
+            *common.table([["source", _provenance(info["source"])],
+                           ["input", _fmt(info["input"])], ["data", info["data"] or "-"],
+                           ["calibration split", f"{cal['held_out']} of {cal['images']} images "
+                            f"(holdout {cal['holdout']}, seed {cal['seed']})" if cal else
+                            "none (analysed with --holdout 0)"]], ["profile", ""])]
 
 
-def _model(path: str) -> tuple[dict, list[str]]:
-    from mdafx import api
-
-    model = api.load(path)
-    meta, assembled = model.metadata, not isinstance(model, api.Component)
-    fmt = model.input_format.to_dict() if assembled else meta.get("input")
-    macs = api.count_macs(model.module)
-    info = {"kind": "assembled" if assembled else "component", "classes": model.class_names,
-            "params": model.params, "macs": macs, "input": fmt,
-            "mdafx_version": meta.get("mdafx_version"), "calibration": meta.get("calibration"),
-            "finetune": meta.get("finetune")}
-    rows = [["kind", info["kind"]], ["classes", ", ".join(model.class_names)]]
+def _model(info: dict) -> list[str]:
+    assembled = info["kind"] == "assembled"
+    rows = [["kind", info["kind"]], ["classes", ", ".join(info["classes"])]]
     if assembled:
-        comps = [c for c in meta.get("components") or [] if isinstance(c, dict)]
-        info.update(layout=model.layout, class_map=model.class_map,
-                    components=[{"source": c.get("source"), "classes": c.get("class_names")}
-                                for c in comps])
-        rows += [["layout", model.layout], ["components", "; ".join(
-            f"#{k} {_text(c.get('source'))}: {_text(c.get('class_names'))}"
-            for k, c in enumerate(comps))]]
+        rows += [["layout", info["layout"]], ["components", "; ".join(
+            f"#{k} {_text(c.get('source'))}: {_text(c.get('classes'))}"
+            for k, c in enumerate(info["components"]))]]
     else:
-        info.update(source=model.source, source_classes=model.classes,
-                    provenance={k: meta.get(k) for k in ("model", "model_args", "weights")},
-                    thresholds=meta.get("thresholds"), search=meta.get("search"),
-                    params_source=meta.get("params_source"), macs_source=meta.get("macs_source"))
-        rows += [["source classes", ", ".join(map(str, model.classes))],
-                 ["source", model.source], ["source model", _provenance(meta)],
-                 ["thresholds", _text(meta.get("thresholds") or "-")]]
-        if meta.get("search"):
-            rows.append(["search", _text({k: meta["search"].get(k)
+        rows += [["source classes", ", ".join(map(str, info["source_classes"]))],
+                 ["source", info["source"]], ["source model", _provenance(info["provenance"])],
+                 ["thresholds", _text(info.get("thresholds") or "-")]]
+        if info.get("recipe"):
+            rows.append(["recipe", _text(info["recipe"])])
+        if isinstance(info.get("search"), dict):
+            rows.append(["search", _text({k: info["search"].get(k)
                                           for k in ("scale", "budget", "met")})])
-    of_source = {k: meta.get(f"{k}_source") if not assembled and isinstance(
-        meta.get(f"{k}_source"), int) else None for k in ("params", "macs")}
-    rows += [["params", f"{model.params:,}" + (f" ({model.params / of_source['params']:.1%} "
-                                               "of the source)" if of_source["params"] else "")],
+    of_source = {k: info.get(f"{k}_source") if isinstance(info.get(f"{k}_source"), int) else None
+                 for k in ("params", "macs")}
+    params, macs = info["params"], info["macs"]
+    rows += [["params", f"{params:,}" + (f" ({params / of_source['params']:.1%} of the source)"
+                                         if of_source["params"] else "")],
              ["MACs", f"{macs:,}" + (f" ({macs / of_source['macs']:.1%} of the source)"
-                                     if of_source["macs"] else "")], ["input", _fmt(fmt)]]
-    cal = meta.get("calibration")
+                                     if of_source["macs"] else "")], ["input", _fmt(info["input"])]]
+    cal = info.get("calibration")
     if isinstance(cal, dict) and "accuracy" in cal:
         rows.append(["calibration accuracy", f"{common.pct(cal.get('accuracy'))} (source "
                      f"{common.pct(cal.get('source_accuracy'))}) on {cal.get('images')} images"])
     elif isinstance(cal, dict):
         rows.append(["calibration", f"{_text(cal.get('samples'))} samples per component"])
-    if isinstance(meta.get("finetune"), dict):
-        ft = meta["finetune"]
+    if isinstance(info.get("finetune"), dict):
+        ft = info["finetune"]
         rows.append(["fine-tuned", f"{ft.get('epochs')} epochs, {common.pct(ft.get('acc_before'))}"
                                    f" -> {common.pct(ft.get('acc_after'))}"])
-    rows.append(["written by", f"mdafx {meta.get('mdafx_version')}"])
+    rows.append(["written by", f"mdafx {info.get('mdafx_version')}"])
     lines = common.table(rows, ["model file", ""])
     if assembled:
-        lines += ["", *common.table(
-            [[i, e["name"], "; ".join(f"#{s['component']} {s['source']}[{s['source_class']}]"
-                                      for s in e["sources"])]
-             for i, e in enumerate(model.class_map)], ["output", "class", "sources"])]
-    return info, lines
+        lines += ["", *common.table([[i, _get(e, "name"), _sources(e)]
+                                     for i, e in enumerate(info["class_map"])],
+                                    ["output", "class", "sources"])]
+    return lines
 
 
-def _onnx(path: str) -> tuple[dict, list[str]]:
-    from mdafx import api
-
-    summary = api.artifacts.onnx_summary(path)
+def _onnx(summary: dict) -> list[str]:
     meta = summary["metadata"]
-    info = {"kind": "onnx", **summary}
     rows = [[io, v["name"], v["dtype"], "x".join(map(str, v["shape"]))]
             for io in ("inputs", "outputs") for v in summary[io]]
     lines = [*common.table(rows, ["", "name", "type", "shape"]), "",
@@ -133,17 +117,18 @@ def _onnx(path: str) -> tuple[dict, list[str]]:
                             ["classes", _text(meta.get("class_names"))],
                             ["written by", f"mdafx {_text(meta.get('mdafx_version'))}"]],
                            ["onnx file", ""])]
-    return info, lines
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
     common.require_files(input=args.file)
     from mdafx import api  # heavy: only when the command runs (`--help` stays light)
 
-    kind = api.artifacts.file_kind(args.file)
-    info, lines = {"profile": _profile, "model": _model, "onnx": _onnx}[kind](args.file)
+    info = api.info(args.file)
+    lines = {"profile": _profile, "component": _model, "assembled": _model,
+             "onnx": _onnx}[info["kind"]](info)
     common.emit_json(args, {"command": "info", "file": str(args.file), **info})
     common.say(args, *lines)
     common.say(args, f"{args.file}: {info['kind']}, {len(info.get('classes') or [])} classes"
-               if kind != "onnx" else f"{args.file}: ONNX, opset {info['opset']}", final=True)
+               if info["kind"] != "onnx" else f"{args.file}: ONNX, opset {info['opset']}", final=True)
     return common.EXIT_OK
