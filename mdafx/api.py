@@ -20,14 +20,16 @@ from __future__ import annotations
 
 from . import artifacts
 from .artifacts import info, load, load_component, save
-from .assembly import Assembled, InputAdapter, assemble, calibrate
+from .assembly import (Assembled, InputAdapter, assemble, calibrate, calibrate_jointly,
+                       guard_assembled)
 from .data import ArrayDataset, InputFormat, load_imagefolder, open_images, split_per_class
 from .decision_routes import Routes, routes
 from .deployment import ExportReport, export, export_onnx, onnx_latency, read_onnx_metadata
+from .diagnosis import LayerRow, accuracy_by_layer
 from .disassembly import (Component, channel_groups, cut, locate, prune, resolve_classes,
                           source_analyses)
 from .distillation import FinetuneReport, distill, finetune
-from .evaluation import EvaluationReport, evaluate, predict, task_accuracy
+from .evaluation import EvaluationReport, GuardReport, evaluate, guard, predict, task_accuracy
 from .inspection import InspectReport, inspect
 from .ir import count_macs, count_params, trace
 from .modelfile import load_model, save_model
@@ -36,8 +38,8 @@ from .passes.locate import ChannelMasks, Thresholds
 from .passes.prune_channels import ChannelPlan, masked_model, plan_from_votes, plan_random
 from .passes.reestimate_norms import reestimate_batch_norms
 from .profiling import Profile, analyse, build_profile, calibration_split, profile
-from .recipes import disassemble
-from .search import Budget, SearchResult, search_thresholds
+from .recipes import RECIPES, Recipe, disassemble
+from .search import Budget, Recovery, SearchResult, search_thresholds
 from .synthetic import demo
 
 __all__ = [
@@ -50,10 +52,11 @@ __all__ = [
     "load_model", "save_model",
     # building blocks
     "trace", "channel_groups", "profile", "build_profile", "locate", "cut", "prune",
-    "resolve_classes", "source_analyses", "calibration_split", "calibrate", "search_thresholds",
+    "resolve_classes", "source_analyses", "calibration_split", "calibrate", "calibrate_jointly",
+    "guard_assembled", "search_thresholds",
     "reestimate_batch_norms", "distill", "export_onnx", "onnx_latency", "read_onnx_metadata",
     "predict", "task_accuracy", "build_model", "load_weights", "count_params", "count_macs",
-    "Budget", "Thresholds", "ChannelMasks", "ChannelPlan", "plan_from_votes", "plan_random",
+    "accuracy_by_layer", "LayerRow", "Budget", "Recovery", "Recipe", "RECIPES", "guard", "GuardReport", "Thresholds", "ChannelMasks", "ChannelPlan", "plan_from_votes", "plan_random",
     "masked_model", "InputFormat", "InputAdapter", "ArrayDataset", "load_imagefolder",
     "open_images", "split_per_class",
 ]

@@ -32,8 +32,8 @@ from .passes import assembly_pipeline
 from .passes.align_padding import BRANCHES
 from .passes.logit_scaling import ScaleFactors, calibrate_scales
 
-__all__ = ["Assembled", "InputAdapter", "assemble", "calibrate", "class_groups",
-           "component_format"]
+__all__ = ["Assembled", "InputAdapter", "assemble", "calibrate", "calibrate_jointly",
+           "class_groups", "component_format", "guard_assembled"]
 
 LUMA = (0.299, 0.587, 0.114)
 
@@ -172,13 +172,74 @@ def calibrate(components: Sequence, dataset, *, batch_size: int = 256
     return results, counts
 
 
+@torch.no_grad()
+def _branch_logits(components, dataset, index: list[int], batch_size: int) -> torch.Tensor:
+    shared = component_format(components[0])
+    branches = [_branch(c, shared) for c in components]
+    out = []
+    for x, _ in batches(dataset, index, batch_size):
+        out.append(torch.cat([b.eval()(x) for b in branches], 1))
+    return torch.cat(out)
+
+
+def calibrate_jointly(components: Sequence, dataset, *, batch_size: int = 256,
+                      init: Sequence[torch.Tensor] | None = None, steps: int = 100,
+                      weight_decay: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-class logit factors ``s`` and offsets ``b`` of the assembled model, fitted on the
+    calibration images of *all* its classes (never the test split).
+
+    MDA's scaling (:func:`calibrate`) puts each component's logits on one scale using its own
+    classes' images only; it cannot see how confident a component is on the *other*
+    components' images, which is where an assembled model goes wrong. Here the concatenated
+    logits ``z`` of every branch are calibrated together: class g scores
+    ``max_{p in group g} (s_p·z_p + b_p)`` (merge by max, as the assembled model computes it)
+    and ``(log s, b)`` minimise the cross-entropy of the images' true classes plus
+    ``weight_decay·(||log s||² + ||b||²)``, by L-BFGS from ``s = init`` (default MDA's factors),
+    ``b = 0``. 2 numbers per logit are fitted; no weight of any component changes. Returns
+    ``(factors, offsets, images)``."""
+    names, groups, _ = class_groups(components)
+    index, targets = _task_indices(dataset, names)
+    missing = sorted(set(range(len(names))) - set(targets.tolist()))
+    if missing:
+        raise DataError(f"the calibration data has no image of class(es) "
+                        f"{', '.join(names[g] for g in missing)}")
+    z = _branch_logits(components, dataset, index, batch_size).float()
+    if init is None:
+        init = [r.factors for r in calibrate(components, dataset, batch_size=batch_size)[0]]
+    u = torch.cat([torch.as_tensor(f, dtype=torch.float32) for f in init]).log().clone()
+    u.requires_grad_(True)
+    b = torch.zeros_like(u, requires_grad=True)
+    u0 = u.detach().clone()
+    opt = torch.optim.LBFGS([u, b], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def scores() -> torch.Tensor:
+        y = z * u.exp() + b
+        return torch.stack([y[:, g].amax(1) for g in groups], 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(scores(), targets) + weight_decay * (
+            (u - u0).pow(2).sum() + b.pow(2).sum())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    factors, offsets = u.detach().exp(), b.detach()
+    if not (bool(torch.isfinite(factors).all()) and bool(torch.isfinite(offsets).all())):
+        raise DataError("joint logit calibration diverged (non-finite factors)")
+    return factors, offsets, len(index)
+
+
 def assemble(components: Sequence[Component], scales: Sequence[torch.Tensor] | None = None, *,
-             layout: str = "parallel", input_format: InputFormat | None = None,
-             instruments=None, name: str = "assembled") -> Assembled:
+             offsets: torch.Tensor | None = None, layout: str = "parallel",
+             input_format: InputFormat | None = None, instruments=None,
+             name: str = "assembled") -> Assembled:
     """Assemble ``components`` into one classifier (module docstring).
 
     ``scales[k]`` are component k's logit factors (e.g. ``calibrate(...)[0][k].factors``);
-    ``None`` assembles without scaling. ``input_format`` defaults to the first component's.
+    ``None`` assembles without scaling. ``offsets`` (one per concatenated logit, from
+    :func:`calibrate_jointly`) are added after scaling. ``input_format`` defaults to the first
+    component's.
     """
     if len(components) < 2:
         raise PreconditionError("assembling needs at least two components")
@@ -203,9 +264,51 @@ def assemble(components: Sequence[Component], scales: Sequence[torch.Tensor] | N
     cat = next(n for n in reversed(gm.graph.nodes) if n.target is torch.cat)
     cat.name = BRANCHES
     gm.recompile()
-    run_pipeline(assembly_pipeline(torch.cat(scales), groups, merged=layout == "merged"), gm,
-                 instruments=instruments, name=name)
+    run_pipeline(assembly_pipeline(torch.cat(scales), groups, merged=layout == "merged",
+                                   offsets=offsets), gm, instruments=instruments, name=name)
     meta = {"layout": layout, "class_names": names, "class_map": cmap,
             "input": shared.to_dict(), "components": [dict(c.metadata) for c in components],
-            "scales": [s.tolist() for s in scales]}
+            "scales": [s.tolist() for s in scales],
+            "offsets": None if offsets is None else torch.as_tensor(offsets).tolist()}
     return Assembled(gm, names, cmap, shared, layout, meta)
+
+
+def guard_assembled(asm: Assembled, components: Sequence, dataset, *, batch_size: int = 256,
+                    far_below: float | None = None):
+    """Per-class accuracy of ``asm`` on the calibration images of all its classes, next to each
+    class's component alone (predicting over its own classes only), and what is wrong: a class
+    never predicted, or the assembled model ``far_below`` points or more under its components
+    (``mdafx.evaluation.GuardReport``; its "source" column holds the components')."""
+    from .evaluation import FAR_BELOW_PTS, GuardReport, predict
+
+    far_below = FAR_BELOW_PTS if far_below is None else far_below
+    index, targets = _task_indices(dataset, asm.class_names)
+    logits, _ = predict(asm.module, batches(dataset, index, batch_size), what="the assembled model")
+    pred = logits.argmax(1)
+    alone = torch.zeros(len(index), dtype=torch.bool)
+    first = {entry["name"]: entry["sources"][0]["component"] for entry in asm.class_map}
+    for k, comp in enumerate(components):
+        mine = [i for i, t in enumerate(targets.tolist())
+                if first[asm.class_names[t]] == k]
+        if not mine:
+            continue
+        sub, pos = _task_indices(dataset, comp.class_names)
+        hit = {i: p for i, p in zip(sub, pos.tolist())}
+        c_logits, _ = predict(_branch(comp, asm.input_format),
+                              batches(dataset, [index[i] for i in mine], batch_size),
+                              what=f"component {k}")
+        want = torch.as_tensor([hit[index[i]] for i in mine])
+        alone[mine] = c_logits.argmax(1) == want
+    rows, warnings = [], []
+    for g, name in enumerate(asm.class_names):
+        m = targets == g
+        n = int(m.sum())
+        rows.append((name, n, float((pred[m] == g).float().mean()) if n else float("nan"),
+                     float(alone[m].float().mean()) if n else float("nan")))
+        if n and not bool((pred == g).any()):
+            warnings.append(f"the assembled model never predicts class {name!r}")
+    acc, base = float((pred == targets).float().mean()), float(alone.float().mean())
+    if 100 * (base - acc) >= far_below:
+        warnings.append(f"the assembled model scores {acc:.2%} against {base:.2%} for its "
+                        f"components on their own classes ({100 * (acc - base):+.1f} points)")
+    return GuardReport(list(asm.class_names), len(index), rows, acc, base, warnings)

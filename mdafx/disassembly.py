@@ -150,11 +150,12 @@ def _kept_share(cg: ChannelGraph, plan: ChannelPlan) -> tuple[int, int]:
 def cut(gm: fx.GraphModule, profile: Profile | dict, task: Sequence[Any], *,
         thresholds: Thresholds = Thresholds(), class_names: Sequence[str] | None = None,
         source: str = "model", am: AnalysisManager | None = None, norm_batches=None,
-        instruments=None) -> Component:
+        instruments=None, plan: ChannelPlan | None = None) -> Component:
     """Cut the task-aware component of ``task`` (MDA §1.4) out of ``gm``: keep every channel
     some class of the task relies on at ``thresholds`` (coupled groups keep the union), and
     only the task's logits. ``profile`` is a Profile of ``gm`` (or its contributions);
-    ``norm_batches`` re-estimates the component's batch norms on those images."""
+    ``norm_batches`` re-estimates the component's batch norms on those images. ``plan``
+    replaces the task's plan (e.g. the reference code's, which keeps every logit)."""
     am = am or source_analyses(gm, profile)
     if class_names is None and isinstance(profile, Profile):
         class_names = profile.class_names
@@ -162,12 +163,15 @@ def cut(gm: fx.GraphModule, profile: Profile | dict, task: Sequence[Any], *,
     num_classes = next(iter(contributions.values())).shape[0]
     classes = resolve_classes(task, class_names, num_classes)
     cg = am.get(ChannelGroups)
-    plan = am.get(TaskPlan(classes, thresholds))
+    plan = plan if plan is not None else am.get(TaskPlan(classes, thresholds))
     module = prune(gm, plan, cg=cg, instruments=instruments, name=source,
                    norm_batches=norm_batches)
+    task = classes
+    if plan.classes is None:  # every logit kept
+        classes = list(range(num_classes))
     names = [class_names[c] if class_names else str(c) for c in classes]
     kept, total = _kept_share(cg, plan)
-    meta = {"source": source, "classes": classes, "class_names": names,
+    meta = {"source": source, "classes": classes, "class_names": names, "task": task,
             "thresholds": vars(thresholds), "channels_kept": kept, "channels_total": total,
             "params_source": count_params(gm), "params": count_params(module)}
     return Component(module, classes, names, source, input_shape(gm), meta)

@@ -22,7 +22,7 @@ from torch import nn
 from .errors import DataError, PreconditionError
 from .ir import eval_mode, module_device
 
-__all__ = ["EvaluationReport", "accuracy", "accuracy_rows", "check_finite", "confusion_report",
+__all__ = ["EvaluationReport", "GuardReport", "accuracy", "guard", "accuracy_rows", "check_finite", "confusion_report",
            "evaluate", "logits_of", "matched_indices", "predict", "task_accuracy"]
 
 
@@ -200,3 +200,72 @@ def evaluate(model: nn.Module, dataset, class_names: Sequence[str], *,
     return EvaluationReport(label, list(class_names), accuracy_rows(logits, positions,
                                                                      class_names),
                             len(index), skipped, source_rows)
+
+
+FAR_BELOW_PTS = 10.0
+"""A component this many points below its source on calibration images is a loud warning."""
+
+
+@dataclass
+class GuardReport:
+    """Per-class accuracy of a component and its source on calibration images, and what is
+    wrong with it: classes it never predicts, a drop of :data:`FAR_BELOW_PTS` or more."""
+
+    class_names: list[str]
+    images: int
+    per_class: list[tuple[str, int, float, float]]     # class, images, component, source
+    accuracy: float
+    source_accuracy: float
+    warnings: list[str] = field(default_factory=list)
+
+    def rows(self) -> list[list]:
+        out = [[n, k, f"{a:.2%}", f"{s:.2%}", f"{100 * (a - s):+.2f}"]
+               for n, k, a, s in self.per_class]
+        return out + [["overall", self.images, f"{self.accuracy:.2%}",
+                       f"{self.source_accuracy:.2%}",
+                       f"{100 * (self.accuracy - self.source_accuracy):+.2f}"]]
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "accuracy": self.accuracy,
+                "source_accuracy": self.source_accuracy, "warnings": self.warnings,
+                "per_class": [{"class": n, "images": k, "accuracy": a, "source_accuracy": s}
+                              for n, k, a, s in self.per_class]}
+
+
+def guard(component, source: nn.Module, calibration, *, batch_size: int = 256,
+          far_below: float = FAR_BELOW_PTS) -> GuardReport:
+    """Score ``component`` (logits of ``component.classes``, source indices) and ``source`` on
+    the calibration images ``(dataset, indices)`` of the component's task, per class, both
+    predicting over the task's logits only, and name what is wrong."""
+    from .data import batches, labels_at
+
+    dataset, indices = calibration
+    task = list(component.metadata.get("task") or component.classes)
+    where = {c: p for p, c in enumerate(component.classes)}
+    labels = labels_at(dataset, indices)
+    keep = [i for i, y in zip(indices, labels.tolist()) if y in task]
+    if not keep:
+        raise DataError(f"no calibration image of the component's classes {task}")
+    comp_logits, y = predict(component.module, batches(dataset, keep, batch_size),
+                             what="the component")
+    src_logits, _ = predict(source, batches(dataset, keep, batch_size), what="the source model")
+    pos = torch.as_tensor([task.index(int(v)) for v in y])
+    comp_pred = comp_logits[:, [where[c] for c in task]].argmax(1)
+    src_pred = src_logits[:, task].argmax(1)
+    names = [component.class_names[where[c]] for c in task]
+    rows, warnings = [], []
+    for p, name in enumerate(names):
+        hit = pos == p
+        n = int(hit.sum())
+        a = float((comp_pred[hit] == p).float().mean()) if n else float("nan")
+        s = float((src_pred[hit] == p).float().mean()) if n else float("nan")
+        rows.append((name, n, a, s))
+        if n and not bool((comp_pred == p).any()):
+            warnings.append(f"the component never predicts class {name!r} on {len(pos)} "
+                            "calibration images")
+    acc = float((comp_pred == pos).float().mean())
+    src = float((src_pred == pos).float().mean())
+    if 100 * (src - acc) >= far_below:
+        warnings.append(f"the component scores {acc:.2%} against its source's {src:.2%} on "
+                        f"{len(pos)} calibration images ({100 * (acc - src):+.1f} points)")
+    return GuardReport(names, len(pos), rows, acc, src, warnings)

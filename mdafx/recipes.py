@@ -1,28 +1,69 @@
-"""How a component is made: thresholds, a budget, recovery steps (the ``disassemble`` command).
+"""How a component is made (the ``disassemble`` command): named recipes of thresholds, a budget
+and training-free recovery steps.
 
-``disassemble(gm, profile, task)`` cuts the task's component at MDA's thresholds (or the ones
-given). With a ``budget`` (``mdafx.search.Budget``) it searches threshold multipliers on
-calibration images and returns the smallest component that meets it; with
-``reestimate_norms=True`` every candidate's batch norms are re-estimated on calibration images
-first. Calibration images are ``(dataset, indices)``: a split of the training data the profile
-did not select from (``mdafx.profiling.calibration_split``), never the test split.
+A :class:`Recipe` says how channels are located (MDA's graph walk, or the authors' reference
+code's chain walk), whether the thresholds are searched against a :class:`~mdafx.search.Budget`
+and which recovery runs on the component (:class:`~mdafx.search.Recovery`: norm re-estimation,
+closed-form layer reconstruction). ``RECIPES`` names the ones mdafx measures (README, "Components
+that keep their accuracy"); ``"mda"`` is the method exactly as published, ``"reference"`` the
+authors' code's masks, and ``"default"`` the best measured recipe.
+
+Recipes with a budget or recovery need calibration images ``(dataset, indices)``: a split of the
+training data the profile did not select from (``mdafx.profiling.calibration_split``), never the
+test split.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch.fx as fx
 
 from .data import labels_at
-from .disassembly import Component, cut, source_analyses
+from .disassembly import Component, cut, resolve_classes, source_analyses
 from .errors import PreconditionError
 from .ir import count_macs
 from .passes.locate import Thresholds
+from .passes.reference_plan import ReferencePlan
 from .profiling import Profile
-from .search import Budget, search_thresholds
+from .search import Budget, Recovery, search_thresholds
 
-__all__ = ["disassemble", "first_per_class"]
+__all__ = ["RECIPES", "Recipe", "disassemble", "first_per_class"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    locate: str = "mda"                 # "mda" (graph walk) | "reference" (the authors' chain)
+    budget: Budget | None = None        # None: the given thresholds
+    recovery: Recovery = Recovery()
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.budget is not None or self.recovery != Recovery()
+
+
+GOAL = Budget(max_acc_drop=1.0, max_macs_frac=0.5)
+"""Issue #11's target: within 1 point of the source at no more than half its MACs."""
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("mda", "MDA as published: the thresholds given (default α/β), no recovery"),
+    Recipe("reference", "the authors' code's masks: layers walked as a chain in registration "
+           "order, reset to all channels at a width change, every logit kept",
+           locate="reference"),
+    Recipe("mda+norms", "MDA's thresholds, batch norms re-estimated",
+           recovery=Recovery(norms=True)),
+    Recipe("mda+reconstruct", "MDA's thresholds, every layer refitted in closed form",
+           recovery=Recovery(reconstruct=True)),
+    Recipe("searched+norms", "thresholds searched for the goal budget, norms re-estimated",
+           budget=GOAL, recovery=Recovery(norms=True)),
+    Recipe("default", "thresholds searched for the goal budget (<= 1 pt, <= 50% MACs), every "
+           "candidate refitted in closed form", budget=GOAL,
+           recovery=Recovery(reconstruct=True)),
+)}
 
 
 def first_per_class(dataset, indices: Sequence[int], per_class: int) -> list[int]:
@@ -38,37 +79,56 @@ def first_per_class(dataset, indices: Sequence[int], per_class: int) -> list[int
 
 
 def disassemble(gm: fx.GraphModule, profile: Profile, task: Sequence[Any], *,
-                thresholds: Thresholds = Thresholds(), budget: Budget | None = None,
-                calibration: tuple[Any, Sequence[int]] | None = None,
-                reestimate_norms: bool = False, norm_images: int = 50,
-                source: str = "model", am=None, progress: bool = False) -> Component:
-    """The component of ``task`` (module docstring). Its metadata records the recipe, params,
-    MACs and, when calibration images were used, its and the source's accuracy on them; with a
-    search, ``component.search`` is the explored trade-off (``SearchResult``)."""
+                recipe: str | Recipe = "mda", thresholds: Thresholds = Thresholds(),
+                budget: Budget | None = None, calibration: tuple[Any, Sequence[int]] | None = None,
+                norm_images: int = 50, source: str = "model", am=None,
+                progress: bool = False) -> Component:
+    """The component of ``task`` made by ``recipe`` (a name in :data:`RECIPES` or a Recipe);
+    ``thresholds`` are the base of its thresholds (searched recipes multiply them), ``budget``
+    replaces the recipe's. Its metadata records the recipe, params, MACs and, when calibration
+    images were used, its and the source's accuracy on them; with a search, ``component.search``
+    is the explored trade-off (``SearchResult``)."""
+    if isinstance(recipe, str):
+        if recipe not in RECIPES:
+            raise PreconditionError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+        recipe = RECIPES[recipe]
+    if budget is not None:
+        recipe = dataclasses.replace(recipe, budget=budget)
     am = am or source_analyses(gm, profile)
-    calibrating = budget is not None or reestimate_norms
-    if calibrating:
+    if recipe.locate == "reference":
+        if recipe.needs_calibration:
+            raise PreconditionError("the reference recipe reproduces the authors' masks only")
+        classes = resolve_classes(task, profile.class_names, len(profile.class_names))
+        comp = cut(gm, profile, task, thresholds=thresholds, source=source, am=am,
+                   plan=am.get(ReferencePlan(classes, thresholds)))
+    elif recipe.needs_calibration:
         if calibration is None:
-            raise PreconditionError("a budget or norm re-estimation needs calibration images "
+            raise PreconditionError(f"recipe {recipe.name!r} needs calibration images "
                                     "(dataset, indices)")
         dataset, indices = calibration
-        norm_idx = first_per_class(dataset, indices, norm_images) if reestimate_norms else None
+        norm_idx = first_per_class(dataset, indices, norm_images) if recipe.recovery.norms \
+            else None
         res = search_thresholds(
-            gm, profile, task, dataset, indices, budget or Budget(max_acc_drop=100.0),
-            reestimate=reestimate_norms, reestimate_indices=norm_idx,
-            scales=None if budget is not None else (1.0,), base=thresholds,
+            gm, profile, task, dataset, indices, recipe.budget or Budget(max_acc_drop=100.0),
+            recovery=recipe.recovery, norm_indices=norm_idx,
+            scales=None if recipe.budget is not None else (1.0,), base=thresholds,
             source=source, progress=progress, am=am)
         comp = res.component
         comp.metadata["calibration"] = {"images": res.calib_images,
                                         "accuracy": res.candidate.accuracy,
                                         "source_accuracy": res.source_accuracy}
-        if budget is None:  # one candidate at the given thresholds: not a search
+        if recipe.budget is None:  # one candidate at the given thresholds: not a search
             comp.metadata.pop("search", None)
         else:
             comp.search = res
+        comp.metadata["thresholds"] = vars(res.candidate.thresholds)
     else:
         comp = cut(gm, profile, task, thresholds=thresholds, source=source, am=am)
-    comp.metadata.update(macs=count_macs(comp.module), macs_source=count_macs(gm),
+    comp.metadata.update(recipe={"name": recipe.name, "locate": recipe.locate,
+                                 "budget": None if recipe.budget is None else
+                                 vars(recipe.budget).copy(),
+                                 "recovery": vars(recipe.recovery).copy()},
+                         macs=count_macs(comp.module), macs_source=count_macs(gm),
                          num_classes_source=len(profile.class_names))
     if profile.record.get("input"):
         comp.metadata["input"] = profile.record["input"]

@@ -81,18 +81,23 @@ from .passes.channel_groups import ChannelGraph
 from .passes.contributions import Contributions
 from .passes.locate import Thresholds
 from .passes.prune_channels import TaskPlan
+from .passes.channel_groups import ChannelGroups
+from .passes.reconstruct import ReconstructLayers, kept_channels
 from .passes.reestimate_norms import ReestimateNorms
 from .profiling import Profile
 
 __all__ = ["Budget", "Candidate", "SearchResult", "DEFAULT_SCALES", "GLOBAL_SCALES",
-           "load_images", "norm_batches", "scale_text", "search_thresholds", "tradeoff_svg"]
+           "Recovery", "load_images", "norm_batches", "scale_text", "search_thresholds",
+           "tradeoff_svg"]
 
-CONV_SCALES: tuple[float, ...] = (0.1, 0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25)
+CONV_SCALES: tuple[float, ...] = (0.1, 0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25, 1.375,
+                                  1.5, 1.625, 1.75, 1.875, 2.0, 2.5, 3.0)
 LINEAR_SCALES: tuple[float, ...] = (0.0, 0.1, 1.0)
 DEFAULT_SCALES: tuple[tuple[float, float], ...] = tuple(
     (c, lin) for lin in LINEAR_SCALES for c in CONV_SCALES)
-"""The default grid: (conv multiplier, linear multiplier) of MDA's thresholds, 9 x 3 = 27
-candidates ((1.0, 1.0) = MDA's defaults)."""
+"""The default grid: (conv multiplier, linear multiplier) of MDA's thresholds, 17 x 3 = 51
+candidates ((1.0, 1.0) = MDA's defaults; conv multipliers above 1.25 only pay off with layer
+reconstruction, which makes aggressive cuts viable)."""
 GLOBAL_SCALES: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
                                     0.9, 1.0, 1.25)
 """One global multiplier on all four thresholds (the alternative we measured against)."""
@@ -117,10 +122,14 @@ class Budget:
             if v is not None and not 0 < v <= 1:
                 raise PreconditionError(f"Budget.{name} must be in (0, 1], got {v}")
 
+    def fits(self, params_frac: float, macs_frac: float) -> bool:
+        """The size constraints alone."""
+        return ((self.max_params_frac is None or params_frac <= self.max_params_frac + 1e-12)
+                and (self.max_macs_frac is None or macs_frac <= self.max_macs_frac + 1e-12))
+
     def meets(self, acc_drop: float, params_frac: float, macs_frac: float) -> bool:
         return ((self.max_acc_drop is None or acc_drop <= self.max_acc_drop + 1e-9)
-                and (self.max_params_frac is None or params_frac <= self.max_params_frac)
-                and (self.max_macs_frac is None or macs_frac <= self.max_macs_frac))
+                and self.fits(params_frac, macs_frac))
 
     def describe(self) -> str:
         parts = []
@@ -131,6 +140,34 @@ class Budget:
         if self.max_macs_frac is not None:
             parts.append(f"MACs <= {100 * self.max_macs_frac:.3g}% of the source")
         return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Training-free recovery applied to every scored candidate (and the chosen one).
+
+    * ``norms``: re-estimate batch-norm statistics on calibration images of every class
+      (passes/reestimate_norms.py);
+    * ``reconstruct``: refit every weighted layer in closed form to reproduce the source on the
+      task's calibration images (passes/reconstruct.py), with ridge ``ridge``. The fit uses
+      ``1 - score_share`` of each class's calibration images (and their horizontal mirror
+      images when ``flip``: label-preserving for natural images, it doubles the rows of the
+      least squares), at most ``max_fit_images``; candidates are scored on the rest, images
+      the fit never saw, and the chosen candidate is refitted on all of them.
+    """
+
+    norms: bool = False
+    reconstruct: bool = False
+    ridge: float = 0.1
+    flip: bool = True
+    score_share: float = 1 / 3
+    max_fit_images: int = 4096
+
+    def describe(self) -> str:
+        steps = (["norms re-estimated"] if self.norms else []) + (
+            [f"layers reconstructed (ridge {self.ridge:g}{', flips' if self.flip else ''})"]
+            if self.reconstruct else [])
+        return ", ".join(steps) or "none"
 
 
 @dataclass
@@ -165,6 +202,17 @@ class SearchResult:
     source_macs: int
     calib_images: int
     reestimated: bool
+    recovery: "Recovery" = None
+    seconds: float = 0.0              # the whole search
+    floor_seconds: float = 0.0        # one source forward over the calibration images
+    scored: int = 0                   # candidates scored
+
+    @property
+    def cost_ratio(self) -> float:
+        """Search time over its floor: (candidates scored) x (one source forward over the
+        calibration images)."""
+        floor = self.floor_seconds * max(1, self.scored)
+        return self.seconds / floor if floor > 0 else float("nan")
 
     @property
     def thresholds(self) -> Thresholds:
@@ -194,7 +242,7 @@ class SearchResult:
         head = (f"source: {self.source_params:,} params, {self.source_macs:,} MACs, "
                 f"{self.source_accuracy:.2%} on {self.calib_images} calibration images; "
                 f"budget: {self.budget.describe()}"
-                f"{'; norms re-estimated' if self.reestimated else ''}\n")
+                f"; recovery: {self.recovery.describe() if self.recovery else 'none'}\n")
         return head + tabulate(rows, headers=["", "scale", "conv a/b", "linear a/b", "params",
                                               "MACs", "calib acc", "delta pts", "meets"],
                                tablefmt=tablefmt, disable_numparse=True) + "\n" + self.message
@@ -305,37 +353,73 @@ def norm_batches(x: torch.Tensor, batch_size: int, seed: int) -> list[torch.Tens
     return list(torch.tensor_split(x[perm], n_batches))
 
 
+def _recover(gm: fx.GraphModule, comp: Component, plan, cg, recovery: Recovery,
+             norm_x: torch.Tensor | None, fit_x: torch.Tensor | None, batch_size: int,
+             seed: int, name: str) -> None:
+    """Run the recovery passes on ``comp`` in place (through the pass manager)."""
+    passes = []
+    if recovery.norms and norm_x is not None:
+        passes.append(ReestimateNorms(norm_batches(norm_x, batch_size, seed)))
+        comp.metadata["norms_reestimated_on"] = int(len(norm_x))
+    if recovery.reconstruct and fit_x is not None:
+        passes.append(ReconstructLayers(gm, kept_channels(gm, plan, cg), fit_x,
+                                        ridge=recovery.ridge))
+        comp.metadata["reconstructed_on"] = int(len(fit_x))
+    if passes:
+        run_pipeline(passes, comp.module, name=name)
+
+
+def _split_fit_score(labels: torch.Tensor, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """Positions of every class's images split into a fitting and a scoring part."""
+    from .data import split_per_class
+
+    fit, score = split_per_class(labels.numpy(), [1.0 - share, share], seed=seed)
+    return fit.tolist(), score.tolist()
+
+
 def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
                       calib_indices: Sequence[int], budget: Budget = Budget(), *,
-                      class_names: Sequence[str] | None = None, reestimate: bool = False,
-                      reestimate_indices: Sequence[int] | None = None,
+                      class_names: Sequence[str] | None = None,
+                      recovery: Recovery = Recovery(),
+                      norm_indices: Sequence[int] | None = None,
                       scales: Sequence[Scale] | None = DEFAULT_SCALES, seed: int = 0,
                       base: Thresholds = Thresholds(), cg: ChannelGraph | None = None,
                       batch_size: int = 250, source: str = "model",
                       score_all: bool = False, progress: bool = False,
-                      am=None) -> SearchResult:
+                      strategy: str | None = None, am=None) -> SearchResult:
     """Explore ``scales`` (multipliers of ``base``, MDA's thresholds) for ``task`` and return the
     component that best fits ``budget`` (module docstring), scored on the images of
-    ``calib_dataset`` at ``calib_indices`` whose label is in the task.
+    ``calib_dataset`` at ``calib_indices`` whose label is in the task, after ``recovery``.
 
-    ``reestimate=True`` re-estimates every scored candidate's BatchNorm statistics
-    (passes/reestimate_norms.py) on the images at ``reestimate_indices`` (default: every
-    calibration image, of every class) before scoring it. ``len(scales)`` bounds the number of
-    candidates. Candidates are scored smallest first; with an accuracy budget, those larger than
-    the first one meeting it are left unscored (``meets=None``; the choice is the same), unless
-    ``score_all=True`` (for trade-off curves). ``progress`` shows a tqdm bar over the prunes and
-    scorings.
+    Norms are re-estimated on the images at ``norm_indices`` (default: every calibration image,
+    of every class). ``len(scales)`` bounds the number of candidates. Candidates are scored
+    smallest first; with an accuracy budget, those larger than the first one meeting it are left
+    unscored (``meets=None``; the choice is the same), unless ``score_all=True`` (for trade-off
+    curves). ``progress`` shows a tqdm bar naming the task and the candidate.
+
+    ``strategy``: ``"scan"`` scores candidates smallest first until one meets the accuracy
+    budget; ``"bisect"`` (the default with reconstruction, where scoring a candidate costs a
+    refit) bisects the candidates sorted by MACs for the smallest one that meets it, scoring
+    about log2(n) of them: the same choice when accuracy grows with MACs, and the table shows
+    exactly which candidates were scored.
     """
+    import time
+
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
     scales = DEFAULT_SCALES if scales is None else scales
     if not scales:
         raise PreconditionError("search_thresholds needs at least one scale")
     am = am or source_analyses(gm, profile, cg)
+    cg = am.get(ChannelGroups)
     if class_names is not None:
         names = list(class_names)
     else:
         names = list(profile.class_names) if isinstance(profile, Profile) else None
     num_classes = next(iter(am.get(Contributions).values())).shape[0]
     classes = resolve_classes(task, names, num_classes)
+    label = ",".join(names[c] if names else str(c) for c in classes)
 
     calib_indices = [int(i) for i in calib_indices]
     calib_labels = labels_at(calib_dataset, calib_indices)
@@ -344,35 +428,51 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
     if not task_idx:
         raise PreconditionError(f"no calibration image of the task's classes {classes}")
     position = {c: p for p, c in enumerate(classes)}
-    targets = torch.as_tensor([position[int(y)] for y in calib_labels[in_task].tolist()])
-    x_calib = load_images(calib_dataset, task_idx, batch_size)
+    all_targets = torch.as_tensor([position[int(y)] for y in calib_labels[in_task].tolist()])
+    x_all = load_images(calib_dataset, task_idx, batch_size)
+    if recovery.reconstruct:
+        fit_pos, score_pos = _split_fit_score(all_targets, recovery.score_share, seed)
+        if not score_pos or not fit_pos:  # too few images to split: fit and score on all
+            fit_pos = score_pos = list(range(len(task_idx)))
+    else:
+        fit_pos, score_pos = [], list(range(len(task_idx)))
+    x_score, targets = x_all[score_pos], all_targets[score_pos]
 
-    src_logits = logits_of(gm, x_calib, batch_size, what="the source model")[:, classes]
+    def fitting(positions: list[int]) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        keep = positions
+        cap = recovery.max_fit_images // (2 if recovery.flip else 1)
+        if len(keep) > cap:
+            keep = [keep[i] for i in torch.randperm(len(keep), generator=g)[:cap].tolist()]
+        x = x_all[keep]
+        return torch.cat([x, x.flip(-1)]) if recovery.flip else x
+
+    fit_x = fitting(fit_pos) if recovery.reconstruct else None
+
+    t0 = time.perf_counter()
+    src_logits = logits_of(gm, x_score, batch_size, what="the source model")[:, classes]
+    floor = time.perf_counter() - t0
     source_acc = accuracy(src_logits, targets)
     source_params, source_macs = count_params(gm), count_macs(gm)
 
     norm_x = None
-    if reestimate:
+    if recovery.norms:
         # every class the caller gave, not only the task's: the component's downstream layers
         # were trained on features normalised with statistics of the whole data distribution
-        r_idx = calib_indices if reestimate_indices is None else [int(i) for i in
-                                                                  reestimate_indices]
+        r_idx = calib_indices if norm_indices is None else [int(i) for i in norm_indices]
         if not r_idx:
             raise PreconditionError("no images to re-estimate the norms on")
         norm_x = load_images(calib_dataset, r_idx, batch_size)
 
-    # Phase 1 (cheap): every candidate's plan, component, size. Phase 2 (the cost): scoring on
-    # the calibration images, in order of increasing size; with an accuracy budget, a candidate
-    # larger than one already meeting the budget can never be chosen, so it is not scored
-    # (unless score_all) and the result is the same as scoring everything.
+    # Phase 1 (cheap): every candidate's plan, component, size. Phase 2 (the cost): recovery
+    # and scoring, in order of increasing size; with an accuracy budget, a candidate larger
+    # than one already meeting the budget can never be chosen, so it is not scored (unless
+    # score_all) and the result is the same as scoring everything.
     candidates: list[Candidate] = []
     components: dict[int, Component] = {}
+    plans: dict[int, Any] = {}
     seen: dict[bytes, int] = {}
-    from tqdm.auto import tqdm
-
-    # prune every candidate, then score the distinct ones (at most); the total shrinks to what
-    # was done when the search stops early
-    bar = tqdm(total=2 * len(scales), desc="threshold search", unit="step", disable=not progress)
+    bar = tqdm(total=2 * len(scales), desc=f"search {label}", unit="step", disable=not progress)
     for scale in scales:
         bar.update()
         thresholds = scaled_thresholds(base, scale)
@@ -389,35 +489,57 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
         params, macs = comp.params, count_macs(comp.module)
         seen[key] = len(candidates)
         components[len(candidates)] = comp
+        plans[len(candidates)] = plan
         candidates.append(Candidate(scale, thresholds, params, macs,
                                     params_frac=params / source_params,
                                     macs_frac=macs / source_macs,
                                     channels_kept=comp.metadata["channels_kept"]))
+    scored = 0
 
     def score(i: int) -> None:
-        bar.update()
+        nonlocal scored
         c, comp = candidates[i], components[i]
-        if norm_x is not None:
-            run_pipeline([ReestimateNorms(norm_batches(norm_x, batch_size, seed))], comp.module,
-                         name=f"{source}-search-{i}")
-            comp.metadata["norms_reestimated_on"] = int(len(norm_x))
-        logits = logits_of(comp.module, x_calib, batch_size, what="a candidate component")
+        bar.set_postfix_str(f"{scale_text(c.scale)}, {c.macs_frac:.0%} MACs", refresh=False)
+        bar.update()
+        _recover(gm, comp, plans[i], cg, recovery, norm_x, fit_x, batch_size, seed,
+                 f"{source}-search-{i}")
+        logits = logits_of(comp.module, x_score, batch_size, what="a candidate component")
         c.accuracy = accuracy(logits, targets)
         c.acc_drop = 100.0 * (source_acc - c.accuracy)
         c.meets = budget.meets(c.acc_drop, c.params_frac, c.macs_frac)
+        scored += 1
 
     distinct = sorted((i for i, c in enumerate(candidates) if c.same_as is None),
                       key=lambda i: (candidates[i].macs, candidates[i].params, i))
-    fits = [i for i in distinct if budget.meets(float("-inf"), candidates[i].params_frac,
-                                                candidates[i].macs_frac)]
-    for i in distinct if score_all else fits:
-        score(i)
-        if candidates[i].meets and budget.max_acc_drop is not None and not score_all:
-            break
+    fits = [i for i in distinct if budget.fits(candidates[i].params_frac,
+                                               candidates[i].macs_frac)]
+    strategy = strategy or ("bisect" if recovery.reconstruct else "scan")
+    if strategy not in ("scan", "bisect"):
+        raise PreconditionError(f"unknown search strategy {strategy!r}: scan or bisect")
+    bisect = strategy == "bisect" and budget.max_acc_drop is not None and not score_all
+    if bisect:
+        lo, hi = 0, len(fits) - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            score(fits[mid])
+            if candidates[fits[mid]].meets:
+                hi = mid - 1
+            else:
+                lo = mid + 1
+    else:
+        for i in distinct if score_all else fits:
+            score(i)
+            if candidates[i].meets and budget.max_acc_drop is not None and not score_all:
+                break
+    pool = fits or distinct             # unmet: the most accurate within the size budget
     if not any(candidates[i].meets for i in distinct):
-        for i in distinct:              # the fallback needs every accuracy
-            if candidates[i].accuracy is None:
-                score(i)
+        if bisect and fits:             # accuracy grows with MACs: the largest that fits
+            if candidates[fits[-1]].accuracy is None:
+                score(fits[-1])
+        else:
+            for i in pool:              # the fallback needs every accuracy
+                if candidates[i].accuracy is None:
+                    score(i)
     bar.total = bar.n
     bar.close()
     for c in candidates:
@@ -425,8 +547,8 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
             first = candidates[c.same_as]
             c.accuracy, c.acc_drop, c.meets = first.accuracy, first.acc_drop, first.meets
 
-    scored = [i for i in distinct if candidates[i].accuracy is not None]
-    meeting = [i for i in scored if candidates[i].meets]
+    scored_ids = [i for i in distinct if candidates[i].accuracy is not None]
+    meeting = [i for i in scored_ids if candidates[i].meets]
     if meeting and budget.max_acc_drop is not None:
         best = min(meeting, key=lambda i: (candidates[i].macs, candidates[i].params,
                                            -candidates[i].accuracy))
@@ -436,23 +558,39 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
                                            -candidates[i].params))
         met = True
     else:
-        best = max(scored, key=lambda i: (candidates[i].accuracy, -candidates[i].macs,
-                                          -candidates[i].params))
+        best = max((i for i in pool if candidates[i].accuracy is not None),
+                   key=lambda i: (candidates[i].accuracy, -candidates[i].macs,
+                                  -candidates[i].params))
         met = False
     chosen = candidates[best]
+    comp = components[best]
+    if recovery.reconstruct:
+        # the chosen one is fitted again, on all its calibration images (fit and score parts)
+        final = cut(gm, profile, classes, thresholds=chosen.thresholds, class_names=names,
+                    source=source, am=am)
+        _recover(gm, final, plans[best], cg, recovery, norm_x,
+                 fitting(list(range(len(task_idx)))), batch_size, seed, source)
+        final.metadata.update({k: v for k, v in comp.metadata.items()
+                               if k not in final.metadata})
+        comp = final
+    where = f"{len(score_pos)} calibration images" + (
+        " the fit did not use" if recovery.reconstruct else "")
     summary = (f"scale {scale_text(chosen.scale)}: {chosen.macs_frac:.1%} of the source's MACs, "
                f"{chosen.params_frac:.1%} of its params, {chosen.accuracy:.2%} vs source "
-               f"{source_acc:.2%} on {len(task_idx)} calibration images")
+               f"{source_acc:.2%} on {where}")
     if met:
         message = f"budget met ({budget.describe()}) by {summary}"
     else:
         message = (f"BUDGET NOT MET: none of the {len(candidates)} candidates meets "
-                   f"{budget.describe()}; returning the most accurate one, {summary}")
-    comp = components[best]
+                   f"{budget.describe()}; returning the most accurate one within the size "
+                   f"limits, {summary}")
     comp.metadata.update({"search": {"scale": chosen.scale, "budget": vars(budget).copy(),
                                      "met": met, "calib_accuracy": chosen.accuracy,
                                      "source_calib_accuracy": source_acc,
-                                     "calib_images": len(task_idx), "candidates": len(candidates),
-                                     "seed": seed}})
+                                     "calib_images": len(score_pos),
+                                     "candidates": len(candidates), "scored": scored,
+                                     "seed": seed},
+                          "recovery": vars(recovery).copy()})
     return SearchResult(comp, chosen, met, message, budget, candidates, source_acc,
-                        source_params, source_macs, len(task_idx), norm_x is not None)
+                        source_params, source_macs, len(score_pos), recovery.norms, recovery,
+                        time.perf_counter() - started, floor, scored)

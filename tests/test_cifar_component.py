@@ -122,11 +122,11 @@ def test_accuracy_targeted_component_holds_up_on_test_images(run):
     calibration images" (100 per class, disjoint from the source's and the profile's images) and
     norms re-estimated, the chosen component is within TOLERANCE of the source on the 2000 test
     images that the search never saw, and smaller than the source."""
-    from mdafx.search import Budget, search_thresholds
+    from mdafx.search import Recovery, Budget, search_thresholds
 
     res = search_thresholds(run["gm"], run["prof"], TASK, run["train_ds"], run["calib"],
                             Budget(max_acc_drop=1.0), class_names=run["class_names"],
-                            reestimate=True, cg=run["cg"])
+                            recovery=Recovery(norms=True), cg=run["cg"])
     with torch.no_grad():
         logits = res.component(run["x"])
     acc = task_accuracy(logits, run["position"], [0, 1])

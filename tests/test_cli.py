@@ -207,9 +207,10 @@ def pipeline(ws) -> dict:
         "analyse": ["analyse", *MODEL, *NORM, "--data", "data/train", "-o", PROFILE],
         "disassemble": ["disassemble", *MODEL, "--profile", PROFILE, "--task", "cat,dog",
                         "--task", "cat,frog", "--task", "frog,#0", "--alpha-conv", "0.25",
-                        "-o", "components"],
+                        "--recipe", "mda", "-o", "components"],
         "assemble": ["assemble", "components/cat-dog.mdafx", "components/frog-cat.mdafx",
-                     "--calibrate", "data/calib", "-o", "assembled.mdafx"],
+                     "--calibrate", "data/calib", "--calibration", "mda", "-o",
+                     "assembled.mdafx"],
         "export": ["export", "assembled.mdafx", "--latency"],
         "evaluate": ["evaluate", "assembled.mdafx", "--data", "data/test"],
         "inspect": ["inspect", *MODEL, "--profile", PROFILE, "--task", "dog,frog",
@@ -832,3 +833,20 @@ def test_demo_runs_end_to_end(ws, tmp_path):
         assert (out_dir / name).is_file(), name
     assert api.load(out_dir / "assembled.mdafx").class_names == [
         "disk", "ring", "square", "plus", "cross", "tri"]
+
+
+def test_default_recipe_and_joint_calibration(ws, pipeline, tmp_path):
+    """The defaults: thresholds searched with layer reconstruction on the profile's held-out
+    split, logits calibrated jointly; both print per-class calibration accuracy."""
+    script_ok(pipeline["disassemble"])
+    out = ok("disassemble", *MODEL, "--profile", PROFILE, "--task", "cat,dog", "-o",
+             tmp_path / "cd.mdafx")
+    assert "recipe default" in out and "per class" in out
+    comp = api.load(tmp_path / "cd.mdafx")
+    assert comp.metadata["recipe"]["name"] == "default"
+    assert comp.metadata["recipe"]["recovery"]["reconstruct"] is True
+    out = ok("assemble", tmp_path / "cd.mdafx", "components/frog-cat.mdafx", "--calibrate",
+             "data/calib", "-o", tmp_path / "a.mdafx")
+    asm = api.load(tmp_path / "a.mdafx")
+    assert asm.metadata["calibration"]["method"] == "joint"
+    assert asm.metadata["offsets"] is not None and "component alone" in out

@@ -27,7 +27,7 @@ LAYERS = {
     "workflows": ["mdafx.profiling", "mdafx.disassembly", "mdafx.search", "mdafx.recipes",
                   "mdafx.assembly", "mdafx.artifacts", "mdafx.distillation", "mdafx.evaluation",
                   "mdafx.deployment", "mdafx.inspection", "mdafx.decision_routes",
-                  "mdafx.synthetic"],
+                  "mdafx.synthetic", "mdafx.diagnosis"],
     "api": ["mdafx.api"],
     "cli": ["mdafx.cli"],
 }

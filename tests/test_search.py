@@ -16,7 +16,7 @@ import torch
 from mdafx.api import trace
 from mdafx.data import ArrayDataset, split_per_class
 from mdafx.models import tiny_cnn
-from mdafx.search import DEFAULT_SCALES, Budget, search_thresholds, tradeoff_svg
+from mdafx.search import Recovery, DEFAULT_SCALES, Budget, search_thresholds, tradeoff_svg
 from mdafx.training import train_classifier
 from mdafx.profiling import build_profile
 
@@ -131,8 +131,8 @@ def test_meets_accuracy_budget_on_calibration():
 def test_lazy_scoring_chooses_what_scoring_everything_chooses(reestimate):
     gm, prof, train, _, calib, _ = setup()
     args = (gm, prof, TASK, train, calib, Budget(max_acc_drop=2.0))
-    lazy = search_thresholds(*args, scales=SCALES, reestimate=reestimate)
-    full = search_thresholds(*args, scales=SCALES, reestimate=reestimate, score_all=True)
+    lazy = search_thresholds(*args, scales=SCALES, recovery=Recovery(norms=reestimate))
+    full = search_thresholds(*args, scales=SCALES, recovery=Recovery(norms=reestimate), score_all=True)
     assert lazy.scale == full.scale and lazy.candidate.accuracy == full.candidate.accuracy
     assert all(c.accuracy is not None for c in full.candidates)
     unscored = [c for c in lazy.candidates if c.accuracy is None]
@@ -143,7 +143,7 @@ def test_lazy_scoring_chooses_what_scoring_everything_chooses(reestimate):
 def test_deterministic_for_a_seed():
     gm, prof, train, _, calib, _ = setup()
     runs = [search_thresholds(gm, prof, TASK, train, calib, Budget(max_acc_drop=2.0),
-                              scales=SCALES, reestimate=True, seed=3) for _ in range(2)]
+                              scales=SCALES, recovery=Recovery(norms=True), seed=3) for _ in range(2)]
     a, b = runs
     assert [(c.scale, c.params, c.macs, c.accuracy) for c in a.candidates] == \
            [(c.scale, c.params, c.macs, c.accuracy) for c in b.candidates]
@@ -159,7 +159,7 @@ def test_never_reads_outside_the_calibration_indices():
     both = ArrayDataset(images, labels, mean=(0.45,) * 3, std=(0.2,) * 3)
     guarded = Guarded(both, calib)
     res = search_thresholds(gm, prof, TASK, guarded, calib, Budget(), scales=SCALES,
-                            reestimate=True)
+                            recovery=Recovery(norms=True))
     assert guarded.reads and guarded.reads <= set(map(int, calib))
     assert len(res.candidates) == len(SCALES)
     # the norms were re-estimated on every class given, not only the task's
@@ -199,7 +199,7 @@ def test_identical_plans_are_scored_once():
 def test_default_grid():
     gm, prof, train, _, calib, _ = setup()
     res = search_thresholds(gm, prof, TASK, train, calib)
-    assert len(res.candidates) == len(DEFAULT_SCALES) == 27
+    assert len(res.candidates) == len(DEFAULT_SCALES) == 51
     assert all(isinstance(c.scale, tuple) for c in res.candidates)
     assert (1.0, 1.0) in DEFAULT_SCALES                  # MDA's defaults are a candidate
     assert res.met

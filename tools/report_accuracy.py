@@ -1,49 +1,36 @@
-"""Issue #6: component accuracy at MDA's default thresholds vs accuracy-targeted thresholds.
+"""Components and assembled models that keep their accuracy: every recipe on the CIFAR-10 sources.
 
-    python tools/report_accuracy.py [--data DIR] [--models vgg,resnet20] [--budget 1.0]
-                                    [--threads 1] [--out .cache/report_accuracy.md]
-                                    [--compare-parametrisations] [--finetune-epochs 0]
+    python tools/report_accuracy.py [--models vgg,resnet20] [--recipes mda,...,default]
+                                    [--seeds 0,1,2,3,4] [--threads 2] [--out .cache/report.md]
 
-For each cached source model (tools/train_sources.py) and each task ({cat, dog},
-{airplane, ship}, {automobile, truck}, {airplane, automobile, ship, truck, horse}):
+For each cached source (tools/train_sources.py) and split seed, the CIFAR-10 *training* split is
+divided per class (tools/common.split_train): 90% is the pool the profile's 50 most confident
+samples per class come from, 10% (500 per class) the calibration split that recipes with a
+budget or recovery use. The test split is read only to score.
 
-* the CIFAR-10 *training* split is divided per class exactly as tools/reproduce.py does
-  (``split_per_class``, seed 0): a selection part (90%) from which the model is profiled once
-  (MDA §1.1-1.2, 50 most confident samples per class; the profile is shared with
-  tools/reproduce.py under .cache/profiles/) and a disjoint calibration part (10% = 500 images
-  per class);
-* four components per task:
-  - ``MDA defaults``: thresholds conv 0.3/0.2, linear 0.4/0.3;
-  - ``defaults + norms``: the same, BatchNorm statistics re-estimated (passes/reestimate_norms.py)
-    on 50 calibration images of *every* class (why every class: mdafx/search.py);
-  - ``targeted``: ``mdafx.search.search_thresholds`` with the budget "at most ``--budget``
-    points below the source on the task's calibration images", over the default grid of conv x
-    linear threshold multipliers (``mdafx.search.DEFAULT_SCALES``);
-  - ``targeted + norms``: the same search, every scored candidate re-estimated first;
-* every component and the source are scored on the CIFAR-10 *test* images of the task (the only
-  use of the test split); ``source test acc`` is the source's argmax over the task's logits.
-  ``calib acc`` is the component on the task's calibration images, with its difference to the
-  source there in brackets (what the search sees).
+Tables (markdown copy in ``--out``):
 
-The goal column says whether the component is within 1 point of the source on the test images
-(or better) at no more than half the source's MACs (batch 1, FlopCounterMode, MACs = FLOPs/2).
-
-``--compare-parametrisations`` adds, per model and task, the same two searches over one global
-multiplier (``mdafx.search.GLOBAL_SCALES``), to compare with the conv x linear grid.
-``--finetune-epochs N`` (default 0 = off) additionally fine-tunes the MDA-defaults component
-(norms re-estimated) with distillation (mdafx/finetune.py, lr 0.01, batch 64, the source as
-teacher) on the task's selection images with the sources' augmentation; held out: the task's
-calibration images. ``--tasks`` restricts the tasks (e.g. ``--tasks 'cat,dog'``).
+1. per source, recipe x task (seed 0): test accuracy of the component on the task's test images
+   and its delta to the source on the same images and logits, params and MACs as shares of the
+   source, seconds to make it, whether it meets the goal (<= 1 point below, <= 50% MACs); for
+   searched recipes, the search's cost over its floor (candidates scored x one source forward
+   over the calibration images);
+2. where MDA's accuracy goes (``mdafx.diagnosis``): its plan applied one layer at a time;
+3. the default recipe over every ``--seeds`` split seed: mean and standard deviation of the
+   delta per task;
+4. assembly: components of the default recipe from both sources, assembled without
+   calibration, with MDA's parameter scaling, and with the joint calibration
+   (``calibrate_jointly``), against the weighted source baseline (each source on its own task's
+   test images, predicting over its task's logits).
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from tabulate import tabulate
 
@@ -51,248 +38,211 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from mdafx import api  # noqa: E402
-from mdafx.data import split_per_class  # noqa: E402
-from mdafx.ir import count_macs  # noqa: E402
-from mdafx.search import (DEFAULT_SCALES, GLOBAL_SCALES, Budget,  # noqa: E402
-                          norm_batches, scale_text, search_thresholds)
 from mdafx.evaluation import predict, task_accuracy  # noqa: E402
-from mdafx.passes.locate import Thresholds  # noqa: E402
-from mdafx.passes.reestimate_norms import reestimate_batch_norms  # noqa: E402
+from mdafx.passes.channel_groups import ChannelGroups  # noqa: E402
+from mdafx.passes.prune_channels import TaskPlan  # noqa: E402
 
-TASKS = common.TASKS[:4]
-HEADERS = ["model", "task", "variant", "thresholds", "params", "MACs", "calib acc",
-           "test acc", "source test acc", "delta (pp)", "goal"]
-NORM_PER_CLASS = 50     # calibration images per class (all classes) that re-estimate the norms
-
-
-def _test_acc(module, test_ds, idx, classes) -> float:
-    return common.component_accuracy(module, test_ds, idx, classes)
+RECIPE_ORDER = ("mda", "reference", "mda+norms", "mda+reconstruct", "searched+norms", "default")
+ASSEMBLIES = ((("vgg", ("cat", "dog")), ("resnet20", ("airplane", "ship"))),
+              (("vgg", common.FIVE_A), ("resnet20", common.FIVE_B)))
 
 
-def report_model(name: str, model: torch.nn.Module, train_ds, select_idx: np.ndarray,
-                 calib_idx: np.ndarray, test_ds, class_names: Sequence[str], *,
-                 tasks=TASKS, budget: Budget = Budget(max_acc_drop=1.0),
-                 per_class: int = common.DEFAULT_PER_CLASS, profile_file: Path | None = None,
-                 scales=DEFAULT_SCALES, compare: bool = False, finetune_epochs: int = 0,
-                 seed: int = 0, norm_per_class: int = NORM_PER_CLASS, log=print) -> dict:
-    """Rows (one per task and variant), the search tables, and the parametrisation comparison
-    of one source model."""
-    gm = api.trace(model, torch.zeros(*common.INPUT_SHAPE))
-    prof, prof_s, loaded = common.get_profile(gm, train_ds, select_idx, class_names, per_class,
-                                          path=profile_file, reuse=True)
-    log(f"[{name}] profile {'loaded' if loaded else 'computed'} ({prof_s:.1f} s)")
-    am = api.source_analyses(gm, prof)
-    test_labels = test_ds.labels.numpy()
-    src_logits, src_labels = predict(gm, test_ds.batches(500))
-    src_params, src_macs = common.count_params(gm), count_macs(gm, common.INPUT_SHAPE)
-    train_labels = train_ds.labels.numpy()
-    out = {"name": name, "source_params": src_params, "source_macs": src_macs,
-           "source_test_acc": float((src_logits.argmax(1) == src_labels).float().mean()),
-           "rows": [], "searches": [], "compare": [], "finetune": []}
+class Source:
+    """A cached source model, traced, with its profile and calibration split for one seed."""
 
-    # the norms are re-estimated on images of every class (see mdafx/search.py), 50 per class
-    (pick,) = split_per_class(train_labels[calib_idx], [norm_per_class], seed=seed)
-    norm_idx = np.asarray(calib_idx)[pick]
-    x_norm, _ = next(iter(train_ds.batches(len(norm_idx), norm_idx)))
+    def __init__(self, name, model, train, train_ds, test_ds, seed, per_class=50):
+        self.name, self.seed = name, seed
+        self.gm = api.trace(model, torch.zeros(*common.INPUT_SHAPE))
+        self.select, self.calib = common.split_train(train.labels, common.DEFAULT_CALIB_FRAC, seed)
+        path = common.profile_path(common.cache_root() / "profiles", name, self.gm, per_class,
+                                   common.DEFAULT_CALIB_FRAC, seed)
+        self.profile, self.profile_s, _ = common.get_profile(
+            self.gm, train_ds, self.select, train.class_names, per_class, path=path, reuse=True)
+        self.am = api.source_analyses(self.gm, self.profile)
+        self.train_ds, self.test_ds, self.names = train_ds, test_ds, list(train.class_names)
+        self.test_logits, self.test_labels = predict(self.gm, test_ds.batches(500))
+        self.macs, self.params = api.count_macs(self.gm), api.count_params(self.gm)
+
+    def classes(self, task):
+        return api.resolve_classes(list(task), self.names, len(self.names))
+
+    def source_acc(self, classes):
+        idx = common.indices_of(self.test_labels.numpy(), classes)
+        return task_accuracy(self.test_logits[idx], self.test_labels[idx], classes), len(idx)
+
+
+def component_test_acc(src: Source, comp) -> float:
+    """Test accuracy over the task's logits (a reference component keeps every logit)."""
+    task = list(comp.metadata.get("task") or comp.classes)
+    idx = common.indices_of(src.test_labels.numpy(), task)
+    logits, labels = predict(comp.module, src.test_ds.batches(500, idx))
+    where = [comp.classes.index(c) for c in task]
+    pos = torch.as_tensor([task.index(int(y)) for y in labels])
+    return float((logits[:, where].argmax(1) == pos).float().mean())
+
+
+def make(src: Source, task, recipe: str):
+    t0 = time.perf_counter()
+    comp = api.disassemble(src.gm, src.profile, list(task), recipe=recipe,
+                           calibration=(src.train_ds, src.calib.tolist()), source=src.name,
+                           am=src.am)
+    return comp, time.perf_counter() - t0
+
+
+def recipe_rows(src: Source, tasks, recipes, log) -> tuple[list[dict], dict]:
+    rows, made = [], {}
     for task in tasks:
+        classes = src.classes(task)
+        s_acc, n = src.source_acc(classes)
+        for recipe in recipes:
+            comp, seconds = make(src, task, recipe)
+            acc = component_test_acc(src, comp)
+            macs = comp.metadata["macs"] / src.macs
+            res = comp.search
+            row = {"model": src.name, "task": common.task_label(task), "recipe": recipe,
+                   "n": n, "source": s_acc, "acc": acc, "delta": 100 * (acc - s_acc),
+                   "params": comp.params / src.params, "macs": macs, "seconds": seconds,
+                   "goal": acc >= s_acc - 0.01 - 1e-9 and macs <= 0.5 + 1e-9,
+                   "cost": None if res is None else res.cost_ratio,
+                   "scored": None if res is None else res.scored,
+                   "met": None if res is None else res.met}
+            rows.append(row)
+            made[(tuple(task), recipe)] = comp
+            log(f"[{src.name} seed {src.seed}] {row['task']} {recipe}: {acc:.2%} "
+                f"({row['delta']:+.2f}) at {macs:.1%} MACs, {seconds:.0f} s")
+    return rows, made
+
+
+def recipe_table(rows) -> str:
+    body = [[r["task"], r["recipe"], f"{r['acc']:.2%}", f"{r['delta']:+.2f}",
+             f"{r['params']:.1%}", f"{r['macs']:.1%}", f"{r['seconds']:.0f}",
+             "-" if r["cost"] is None else f"{r['cost']:.1f}x ({r['scored']})",
+             "yes" if r["goal"] else "no"] for r in rows]
+    return tabulate(body, headers=["task", "recipe", "test acc", "delta pts", "params", "MACs",
+                                   "seconds", "search cost (scored)", "goal"],
+                    tablefmt="github", disable_numparse=True)
+
+
+def diagnosis_table(src: Source, task) -> str:
+    classes = src.classes(task)
+    plan = src.am.get(TaskPlan(classes, api.Thresholds()))
+    rows = api.accuracy_by_layer(src.gm, plan, src.am.get(ChannelGroups), src.train_ds,
+                                 src.calib.tolist(), classes)
+    return tabulate([[r.layer, f"{r.kept}/{r.total}", f"{r.alone:.2%}", f"{r.cumulative:.2%}"]
+                     for r in rows], headers=["layer (input)", "groups kept", "alone",
+                                              "cumulative"], tablefmt="github",
+                    disable_numparse=True)
+
+
+def assembly_rows(sources: dict, made: dict, log) -> list[list]:
+    out = []
+    for parts in ASSEMBLIES:
+        comps = [made[(name, tuple(task), "default")] for name, task in parts]
+        calib_src = sources[parts[0][0]]
+        ds = calib_src.train_ds
+        calib = api.ArrayDataset(ds.images.numpy()[calib_src.calib],
+                                 ds.labels.numpy()[calib_src.calib],
+                                 class_names=calib_src.names)
+        results, _ = api.calibrate(comps, calib)
+        mda = [r.factors for r in results]
         t0 = time.perf_counter()
-        classes = api.resolve_classes(list(task), list(class_names), len(class_names))
-        idx = common.indices_of(test_labels, classes)
-        src_acc = task_accuracy(src_logits[idx], src_labels[idx], classes)
-        task_calib = np.asarray(calib_idx)[common.indices_of(train_labels[calib_idx], classes)]
-
-        def row(variant, comp, thresholds_text, calib_acc, calib_delta):
-            acc = _test_acc(comp.module, test_ds, idx, classes)
-            params, macs = comp.params, count_macs(comp.module, common.INPUT_SHAPE)
-            delta = 100 * (acc - src_acc)
-            ok = delta >= -1.0 - 1e-9 and macs <= 0.5 * src_macs
-            out["rows"].append({
-                "model": name, "task": common.task_label(task), "variant": variant,
-                "thresholds": thresholds_text, "params": params, "params_rel": params / src_params,
-                "macs": macs, "macs_rel": macs / src_macs, "calib_acc": calib_acc,
-                "calib_delta": calib_delta, "test_acc": acc, "source_acc": src_acc,
-                "delta": delta, "goal": ok})
-            return delta
-
-        # MDA's defaults, scored on calibration too so the columns compare like for like
-        logits, labels = predict(gm, train_ds.batches(500, task_calib))
-        source_calib = task_accuracy(logits, labels, classes)
-        comp = api.cut(gm, prof, classes, class_names=list(class_names), source=name, am=am)
-        cal = common.component_accuracy(comp.module, train_ds, task_calib, classes)
-        row("MDA defaults", comp, "MDA", cal, 100 * (cal - source_calib))
-        reestimate_batch_norms(comp.module, norm_batches(x_norm, 250, seed))
-        cal = common.component_accuracy(comp.module, train_ds, task_calib, classes)
-        row("defaults + norms", comp, "MDA", cal, 100 * (cal - source_calib))
-        if finetune_epochs:
-            out["finetune"].append(_finetune(name, gm, comp, classes, train_ds, select_idx,
-                                             task_calib, test_ds, idx, src_acc,
-                                             finetune_epochs, seed, task))
-
-        grids = {"conv x linear": scales}
-        if compare:
-            grids["global"] = GLOBAL_SCALES
-        for grid, grid_scales in grids.items():
-            for variant, reest in (("targeted", False), ("targeted + norms", True)):
-                ts = time.perf_counter()
-                res = search_thresholds(gm, prof, classes, train_ds, calib_idx, budget,
-                                        class_names=class_names, reestimate=reest,
-                                        reestimate_indices=norm_idx, scales=grid_scales,
-                                        seed=seed, am=am, source=name)
-                seconds = time.perf_counter() - ts
-                flag = "" if res.met else " NOT MET"
-                if grid == "conv x linear":
-                    delta = row(variant, res.component, scale_text(res.scale) + flag,
-                                res.candidate.accuracy, 0.0 - res.candidate.acc_drop)
-                    out["searches"].append((f"{name} {common.task_label(task)} {variant}", res))
-                else:
-                    delta = 100 * (_test_acc(res.component.module, test_ds, idx, classes)
-                                   - src_acc)
-                out["compare"].append({
-                    "model": name, "task": common.task_label(task), "norms": reest, "grid": grid,
-                    "candidates": len(res.candidates),
-                    "scored": sum(c.accuracy is not None and c.same_as is None
-                                  for c in res.candidates),
-                    "met": res.met, "best": scale_text(res.scale),
-                    "macs_rel": res.candidate.macs_frac,
-                    "calib_delta": 0.0 - res.candidate.acc_drop, "test_delta": delta,
-                    "seconds": seconds})
-        log(f"[{name}] {common.task_label(task)}: {time.perf_counter() - t0:.0f} s")
+        joint, offsets, _ = api.calibrate_jointly(comps, calib, init=mda)
+        joint_s = time.perf_counter() - t0
+        sizes = [len(c.classes) for c in comps]
+        variants = {"none": api.assemble(comps), "MDA scaling": api.assemble(comps, mda),
+                    "joint": api.assemble(comps, list(joint.split(sizes)), offsets=offsets)}
+        classes = [calib_src.names.index(n) for n in variants["none"].class_names]
+        test_ds = calib_src.test_ds
+        idx = common.indices_of(test_ds.labels.numpy(), classes)
+        base_hits, base_n = 0.0, 0
+        for name, task in parts:
+            acc, n = sources[name].source_acc(sources[name].classes(task))
+            base_hits, base_n = base_hits + acc * n, base_n + n
+        baseline = base_hits / base_n
+        label = " + ".join(f"{n}{common.task_label(t)}" for n, t in parts)
+        for variant, asm in variants.items():
+            logits, labels = predict(asm.module, test_ds.batches(500, idx))
+            pos = torch.as_tensor([classes.index(int(y)) for y in labels])
+            acc = float((logits.argmax(1) == pos).float().mean())
+            out.append([label, len(classes), variant, f"{acc:.2%}", f"{baseline:.2%}",
+                        f"{100 * (acc - baseline):+.2f}", f"{asm.params:,}",
+                        f"{joint_s:.1f}" if variant == "joint" else "-"])
+            log(f"[assembly] {label} {variant}: {acc:.2%} vs baseline {baseline:.2%}")
     return out
 
 
-def _finetune(name, gm, comp, classes, train_ds, select_idx, task_calib, test_ds, test_idx,
-              src_acc, epochs, seed, task) -> dict:
-    """Distil the source into ``comp`` (MDA defaults, norms re-estimated) on the task's
-    selection images with the source's augmentation; held out: the task's calibration images."""
-    from mdafx.data import ArrayDataset
-    from mdafx.distillation import distill as finetune
-
-    aug = ArrayDataset(train_ds.images.numpy(), train_ds.labels.numpy(), augment=True, pad=2)
-    task_sel = np.asarray(select_idx)[common.indices_of(train_ds.labels.numpy()[select_idx], classes)]
-    module, rep = finetune(comp.module, [(gm, classes)], aug, task_sel, epochs=epochs, lr=0.01,
-                           seed=seed, eval_dataset=train_ds, eval_indices=task_calib)
-    acc = _test_acc(module, test_ds, test_idx, classes)
-    return {"model": name, "task": common.task_label(task), "epochs": epochs,
-            "calib_before": rep.acc_before, "calib_after": rep.acc_after, "test_after": acc,
-            "source_acc": src_acc, "seconds": rep.seconds, "train_images": rep.train_images,
-            "macs_rel": count_macs(module, common.INPUT_SHAPE) / count_macs(gm, common.INPUT_SHAPE)}
-
-
-def format_rows(rows: list[dict], tablefmt: str = "simple") -> str:
-    table = [[r["model"], r["task"], r["variant"], r["thresholds"],
-              f"{common.human(r['params'])} ({r['params_rel']:.1%})",
-              f"{common.human(r['macs'])} ({r['macs_rel']:.1%})",
-              f"{r['calib_acc']:.2%} ({r['calib_delta']:+.2f})",
-              f"{r['test_acc']:.2%}", f"{r['source_acc']:.2%}", f"{r['delta']:+.2f}",
-              "yes" if r["goal"] else "no"] for r in rows]
-    return tabulate(table, headers=HEADERS, tablefmt=tablefmt, disable_numparse=True)
-
-
-def format_compare(rows: list[dict], tablefmt: str = "simple") -> str:
-    table = [[r["model"], r["task"], "yes" if r["norms"] else "no", r["grid"],
-              f"{r['candidates']} ({r['scored']})", r["best"] + ("" if r["met"] else " NOT MET"),
-              f"{r['macs_rel']:.1%}", f"{r['calib_delta']:+.2f}", f"{r['test_delta']:+.2f}",
-              f"{r['seconds']:.0f} s"] for r in rows]
-    return tabulate(table, headers=["model", "task", "norms", "grid", "candidates (scored)",
-                                    "chosen", "MACs", "calib delta", "test delta", "time"],
-                    tablefmt=tablefmt, disable_numparse=True)
-
-
-def format_finetune(rows: list[dict], tablefmt: str = "simple") -> str:
-    table = [[r["model"], r["task"], f"{r['macs_rel']:.1%}", r["epochs"], r["train_images"],
-              f"{r['calib_before']:.2%}", f"{r['calib_after']:.2%}", f"{r['test_after']:.2%}",
-              f"{r['source_acc']:.2%}", f"{r['seconds']:.0f} s"] for r in rows]
-    return tabulate(table, headers=["model", "task", "MACs", "epochs", "train imgs",
-                                    "calib before", "calib after", "test after", "source test",
-                                    "time"],
-                    tablefmt=tablefmt, disable_numparse=True)
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", help="folder containing cifar10/ (default: $MDAFX_DATA, "
-                                   "else ../shared/data)")
-    ap.add_argument("--models", default=",".join(common.DEFAULT_MODELS),
-                    help="comma-separated cached source models (default %(default)s)")
-    ap.add_argument("--budget", type=float, default=1.0,
-                    help="max accuracy drop on calibration, in points (default %(default)s)")
-    ap.add_argument("--per-class", type=int, default=common.DEFAULT_PER_CLASS,
-                    help="profiling samples per class (default %(default)s)")
-    ap.add_argument("--calib-frac", type=float, default=common.DEFAULT_CALIB_FRAC,
-                    help="share of each class's training images for calibration (default "
-                         "%(default)s = 500 per class)")
-    ap.add_argument("--seed", type=int, default=common.DEFAULT_SEED, help="split and search seed")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--compare-parametrisations", action="store_true",
-                    help="also measure global vs per-type threshold multipliers")
-    ap.add_argument("--tasks", default=None,
-                    help="only these tasks: ';'-separated, classes ','-separated, e.g. "
-                         "'cat,dog;airplane,ship' (default: the four tasks)")
-    ap.add_argument("--finetune-epochs", type=int, default=0,
-                    help="fine-tune the MDA-defaults components (norms re-estimated) this many "
-                         "epochs with distillation (default 0: off)")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="markdown copy (default <cache>/report_accuracy.md)")
+    ap.add_argument("--data", help="folder containing cifar10/ (default: $MDAFX_DATA)")
+    ap.add_argument("--models", default=",".join(common.DEFAULT_MODELS))
+    ap.add_argument("--recipes", default=",".join(RECIPE_ORDER))
+    ap.add_argument("--tasks", type=int, default=len(common.TASKS),
+                    help="the first N of the five tasks (default all)")
+    ap.add_argument("--seeds", default="0,1,2,3,4",
+                    help="split seeds of the stability table (default recipe, 2-class tasks)")
+    ap.add_argument("--no-assembly", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
-    cache = common.cache_root()
-    sources = common.load_sources(names, cache / "sources")
+    names = [m for m in args.models.split(",") if m]
+    recipes = [r for r in args.recipes.split(",") if r]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    tasks = common.TASKS[:args.tasks]
+    models = common.load_sources(names, common.cache_root() / "sources")
     train, train_ds, test_ds = common.load_cifar(common.data_root(args.data))
-    select_idx, calib_idx = common.split_train(train.labels, args.calib_frac, args.seed)
-    budget = Budget(max_acc_drop=args.budget)
-    tasks = TASKS if args.tasks is None else [tuple(c.strip() for c in t.split(","))
-                                              for t in args.tasks.split(";") if t.strip()]
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
-    reports = []
-    for name, (model, _) in sources.items():
-        gm = api.trace(model, torch.zeros(*common.INPUT_SHAPE))
-        path = common.profile_path(cache / "profiles", name, gm, args.per_class, args.calib_frac,
-                               args.seed)
-        reports.append(report_model(name, model, train_ds, select_idx, calib_idx, test_ds,
-                                    train.class_names, tasks=tasks, budget=budget,
-                                    per_class=args.per_class,
-                                    profile_file=path, compare=args.compare_parametrisations,
-                                    finetune_epochs=args.finetune_epochs, seed=args.seed,
-                                    log=log))
-    total = time.perf_counter() - t_start
-    rows = [r for rep in reports for r in rep["rows"]]
-    header = (f"Component accuracy, MDA defaults vs accuracy-targeted thresholds (budget: "
-              f"<= {args.budget:g} pt below the source on {args.calib_frac:.0%} of each class's "
-              f"training images held out for calibration; profile: {args.per_class} samples per "
-              f"class from the rest; seed {args.seed}). Test acc on the CIFAR-10 test images of "
-              f"the task; goal = within 1 pt of the source on test at <= 50% of its MACs. "
-              f"{args.threads} thread(s), total {total:.0f} s.")
-    sources_line = "; ".join(f"{rep['name']}: {common.human(rep['source_params'])} params, "
-                             f"{common.human(rep['source_macs'])} MACs, test acc "
-                             f"{rep['source_test_acc']:.2%}" for rep in reports)
-    print(header)
-    print(sources_line)
-    print(format_rows(rows))
-    md = ["# Issue #6: accuracy-targeted disassembly", "", header, "", sources_line, "",
-          format_rows(rows, "github"), ""]
-    sections = (
-        ("compare", format_compare, "parametrisation: smallest component within the budget on "
-         "calibration, conv x linear grid (default) vs one global multiplier",
-         "Parametrisation: one global multiplier vs conv x linear"),
-        ("finetune", format_finetune, "fine-tuning the MDA-defaults components, norms "
-         "re-estimated (distillation, mdafx/finetune.py)",
-         "Fine-tuning the MDA-defaults components (norms re-estimated)"))
-    for key, fmt, caption, title in sections:
-        section = [r for rep in reports for r in rep[key]]
-        if section:  # empty unless --compare-parametrisations / --finetune-epochs
-            print(f"\n{caption}")
-            print(fmt(section))
-            md += [f"## {title}", "", fmt(section, "github"), ""]
-    md += ["## Search trade-offs (calibration split)", ""]
-    for label, res in (s for rep in reports for s in rep["searches"]):
-        md += [f"### {label}", "", res.table("github"), ""]
-    out = args.out or cache / "report_accuracy.md"
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    parts, sources, made = [], {}, {}
+    for name, (model, _) in models.items():
+        src = Source(name, model, train, train_ds, test_ds, seed=0)
+        sources[name] = src
+        rows, m = recipe_rows(src, tasks, recipes, log)
+        made.update({(name, *k): v for k, v in m.items()})
+        parts.append(f"## {name}: {src.params:,} params, {src.macs:,} MACs\n\n"
+                     + recipe_table(rows))
+        parts.append(f"### {name}: where MDA's accuracy goes, {{cat, dog}} on calibration "
+                     f"images\n\n" + diagnosis_table(src, ("cat", "dog")))
+    # assembly before the seed study: it uses the seed-0 components of both sources
+    if not args.no_assembly and "default" in recipes and len(sources) == 2:
+        for name, task in sum(ASSEMBLIES, ()):
+            if (name, tuple(task), "default") not in made:
+                made[(name, tuple(task), "default")] = make(sources[name], task, "default")[0]
+        rows = assembly_rows(sources, made, log)
+        parts.append("## Assembly\n\n" + tabulate(
+            rows, headers=["assembled", "classes", "calibration", "test acc", "baseline",
+                           "delta pts", "params", "fit s"], tablefmt="github",
+            disable_numparse=True))
+    if len(seeds) > 1:
+        stab = []
+        two = [t for t in tasks if len(t) == 2]
+        for name, (model, _) in models.items():
+            deltas = {common.task_label(t): [] for t in two}
+            macs = {common.task_label(t): [] for t in two}
+            for seed in seeds:
+                src = sources[name] if seed == 0 else Source(name, model, train, train_ds,
+                                                             test_ds, seed=seed)
+                rows, _ = recipe_rows(src, two, ["default"], log)
+                for r in rows:
+                    deltas[r["task"]].append(r["delta"])
+                    macs[r["task"]].append(r["macs"])
+            for task, d in deltas.items():
+                stab.append([name, task, len(d), f"{statistics.mean(d):+.2f}",
+                             f"{statistics.stdev(d):.2f}", f"{min(d):+.2f}", f"{max(d):+.2f}",
+                             f"{statistics.mean(macs[task]):.1%}"])
+        parts.append(f"## Default recipe over split seeds {args.seeds}\n\n" + tabulate(
+            stab, headers=["model", "task", "seeds", "mean delta", "std", "min", "max",
+                           "mean MACs"], tablefmt="github", disable_numparse=True))
+    total = time.perf_counter() - started
+    text = (f"# Components that keep their accuracy (tools/report_accuracy.py)\n\n"
+            f"{args.threads} thread(s); total {total:.0f} s\n\n" + "\n\n".join(parts) + "\n")
+    print(text)
+    out = args.out or common.cache_root() / "report_accuracy.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(md))
-    print(f"\ntotal {total:.0f} s; markdown written to {out}")
+    out.write_text(text)
     return 0
 
 

@@ -1,7 +1,12 @@
 """``mdafx assemble``: component files -> one assembled model file (MDA §2).
 
 Works from the files alone, in both layouts: nothing a file names is rebuilt or imported.
-``--calibrate`` computes the logit scale factors (§2.1) on a calibration split.
+``--calibrate`` calibrates the logits on a calibration split: ``--calibration joint`` (default)
+fits a factor and an offset per logit on images of *all* the assembled classes
+(``mdafx.assembly.calibrate_jointly``), ``mda`` computes MDA §2.1's factors on each component's
+own classes. With calibration images the assembled model is scored per class next to its
+components alone; a class it never predicts, or a large drop, is a warning (an error with
+``--strict``).
 """
 from __future__ import annotations
 
@@ -21,6 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate", metavar="DIR",
                    help="ImageFolder of a calibration split for logit scaling (MDA 2.1); never "
                         "the test split. Without it logits are not scaled")
+    p.add_argument("--calibration", choices=("joint", "mda"), default="joint",
+                   help="joint: a factor and an offset per logit fitted on images of all the "
+                        "classes (default); mda: MDA 2.1's factors per component")
+    p.add_argument("--strict", action="store_true",
+                   help="a guard-rail warning (a class never predicted, a large drop) is an "
+                        "error and nothing is written")
     p.add_argument("--batch-size", type=common.positive_int, default=256, metavar="N")
     common.add_force(p)
 
@@ -34,16 +45,31 @@ def run(args: argparse.Namespace) -> int:
     from mdafx import api  # heavy: only when the command runs (`--help` stays light)
 
     comps = [api.load_component(p) for p in args.components]
-    factors, calibration = None, None
+    factors, offsets, calibration, report = None, None, None, None
     if args.calibrate:
         fmt = api.InputFormat.from_dict(comps[0].metadata["input"])
-        results, counts = api.calibrate(comps, api.open_images(args.calibrate, fmt),
-                                        batch_size=args.batch_size)
+        data = api.open_images(args.calibrate, fmt)
+        results, counts = api.calibrate(comps, data, batch_size=args.batch_size)
         factors = [r.factors for r in results]
         calibration = {"data": str(Path(args.calibrate).resolve()), "samples": counts,
+                       "method": args.calibration,
                        "fallbacks": [{c.class_names[int(i)]: why for i, why in r.fallbacks.items()}
                                      for c, r in zip(comps, results)]}
-    asm = api.assemble(comps, factors, layout=args.layout)
+        if args.calibration == "joint":
+            flat, offsets, images = api.calibrate_jointly(comps, data, init=factors,
+                                                          batch_size=args.batch_size)
+            sizes = [len(c.classes) for c in comps]
+            factors = list(flat.split(sizes))
+            calibration["images"] = images
+    asm = api.assemble(comps, factors, offsets=offsets, layout=args.layout)
+    if args.calibrate:
+        report = api.guard_assembled(asm, comps, data, batch_size=args.batch_size)
+        for w in report.warnings:
+            common.warn(f"warning: {w}")
+        if report.warnings and args.strict:
+            raise common.CliError(f"{report.warnings[0]}; nothing written (--strict)")
+        calibration["accuracy"] = report.accuracy
+        calibration["components_accuracy"] = report.source_accuracy
     api.save(asm, args.output, overwrite=args.force,
              metadata={"calibration": calibration,
                        "component_files": [str(p) for p in args.components]})
@@ -71,9 +97,14 @@ def run(args: argparse.Namespace) -> int:
                 common.warn(f"warning: component {k} class {name}: {why}")
     common.emit_json(args, {"command": "assemble", "output": str(args.output),
                             "layout": asm.layout, "params": asm.params, "classes": classes,
-                            "calibration": calibration, "input": asm.input_format.to_dict()})
+                            "calibration": calibration, "input": asm.input_format.to_dict(),
+                            "per_class": None if report is None else report.to_dict()})
     common.say(args, *common.table(rows, ["output", "class", "sources (component source[class])",
                                           "scale"]))
+    if report is not None:
+        common.say(args, "", f"on {report.images} calibration images, per class:",
+                   *common.table(report.rows(), ["class", "images", "assembled",
+                                                 "component alone", "delta pts"]))
     common.say(args, f"{asm.layout} layout, {len(comps)} components, {asm.params:,} params; "
                      f"wrote {args.output}", final=True)
     return common.EXIT_OK

@@ -1,0 +1,236 @@
+"""ReconstructLayers (transform, training-free): refit each weighted layer of a component in
+closed form so that it reproduces its source on calibration images.
+
+Pruning removes input channels a layer relied on, and every layer after the first sees inputs
+that already differ from the source's. For each weighted layer ``L`` of the component, in graph
+order, with ``X`` its input *in the component* (earlier layers already refitted) and ``Y`` the
+*source's* output of the same layer on the channels the component kept (pre-norm, raw layer
+output; for the head, the source's logits of the task's classes), on the same images::
+
+    W' = argmin_W ||X·Wᵀ + 1·bᵀ − Y||² + λ·||W − W₀||²,      λ = ρ · tr(XᵀX) / d
+
+a ridge regression pulled towards the pruned weight ``W₀`` (``d`` columns of ``X``; ρ = ``ridge``).
+For a convolution ``X`` is the unfolded input (one row per output position, one column per input
+channel × kernel tap) and the problem splits by group, so grouped and depthwise convs stay what
+they are. The intercept ``b`` goes into the layer's own bias, or, for a bias-free layer read only
+by a BatchNorm, into that norm's running mean (``BN(x + b)`` is ``BN`` with ``μ − b``); otherwise
+there is none. The normal equations are accumulated in float64 over chunks of images and solved
+with a Cholesky factorisation. Shapes, modules and the graph are unchanged: only weights, biases
+and running means of existing layers change.
+
+Targets come from ``source``, a traced source graph whose nodes carry the same names as the
+component's (PruneChannels keeps names), and ``kept``: per weighted node name, the source output
+channels the component kept, in the component's order.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mdafx.errors import PreconditionError
+from mdafx.ir import eval_mode
+from mdafx.passes.channel_groups import ChannelGroups
+from mdafx.passmanager import AnalysisManager, Pass
+
+__all__ = ["ReconstructLayers", "kept_channels", "weighted_nodes"]
+
+ROW_CHUNK = 1 << 16      # rows of X per accumulation step (bounds the unfolded temporaries)
+
+
+def weighted_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The call_module nodes of Conv2d and Linear layers, in graph order."""
+    return [n for n in gm.graph.nodes if n.op == "call_module"
+            and isinstance(gm.get_submodule(n.target), (nn.Conv2d, nn.Linear))]
+
+
+def kept_channels(source: fx.GraphModule, plan, cg) -> dict[str, torch.Tensor]:
+    """Per weighted node of ``source``, the output channels ``plan`` keeps (indices, in order)."""
+    from mdafx.channels import along
+
+    out = {}
+    for node in weighted_nodes(source):
+        kept = plan.kept(cg, node.name)
+        dim = 1 if kept.dim() == 4 else -1
+        width = source.get_submodule(node.target).weight.shape[0]
+        out[node.name] = along(kept, dim, width).nonzero().reshape(-1)
+    return out
+
+
+def _conv_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``x`` unfolded as the conv sees it: ``[N·L, C·kh·kw]`` (channel-major columns)."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        from mdafx.passes.contributions import conv_padding
+
+        top, bottom, left, right = conv_padding(conv)
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, (left, right, top, bottom), mode=mode)
+        padding = 0
+    else:
+        padding = conv.padding
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding,
+                    stride=conv.stride)                      # [N, C·k, L]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(X, Y)`` as row matrices: conv positions or linear tokens become rows."""
+    if isinstance(layer, nn.Conv2d):
+        return _conv_rows(layer, x), y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+    return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+
+
+class _Normal:
+    """Accumulates ``XᵀX`` and ``XᵀY`` per group (with a ones column for the intercept)."""
+
+    def __init__(self, groups: int, cols: int, outs: int, intercept: bool) -> None:
+        d = cols + int(intercept)
+        self.groups, self.intercept = groups, intercept
+        self.gram = torch.zeros(groups, d, d, dtype=torch.float64)
+        self.cross = torch.zeros(groups, d, outs, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        g = self.groups
+        for start in range(0, x.shape[0], ROW_CHUNK):
+            xs = x[start:start + ROW_CHUNK].double()
+            ys = y[start:start + ROW_CHUNK].double()
+            n = xs.shape[0]
+            xs = xs.reshape(n, g, -1).transpose(0, 1)              # [g, n, cols]
+            ys = ys.reshape(n, g, -1).transpose(0, 1)              # [g, n, outs]
+            if self.intercept:
+                xs = torch.cat([xs, xs.new_ones(g, n, 1)], 2)
+            self.gram += xs.transpose(1, 2) @ xs
+            self.cross += xs.transpose(1, 2) @ ys
+            self.rows += n
+
+    def solve(self, w0: torch.Tensor, b0: torch.Tensor | None, ridge: float) -> torch.Tensor:
+        """``[g, d, outs]``: the ridge solution pulled towards ``w0`` (``[g, cols, outs]``) and
+        ``b0`` (``[g, outs]``, the intercept's prior)."""
+        prior = w0.double()
+        if self.intercept:
+            prior = torch.cat([prior, (b0 if b0 is not None else
+                                       torch.zeros(w0.shape[0], w0.shape[2])).double()[:, None]],
+                              1)
+        d = self.gram.shape[1]
+        scale = self.gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)   # tr(G) / d
+        lam = (ridge * scale)[:, None, None]
+        eye = torch.eye(d, dtype=torch.float64)
+        return torch.linalg.solve(self.gram + lam * eye, self.cross + lam * prior)
+
+
+def _bn_reader(gm: fx.GraphModule, node: fx.Node) -> nn.modules.batchnorm._BatchNorm | None:
+    """The BatchNorm that is the only reader of ``node``, if there is one."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_module":
+        m = gm.get_submodule(users[0].target)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            return m
+    return None
+
+
+class _Refitter(fx.Interpreter):
+    """Runs the component on all calibration images; at each weighted layer, refits it on its
+    input before computing its output with the new weights."""
+
+    def __init__(self, gm: fx.GraphModule, targets: Mapping[str, torch.Tensor], ridge: float,
+                 chunk: int) -> None:
+        super().__init__(gm)
+        self.targets, self.ridge, self.chunk = targets, ridge, chunk
+        self.refitted: list[str] = []
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_module" and n.name in self.targets:
+            x = self.env[n.args[0]]
+            self._refit(n, self.module.get_submodule(n.target), x)
+        return super().run_node(n)
+
+    @torch.no_grad()
+    def _refit(self, node: fx.Node, layer: nn.Module, x: torch.Tensor) -> None:
+        y = self.targets[node.name]
+        groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
+        out_ch = layer.weight.shape[0]
+        if y.shape[1 if isinstance(layer, nn.Conv2d) else -1] != out_ch:
+            raise PreconditionError(f"reconstruct: target of {node.format_node()} has "
+                                    f"{tuple(y.shape)}, the layer {out_ch} outputs")
+        bn = None if layer.bias is not None else _bn_reader(self.module, node)
+        intercept = layer.bias is not None or bn is not None
+        w = layer.weight.detach()
+        cols = w[0].numel()
+        normal = _Normal(groups, cols, out_ch // groups, intercept)
+        for start in range(0, x.shape[0], self.chunk):
+            xs, ys = _rows(layer, x[start:start + self.chunk], y[start:start + self.chunk])
+            normal.add(xs, ys)
+        w0 = w.reshape(groups, out_ch // groups, cols).transpose(1, 2)     # [g, cols, outs]
+        b0 = None if layer.bias is None else layer.bias.detach().reshape(groups, -1)
+        sol = normal.solve(w0, b0, self.ridge)
+        if not bool(torch.isfinite(sol).all()):
+            return  # a degenerate system: keep the pruned weights
+        new_w = sol[:, :cols].transpose(1, 2).reshape(w.shape)
+        layer.weight.copy_(new_w.to(w.dtype))
+        if intercept:
+            b = sol[:, cols].reshape(-1).to(w.dtype)
+            if layer.bias is not None:
+                layer.bias.copy_(b)
+            else:
+                bn.running_mean.sub_(b)
+        self.refitted.append(node.name)
+
+
+class ReconstructLayers(Pass):
+    """Refit every weighted layer on calibration images (module docstring). ``images`` are
+    model inputs ``[N, ...]``; ``kept[name]`` the source output channels the component's layer
+    ``name`` kept (``source_targets`` computes them from the source)."""
+
+    name = "reconstruct-layers"
+    # weights change, the graph and its shapes do not
+    preserves = (ChannelGroups,)
+
+    def __init__(self, source: fx.GraphModule, kept: Mapping[str, torch.Tensor],
+                 images: torch.Tensor, *, ridge: float = 1e-2, chunk: int = 64,
+                 layers: set[str] | None = None) -> None:
+        self.source, self.kept, self.images = source, dict(kept), images
+        self.ridge, self.chunk, self.layers = ridge, chunk, layers
+        self.refitted: list[str] = []
+
+    def _targets(self, gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+        """The source's outputs of the component's weighted layers, on the kept channels."""
+        names = [n.name for n in weighted_nodes(gm)
+                 if n.name in self.kept and (self.layers is None or n.name in self.layers)]
+        src_nodes = {n.name: n for n in self.source.graph.nodes}
+        missing = [n for n in names if n not in src_nodes]
+        if missing:
+            raise PreconditionError(f"reconstruct: the source has no node {missing[0]!r}: "
+                                    "not the component's source")
+        captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+        def keep(name: str, out: torch.Tensor) -> torch.Tensor:
+            index = self.kept[name]
+            dim = 1 if out.dim() == 4 else -1
+            return out.index_select(dim, index)
+
+        class Capture(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                out = super().run_node(n)
+                if n.name in captured:
+                    captured[n.name].append(keep(n.name, out))
+                return out
+
+        with eval_mode(self.source), torch.no_grad():
+            for start in range(0, len(self.images), self.chunk):
+                Capture(self.source).run(self.images[start:start + self.chunk])
+        return {n: torch.cat(v) for n, v in captured.items()}
+
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> bool:
+        targets = self._targets(gm)
+        if not targets:
+            return False
+        refitter = _Refitter(gm, targets, self.ridge, self.chunk)
+        with eval_mode(gm), torch.no_grad():
+            refitter.run(self.images)
+        self.refitted = refitter.refitted
+        return bool(self.refitted)

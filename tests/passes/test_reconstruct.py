@@ -1,0 +1,87 @@
+"""passes/reconstruct.py: closed-form refits keep the architecture and bring a component closer
+to its source on the calibration images."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mdafx.api import channel_groups, plan_from_votes, plan_random, prune, trace
+from mdafx.instrument import run_pipeline
+from mdafx.passes.reconstruct import ReconstructLayers, kept_channels
+
+
+class Net(nn.Module):
+    """conv-bn (no bias: the intercept goes into the norm), a grouped conv with bias, a
+    residual add, flatten into a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 12, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(12)
+        self.c2 = nn.Conv2d(12, 12, 3, padding=1, groups=3)
+        self.c3 = nn.Conv2d(12, 12, 1, bias=False)
+        self.b3 = nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12 * 4, 4)
+
+    def forward(self, x):
+        h = self.b1(self.c1(x)).relu()
+        h = self.b3(self.c3(self.c2(h).relu())) + h
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h.relu(), 2), 1))
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    net = Net().eval()
+    for m in net.modules():  # informative norm statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    gm = trace(net, torch.zeros(1, 3, 8, 8))
+    cg = channel_groups(gm)
+    plan = plan_random(cg, 0.5, seed=seed, classes=[1, 2])   # half of every coupled group
+    return gm, prune(gm, plan, cg=cg), kept_channels(gm, plan, cg)
+
+
+def _error(gm, module, x):
+    with torch.no_grad():
+        return float((module(x) - gm(x)[:, [1, 2]]).pow(2).mean())
+
+
+def test_reconstruction_keeps_the_architecture_and_reduces_the_error():
+    gm, comp, kept = _setup()
+    calib, held = torch.randn(256, 3, 8, 8), torch.randn(128, 3, 8, 8)
+    before = copy.deepcopy(comp)
+    shapes = {k: v.shape for k, v in before.state_dict().items()}
+    p = ReconstructLayers(gm, kept, calib, ridge=1e-3)
+    assert _error(gm, before, calib) > 0                       # the test can fail
+    result = run_pipeline([p], comp, instruments=[])
+    assert result.modified and set(p.refitted) == {"c1", "c2", "c3", "fc"}
+    assert {k: v.shape for k, v in comp.state_dict().items()} == shapes
+    assert comp.code == before.code                     # same graph, same modules
+    assert _error(gm, comp, calib) < 0.5 * _error(gm, before, calib)
+    assert _error(gm, comp, held) < _error(gm, before, held)   # not only on the fit
+
+
+def test_head_matches_the_source_logits_exactly_when_nothing_was_pruned():
+    """With every channel kept, the source itself is the least-squares solution: refitting
+    reproduces it (up to the ridge)."""
+    gm, _, _ = _setup()
+    cg = channel_groups(gm)
+    full = prune(gm, plan_from_votes(cg, {}, [1, 2]), cg=cg)
+    kept = {n: torch.arange(gm.get_submodule(t).weight.shape[0])
+            for n, t in (("c1", "c1"), ("c2", "c2"), ("c3", "c3"))}
+    kept["fc"] = torch.tensor([1, 2])
+    x = torch.randn(256, 3, 8, 8)
+    run_pipeline([ReconstructLayers(gm, kept, x, ridge=1e-8)], full, instruments=[])
+    assert _error(gm, full, x) < 1e-8
+
+
+def test_reconstruction_refuses_a_graph_that_is_not_its_source():
+    gm, comp, kept = _setup()
+    other = trace(nn.Sequential(nn.Conv2d(3, 4, 1)), torch.zeros(1, 3, 8, 8))
+    with pytest.raises(Exception, match="not the component's source"):
+        run_pipeline([ReconstructLayers(other, kept, torch.randn(8, 3, 8, 8))], comp,
+                     instruments=[])

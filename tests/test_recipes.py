@@ -1,0 +1,68 @@
+"""mdafx/recipes.py and the guard rails (mdafx/evaluation.guard) on a tiny trained model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mdafx.api import RECIPES, Budget, Thresholds, cut, disassemble, guard, search_thresholds
+from mdafx.errors import PreconditionError
+from mdafx.search import Recovery
+from test_search import SCALES, TASK, setup
+
+
+def test_every_recipe_makes_a_working_component():
+    gm, prof, train, _, calib, _ = setup()
+    for name in RECIPES:
+        comp = disassemble(gm, prof, TASK, recipe=name, calibration=(train, calib))
+        assert comp.metadata["recipe"]["name"] == name
+        x = torch.randn(2, 3, 16, 16)
+        assert comp(x).shape == (2, len(comp.classes))
+        assert comp.metadata["macs"] <= comp.metadata["macs_source"]
+    ref = disassemble(gm, prof, TASK, recipe="reference")
+    assert ref.classes == [0, 1, 2, 3] and ref.metadata["task"] == TASK   # every logit kept
+
+
+def test_recipes_needing_images_say_so():
+    gm, prof, *_ = setup()
+    with pytest.raises(PreconditionError, match="needs calibration images"):
+        disassemble(gm, prof, TASK, recipe="default")
+    with pytest.raises(PreconditionError, match="unknown recipe"):
+        disassemble(gm, prof, TASK, recipe="magic")
+
+
+def test_reconstruction_recovers_what_mda_loses_on_calibration_images():
+    gm, prof, train, _, calib, test = setup()
+    plain = disassemble(gm, prof, TASK, recipe="mda", thresholds=Thresholds().scaled(2.0))
+    rebuilt = disassemble(gm, prof, TASK, recipe="mda+reconstruct",
+                          thresholds=Thresholds().scaled(2.0), calibration=(train, calib))
+    g_plain = guard(plain, gm, (test, range(len(test))))
+    g_rebuilt = guard(rebuilt, gm, (test, range(len(test))))
+    assert g_rebuilt.accuracy > g_plain.accuracy   # held-out images the fit never saw
+
+
+def test_bisect_finds_what_the_scan_finds_on_a_monotone_trade_off():
+    gm, prof, train, _, calib, _ = setup()
+    args = (gm, prof, TASK, train, calib, Budget(max_acc_drop=2.0))
+    rec = Recovery(reconstruct=True)
+    scan = search_thresholds(*args, scales=SCALES, recovery=rec, strategy="scan", score_all=True)
+    bisect = search_thresholds(*args, scales=SCALES, recovery=rec, strategy="bisect")
+    accs = [c.accuracy for c in sorted((c for c in scan.candidates if c.same_as is None),
+                                       key=lambda c: c.macs)]
+    if accs == sorted(accs):   # the property bisection assumes
+        assert bisect.candidate.scale == scan.candidate.scale
+    assert bisect.scored <= scan.scored and bisect.cost_ratio > 0
+
+
+def test_guard_rails_fire_on_a_degenerate_component():
+    gm, prof, train, _, calib, _ = setup()
+    comp = cut(gm, prof, TASK)
+    with torch.no_grad():  # make it always answer the task's first class
+        head = [m for m in comp.module.modules() if isinstance(m, torch.nn.Linear)][-1]
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([1.0, 0.0]))
+    report = guard(comp, gm, (train, calib))
+    assert any("never predicts" in w for w in report.warnings)
+    assert any("points" in w for w in report.warnings)
+    healthy = guard(cut(gm, prof, TASK, thresholds=Thresholds().scaled(0.1)), gm,
+                    (train, calib))
+    assert healthy.warnings == [] and len(healthy.per_class) == 2
