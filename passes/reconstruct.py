@@ -10,12 +10,15 @@ output; for the head, the source's logits of the task's classes), on the same im
     W' = argmin_W ||X·Wᵀ + 1·bᵀ − Y||² + λ·||W − W₀||²,      λ = ρ · tr(XᵀX) / d
 
 a ridge regression pulled towards the pruned weight ``W₀`` (``d`` columns of ``X``; ρ = ``ridge``).
+Neighbouring output positions of a conv are nearly the same equation, so at most ``max_rows``
+rows enter each layer's normal equations (every s-th row, s = ⌈rows / max_rows⌉).
 For a convolution ``X`` is the unfolded input (one row per output position, one column per input
 channel × kernel tap) and the problem splits by group, so grouped and depthwise convs stay what
 they are. The intercept ``b`` goes into the layer's own bias, or, for a bias-free layer read only
 by a BatchNorm, into that norm's running mean (``BN(x + b)`` is ``BN`` with ``μ − b``); otherwise
-there is none. The normal equations are accumulated in float64 over chunks of images and solved
-with a Cholesky factorisation. Shapes, modules and the graph are unchanged: only weights, biases
+there is none. The normal equations are accumulated over chunks of images (each chunk's
+products in float32, their sum in float64) and solved in float64. Shapes, modules and the graph
+are unchanged: only weights, biases
 and running means of existing layers change.
 
 Targets come from ``source``, a traced source graph whose nodes carry the same names as the
@@ -40,6 +43,7 @@ from mdafx.passmanager import AnalysisManager, Pass
 __all__ = ["ReconstructLayers", "kept_channels", "weighted_nodes"]
 
 ROW_CHUNK = 1 << 16      # rows of X per accumulation step (bounds the unfolded temporaries)
+MAX_ROWS = 1 << 18       # rows of X per layer that enter the normal equations
 
 
 def weighted_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -61,27 +65,34 @@ def kept_channels(source: fx.GraphModule, plan, cg) -> dict[str, torch.Tensor]:
     return out
 
 
-def _conv_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``x`` unfolded as the conv sees it: ``[N·L, C·kh·kw]`` (channel-major columns)."""
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        from mdafx.passes.contributions import conv_padding
+def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, step: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ``step``-th output position of ``x`` unfolded as the conv sees it,
+    ``[P, C·kh·kw]`` (channel-major columns, as the weight is laid out), and its target row.
 
-        top, bottom, left, right = conv_padding(conv)
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = F.pad(x, (left, right, top, bottom), mode=mode)
-        padding = 0
-    else:
-        padding = conv.padding
-    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding,
-                    stride=conv.stride)                      # [N, C·k, L]
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    Patches are a strided view of the padded input (no im2col of all positions): only the
+    sampled rows are copied."""
+    from mdafx.passes.contributions import conv_padding
+
+    top, bottom, left, right = conv_padding(conv)
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    x = F.pad(x, (left, right, top, bottom), mode=mode)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    patches = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+    patches = patches[..., ::dh, ::dw]                        # [N, C, Ho, Wo, kh, kw]
+    n, c, ho, wo = patches.shape[:4]
+    pos = torch.arange(0, n * ho * wo, step)
+    b, rest = pos // (ho * wo), pos % (ho * wo)
+    rows = patches[b, :, rest // wo, rest % wo]               # [P, C, kh, kw]
+    return rows.reshape(len(pos), -1), y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])[pos]
 
 
-def _rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(X, Y)`` as row matrices: conv positions or linear tokens become rows."""
+def _rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(X, Y)`` as row matrices (every ``step``-th row): conv positions or linear tokens."""
     if isinstance(layer, nn.Conv2d):
-        return _conv_rows(layer, x), y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
-    return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        return _conv_rows(layer, x, y, step)
+    return x.reshape(-1, x.shape[-1])[::step], y.reshape(-1, y.shape[-1])[::step]
 
 
 class _Normal:
@@ -97,15 +108,15 @@ class _Normal:
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         g = self.groups
         for start in range(0, x.shape[0], ROW_CHUNK):
-            xs = x[start:start + ROW_CHUNK].double()
-            ys = y[start:start + ROW_CHUNK].double()
+            xs = x[start:start + ROW_CHUNK].float()
+            ys = y[start:start + ROW_CHUNK].float()
             n = xs.shape[0]
             xs = xs.reshape(n, g, -1).transpose(0, 1)              # [g, n, cols]
             ys = ys.reshape(n, g, -1).transpose(0, 1)              # [g, n, outs]
             if self.intercept:
                 xs = torch.cat([xs, xs.new_ones(g, n, 1)], 2)
-            self.gram += xs.transpose(1, 2) @ xs
-            self.cross += xs.transpose(1, 2) @ ys
+            self.gram += (xs.transpose(1, 2) @ xs).double()
+            self.cross += (xs.transpose(1, 2) @ ys).double()
             self.rows += n
 
     def solve(self, w0: torch.Tensor, b0: torch.Tensor | None, ridge: float) -> torch.Tensor:
@@ -138,9 +149,9 @@ class _Refitter(fx.Interpreter):
     input before computing its output with the new weights."""
 
     def __init__(self, gm: fx.GraphModule, targets: Mapping[str, torch.Tensor], ridge: float,
-                 chunk: int) -> None:
+                 chunk: int, max_rows: int = MAX_ROWS) -> None:
         super().__init__(gm)
-        self.targets, self.ridge, self.chunk = targets, ridge, chunk
+        self.targets, self.ridge, self.chunk, self.max_rows = targets, ridge, chunk, max_rows
         self.refitted: list[str] = []
 
     def run_node(self, n: fx.Node) -> Any:
@@ -162,8 +173,11 @@ class _Refitter(fx.Interpreter):
         w = layer.weight.detach()
         cols = w[0].numel()
         normal = _Normal(groups, cols, out_ch // groups, intercept)
+        per_image = y[0].numel() // out_ch               # output positions (or tokens) per image
+        step = max(1, -(-x.shape[0] * per_image // self.max_rows))
         for start in range(0, x.shape[0], self.chunk):
-            xs, ys = _rows(layer, x[start:start + self.chunk], y[start:start + self.chunk])
+            xs, ys = _rows(layer, x[start:start + self.chunk], y[start:start + self.chunk],
+                           step)
             normal.add(xs, ys)
         w0 = w.reshape(groups, out_ch // groups, cols).transpose(1, 2)     # [g, cols, outs]
         b0 = None if layer.bias is None else layer.bias.detach().reshape(groups, -1)
@@ -191,10 +205,10 @@ class ReconstructLayers(Pass):
     preserves = (ChannelGroups,)
 
     def __init__(self, source: fx.GraphModule, kept: Mapping[str, torch.Tensor],
-                 images: torch.Tensor, *, ridge: float = 1e-2, chunk: int = 64,
-                 layers: set[str] | None = None) -> None:
+                 images: torch.Tensor, *, ridge: float = 1e-1, chunk: int = 64,
+                 max_rows: int = MAX_ROWS, layers: set[str] | None = None) -> None:
         self.source, self.kept, self.images = source, dict(kept), images
-        self.ridge, self.chunk, self.layers = ridge, chunk, layers
+        self.ridge, self.chunk, self.layers, self.max_rows = ridge, chunk, layers, max_rows
         self.refitted: list[str] = []
 
     def _targets(self, gm: fx.GraphModule) -> dict[str, torch.Tensor]:
@@ -229,7 +243,7 @@ class ReconstructLayers(Pass):
         targets = self._targets(gm)
         if not targets:
             return False
-        refitter = _Refitter(gm, targets, self.ridge, self.chunk)
+        refitter = _Refitter(gm, targets, self.ridge, self.chunk, self.max_rows)
         with eval_mode(gm), torch.no_grad():
             refitter.run(self.images)
         self.refitted = refitter.refitted
