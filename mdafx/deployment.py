@@ -180,7 +180,7 @@ def onnx_latency(path: str | os.PathLike[str], batch_size: int = 1, warmup: int 
     must be static. ``threads`` sets ``intra_op_num_threads`` (``None``: onnxruntime default).
     """
     if batch_size < 1 or iters < 1 or warmup < 0:
-        raise ValueError("need batch_size >= 1, iters >= 1, warmup >= 0")
+        raise PreconditionError("need batch_size >= 1, iters >= 1, warmup >= 0")
     session = _session(path, threads)
     rng = np.random.default_rng(0)
     feeds = {}
@@ -207,11 +207,11 @@ def _metadata_props(metadata: Mapping[str, Any]) -> dict[str, str]:
     props: dict[str, str] = {}
     for key, value in metadata.items():
         if not isinstance(key, str):
-            raise TypeError(f"metadata keys must be str, got {key!r}")
+            raise PreconditionError(f"metadata keys must be str, got {key!r}")
         try:
             props[key] = json.dumps(value, allow_nan=False, sort_keys=True)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"metadata[{key!r}] is not JSON-serialisable: {e}") from e
+            raise PreconditionError(f"metadata[{key!r}] is not JSON-serialisable: {e}") from e
     props.setdefault("mdafx_version", json.dumps(mdafx_version()))
     return props
 

@@ -51,7 +51,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from .errors import ExportError, FormatError
+from .errors import ExportError, FormatError, PreconditionError
 from .fileio import atomic_output
 from .ir import eval_mode, propagate_shapes
 from .rules import storage
@@ -140,7 +140,7 @@ class LoadedModel:
         if not fits:
             got = (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
             want = tuple("B" if d is None else d for d in self.input_shape)
-            raise ValueError(f"{self.path}: input {got} does not match {want} {self.input_dtype}")
+            raise PreconditionError(f"{self.path}: input {got} does not match {want} {self.input_dtype}")
         return self.module(x)
 
 
@@ -271,7 +271,7 @@ def save_model(module: fx.GraphModule, path: str | os.PathLike[str], metadata: M
     else ExportError and nothing is written. Writes go through ``atomic_output``.
     """
     if not isinstance(module, fx.GraphModule):
-        raise TypeError(f"save_model takes a torch.fx.GraphModule (mdafx.ir.trace), "
+        raise PreconditionError(f"save_model takes a torch.fx.GraphModule (mdafx.ir.trace), "
                         f"got {type(module).__name__}")
     path = Path(path)
     user_json = _metadata_json(metadata)
@@ -296,16 +296,16 @@ def _dumps(obj: Any) -> str:
 
 def _metadata_json(metadata: Mapping[str, Any]) -> str:
     if not isinstance(metadata, Mapping):
-        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+        raise PreconditionError(f"metadata must be a dict, got {type(metadata).__name__}")
     if not all(isinstance(k, str) for k in metadata):
-        raise TypeError(f"metadata keys must be str, got {list(metadata)!r}")
+        raise PreconditionError(f"metadata keys must be str, got {list(metadata)!r}")
     reserved = [k for k in RESERVED_METADATA_KEYS if k in metadata]
     if reserved:
-        raise ValueError(f"metadata keys {reserved} are written by mdafx; do not pass them")
+        raise PreconditionError(f"metadata keys {reserved} are written by mdafx; do not pass them")
     try:
         return _dumps(dict(metadata))
     except (TypeError, ValueError) as e:
-        raise ValueError(f"metadata is not JSON-serialisable: {e}") from e
+        raise PreconditionError(f"metadata is not JSON-serialisable: {e}") from e
 
 
 def _input_spec(gm: fx.GraphModule, example: torch.Tensor | None
@@ -316,7 +316,7 @@ def _input_spec(gm: fx.GraphModule, example: torch.Tensor | None
                           f"has placeholders {[n.name for n in placeholders]}")
     if example is not None:
         if not isinstance(example, torch.Tensor) or example.dim() < 2 or example.shape[0] < 1:
-            raise ValueError("example_input must be a tensor with a batch dim and >= 1 more dim")
+            raise PreconditionError("example_input must be a tensor with a batch dim and >= 1 more dim")
         shape, dtype = [None, *example.shape[1:]], example.dtype
     else:
         meta = placeholders[0].meta.get("tensor_meta")

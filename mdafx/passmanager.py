@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 import torch.fx as fx
 
-from .errors import MdafxError, PassError
+from .errors import InternalError, MdafxError, PassError
 
 __all__ = ["Analysis", "AnalysisManager", "Pass", "PassResult", "Instrument", "PassManager"]
 
@@ -152,7 +152,7 @@ class PassManager:
                     am.get(req)
                 modified = p.run(gm, am)
                 if not isinstance(modified, bool):
-                    raise TypeError(f"{type(p).__name__}.run returned {type(modified).__name__}, "
+                    raise InternalError(f"{type(p).__name__}.run returned {type(modified).__name__}, "
                                     "not bool")
                 if modified:
                     gm.graph.lint()
