@@ -36,6 +36,7 @@ import inspect
 import json
 import keyword
 import math
+import operator
 import os
 import re
 import sys
@@ -68,6 +69,9 @@ MAX_HEADER_BYTES = 100 * 2**20       # safetensors' own limit
 DEFAULT_MAX_BYTES = 8 * 2**30        # total tensor bytes; raise it with load_model(max_bytes=)
 MAX_INPUT_ELEMENTS = 2**26           # C·H·W of the declared input (shapes are propagated on it)
 MAX_INPUT_DIM = 65536
+MAX_INT_LITERAL = 2**31              # integer arguments (sizes, dims, indices) in a stored graph
+_ARITHMETIC = frozenset({operator.mul, operator.add, operator.iadd, operator.imul, "mul", "add",
+                         "repeat", "expand"})
 
 _HEADER_KEYS = {"format", "format_version", "mdafx_version", "graph", "metadata"}
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -789,6 +793,8 @@ def _load_tensors(path: Path, meta: Mapping[str, str],
             t = f.get_tensor(name)
             if t.dtype != entry.dtype or tuple(t.shape) != entry.shape:
                 raise _Invalid(f"tensor {name!r}: read as {t.dtype} {tuple(t.shape)}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise _Invalid(f"tensor {name!r} holds NaN or infinite values")
             tensors[name] = t
     return tensors
 
@@ -957,6 +963,11 @@ class _GraphBuilder:
             self.done = True
         if target is getattr and _getattr_problem(tuple(args), kwargs):
             raise _Invalid(f"{where}: {_getattr_problem(tuple(args), kwargs)}")
+        if op in ("call_function", "call_method") and any(
+                isinstance(a, str) for a in args[:2]) and target is not getattr:
+            # a string operand of an arithmetic op only repeats strings (memory, never a model)
+            if target in _ARITHMETIC:
+                raise _Invalid(f"{where}: a string operand of {str(raw.get('target'))[:60]}")
         self.env[name] = self.graph.create_node(op, target, tuple(args), kwargs, name=name)
 
     def _target(self, op: Any, target: Any, raw: Mapping[str, Any], where: str) -> Any:
@@ -989,6 +1000,9 @@ class _GraphBuilder:
     def _decode(self, value: Any, where: str, depth: int) -> Any:
         if depth > _MAX_ARG_DEPTH:
             raise _Invalid(f"{where}: arguments nested deeper than {_MAX_ARG_DEPTH}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT_LITERAL:
+            raise _Invalid(f"{where}: integer literal {value} out of range "
+                           f"(|n| <= {MAX_INT_LITERAL})")
         if value is None or isinstance(value, (bool, int, float)):
             return value
         if isinstance(value, str):

@@ -27,16 +27,19 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from .distributed import Ranks, autocast, current, merge_ranked, on_device
 from .errors import DataError, FormatError, PreconditionError, ProfileMismatchError
 from .fileio import atomic_output
 from .ir import eval_mode, module_device
+from .progress import track
 from .passes.contributions import (CHUNK_BYTES, Contribution, FactoredContribution, accumulate,
-                                   resolve_layers)
+                                   graph_layers, resolve_layer, resolve_layers)
+from .rules import WeightedLayer
 
-__all__ = ["DEFAULT_SAMPLE_FRACTION", "ConfidentSamples", "Profile", "build_profile",
-           "default_per_class", "model_fingerprint", "profile", "select_confident_samples"]
+__all__ = ["DEFAULT_SAMPLE_FRACTION", "ConfidentSamples", "Profile", "analyse", "build_profile",
+           "calibration_split", "default_per_class", "merge_confident_samples",
+           "model_fingerprint", "profile", "select_confident_samples"]
 
 DEFAULT_SAMPLE_FRACTION: float = 0.01
 """MDA §1.1: keep 1% of each class's training samples (at least one)."""
@@ -99,15 +102,18 @@ def _labels(y: Any, num_classes: int, device: torch.device) -> Tensor:
 
 def select_confident_samples(model: nn.Module, batches: Iterable[Sequence[Any]],
                              num_classes: int, per_class: int | Sequence[int] | Mapping[int, int],
-                             progress: bool = True) -> ConfidentSamples:
+                             progress: bool = True, *, total: int | None = None,
+                             use_autocast: bool = False) -> ConfidentSamples:
     """MDA §1.1: per class ``c``, the ``per_class`` samples with the highest softmax
     probability of their true label ``c`` (correct prediction not required).
 
-    ``batches`` yields ``(x, y, idx)`` with ``idx`` the dataset indices. Scores are the
-    true-label log-softmax in float64 (same order as the probability, but it still separates
-    samples whose float32 probability saturates at 1). Streaming: a running top-k heap per
-    class. Ties go to the smaller dataset index. ``per_class`` is one count for every class,
-    or one per class (sequence or mapping; missing mapping keys mean 0).
+    ``batches`` yields ``(x, y, idx)`` with ``idx`` the dataset indices; the model runs where
+    it is (``x`` is moved to its device), under ``torch.autocast`` with ``use_autocast``.
+    Scores are the true-label log-softmax in float64 (same order as the probability, but it
+    still separates samples whose float32 probability saturates at 1). Streaming: a running
+    top-k heap per class. Ties go to the smaller dataset index. ``per_class`` is one count for
+    every class, or one per class (sequence or mapping; missing mapping keys mean 0).
+    ``total`` (batches) gives the progress report its ETA.
     """
     quota = _quota(per_class, num_classes)
     device = module_device(model)
@@ -115,10 +121,11 @@ def select_confident_samples(model: nn.Module, batches: Iterable[Sequence[Any]],
     # largest index), so a candidate replaces it iff it ranks strictly better
     heaps: dict[int, list[tuple[float, int]]] = {c: [] for c in range(num_classes)}
     with eval_mode(model), torch.no_grad():
-        for batch in tqdm(batches, desc="select samples", unit="batch", disable=not progress):
+        for batch in track(batches, "select samples", total=total, enabled=progress):
             x, y, idx = batch[0], batch[1], batch[2]
             labels = _labels(y, num_classes, device)
-            logits = model(x.to(device))
+            with autocast(device, use_autocast):
+                logits = model(x.to(device, non_blocking=True))
             if not isinstance(logits, Tensor) or logits.shape != (labels.shape[0], num_classes):
                 got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits)
                 raise PreconditionError(f"model must return logits [B, {num_classes}], got "
@@ -141,14 +148,32 @@ def select_confident_samples(model: nn.Module, batches: Iterable[Sequence[Any]],
     return ConfidentSamples(indices, log_probs)
 
 
+def merge_confident_samples(parts: Sequence[ConfidentSamples],
+                            per_class: int | Sequence[int] | Mapping[int, int],
+                            num_classes: int) -> ConfidentSamples:
+    """The selection of the union of disjoint shards from each shard's own selection: per
+    class the best ``per_class`` by score, ties to the smaller index; exactly what one
+    :func:`select_confident_samples` over all of them returns."""
+    quota = _quota(per_class, num_classes)
+    merged = merge_ranked([{c: list(zip(p.log_probs[c], p.indices[c])) for c in p.indices}
+                           for p in parts], quota)
+    return ConfidentSamples({c: [i for _, i in v] for c, v in merged.items()},
+                            {c: [s for s, _ in v] for c, v in merged.items()})
+
+
 # --------------------------------------------------------------------------------------------
 # fingerprints
 
 
-def _layer_digest(name: str, mod: nn.Module) -> str:
+def _layer_digest(name: str, layer: WeightedLayer) -> str:
+    """sha256 of a weighted layer: name, type (the module's class, or ``F.<function>`` for a
+    functional layer), conv configuration, weight and bias (dtype, shape, bytes). A module
+    layer digests exactly as it did before functional layers existed."""
+    mod = layer.module if layer.module is not None else layer
     h = hashlib.sha256()
-    h.update(f"{name}|{type(mod).__name__}".encode())
-    if isinstance(mod, nn.Conv2d):
+    h.update(f"{name}|{layer.type_name if layer.module is not None else 'F.' + layer.type_name}"
+             .encode())
+    if layer.kind == "conv":
         h.update(repr((mod.stride, mod.padding, mod.dilation, mod.groups,
                        mod.padding_mode)).encode())
     for pname in ("weight", "bias"):
@@ -167,7 +192,9 @@ def model_fingerprint(gm: nn.Module, layers: Sequence[str] | None = None
     """sha256 over the weighted layers (name, type, conv config, weight/bias dtype, shape and
     bytes), in order. Returns the model digest and the per-layer digests."""
     layers = resolve_layers(gm, layers)
-    per_layer = {name: _layer_digest(name, gm.get_submodule(name)) for name in layers}
+    found = graph_layers(gm) if isinstance(gm, fx.GraphModule) else {}
+    per_layer = {name: _layer_digest(name, found.get(name) or resolve_layer(gm, name))
+                 for name in layers}
     h = hashlib.sha256()
     for name, digest in per_layer.items():
         h.update(f"{name}={digest};".encode())
@@ -298,9 +325,18 @@ class Profile:
         if len(self.samples_per_class) != k or any(n < 0 for n in self.samples_per_class):
             raise PreconditionError(f"samples_per_class {self.samples_per_class} does not fit "
                                     f"{k} classes")
-        if set(self.contributions) != set(self.layers):
-            missing = sorted(set(self.layers) - set(self.contributions))
-            raise PreconditionError(f"layers without contributions: {missing[:3]}")
+        if len(set(self.layers)) != len(self.layers):
+            raise PreconditionError("a layer is listed twice")
+        for what, table in (("contributions", self.contributions),
+                            ("weight shapes", self.weight_shapes), ("groups", self.groups),
+                            ("layer digests", self.layer_digests or dict.fromkeys(self.layers))):
+            if set(table) != set(self.layers):
+                odd = sorted(set(self.layers) ^ set(table))
+                raise PreconditionError(f"the {what} do not cover the layers exactly: {odd[:3]}")
+        if any(not isinstance(g, int) or g < 1 for g in self.groups.values()):
+            raise PreconditionError("groups must be positive integers")
+        if any(not 0 <= int(c) < k for c in self.selected):
+            raise PreconditionError("selected samples name a class the profile does not have")
         for name in self.layers:
             a, shape = self.contributions[name], self.weight_shapes.get(name)
             if shape is None or len(shape) < 2:
@@ -326,14 +362,15 @@ class Profile:
     def check_matches(self, gm: nn.Module) -> None:
         """Raise :class:`ProfileMismatchError` naming the first layer where ``gm`` differs."""
         layers = resolve_layers(gm, None if isinstance(gm, fx.GraphModule) else self.layers)
+        found = graph_layers(gm) if isinstance(gm, fx.GraphModule) else {}
         for pos, name in enumerate(self.layers):
             if pos >= len(layers) or layers[pos] != name:
-                found = layers[pos] if pos < len(layers) else "nothing"
+                other = layers[pos] if pos < len(layers) else "nothing"
                 raise ProfileMismatchError(
-                    f"profile layer #{pos} is {name!r} but the model has {found!r} there")
+                    f"profile layer #{pos} is {name!r} but the model has {other!r} there")
             try:
-                mod = gm.get_submodule(name)
-            except AttributeError:
+                mod = found.get(name) or resolve_layer(gm, name)
+            except PreconditionError:
                 raise ProfileMismatchError(f"profile layer {name!r} is not in the model") from None
             shape = list(mod.weight.shape)
             if shape != self.weight_shapes[name]:
@@ -393,33 +430,83 @@ def build_profile(gm: nn.Module, batches: Iterable[Sequence[Any]], num_classes: 
                   class_names: Sequence[str] | None = None,
                   layers: Sequence[str] | None = None, progress: bool = True, *,
                   dtype: torch.dtype = torch.float32, chunk_bytes: int = CHUNK_BYTES,
-                  dense: bool = False, forward_batch: int | None = None) -> Profile:
+                  dense: bool = False, forward_batch: int | None = None,
+                  total: int | None = None, ranks: Ranks | None = None) -> Profile:
     """The contributions of ``batches`` (factored single-tap layers unless ``dense=True``) plus
-    the sample counts and the model fingerprint."""
+    the sample counts and the model fingerprint, computed where the model is.
+
+    With ``ranks`` of several processes (:mod:`mdafx.distributed`), ``batches`` is this rank's
+    shard and the per-rank sums are added with all_reduce: the float64 class sums of
+    single-tap layers in float64 (as one process keeps them), the float32 ``A`` of ``K > 1``
+    layers widened to float64, summed, and rounded once. Every rank returns the whole
+    profile. ``total`` (batches) gives the progress report its ETA.
+    """
+    ranks = ranks or current()
     layers = resolve_layers(gm, layers)
     names = [str(c) for c in range(num_classes)] if class_names is None else list(class_names)
     if len(names) != num_classes:
         raise PreconditionError(f"{len(names)} class names for {num_classes} classes")
-    result, counts = accumulate(gm, batches, num_classes, layers, progress, dtype=dtype,
-                                chunk_bytes=chunk_bytes, dense=dense, forward_batch=forward_batch)
+    reduce = ranks.world > 1
+    result, counts = ranks.step(
+        "contributions", accumulate, gm,
+        track(batches, "contributions", total=total, enabled=progress), num_classes, layers,
+        False, dtype=dtype, chunk_bytes=chunk_bytes, dense=dense and not reduce,
+        forward_batch=forward_batch)
+    if reduce:
+        result, counts = _sum_over_ranks(result, counts, ranks, dense)
     fingerprint, digests = model_fingerprint(gm, layers)
-    mods = {name: gm.get_submodule(name) for name in layers}
+    found = graph_layers(gm) if isinstance(gm, fx.GraphModule) else {}
+    mods = {name: found.get(name) or resolve_layer(gm, name) for name in layers}
     return Profile(
         layers=list(layers), contributions=result, class_names=names, samples_per_class=counts,
         weight_shapes={n: list(m.weight.shape) for n, m in mods.items()},
-        groups={n: (m.groups if isinstance(m, nn.Conv2d) else 1) for n, m in mods.items()},
+        groups={n: m.groups for n, m in mods.items()},
         fingerprint=fingerprint, layer_digests=digests)
+
+
+def _sum_over_ranks(result: dict[str, Contribution], counts: list[int], ranks: Ranks,
+                    dense: bool) -> tuple[dict[str, Contribution], list[int]]:
+    """Every rank's contributions and counts summed (build_profile's docstring)."""
+    out: dict[str, Contribution] = {}
+    for name, a in result.items():
+        if isinstance(a, FactoredContribution):
+            a = FactoredContribution(ranks.sum(a.pos), ranks.sum(a.neg), a.weight, a.groups,
+                                     a.dtype)
+            out[name] = a.dense() if dense else a
+        else:
+            out[name] = ranks.sum(a.contiguous())
+    return out, ranks.sum(torch.as_tensor(counts, dtype=torch.int64)).tolist()
+
+
+def _batch_count(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
 
 
 def profile(gm: fx.GraphModule, dataset, class_names: Sequence[str] | None = None, *,
             per_class: int | None = None, indices: Sequence[int] | None = None,
-            batch_size: int = 128, progress: bool = True) -> Profile:
+            batch_size: int = 128, progress: bool = True, device: str | torch.device | None = None,
+            use_autocast: bool = False, ranks: Ranks | None = None) -> Profile:
     """Select the most confident samples per class (MDA §1.1) from ``dataset`` (restricted to
-    ``indices``) and accumulate per-class contributions over them (§1.2), streamed."""
+    ``indices``) and accumulate per-class contributions over them (§1.2), streamed.
+
+    ``device`` (default: where ``gm`` is) runs both passes there; ``gm`` is moved back after.
+    Contributions need float64 accumulators, which MPS lacks: with ``mps`` only the selection
+    runs there (the contributions read 1% of the images). ``use_autocast`` runs the
+    selection's forward passes under ``torch.autocast`` (never the contributions').
+
+    Data parallel (``ranks`` of several processes; default: the initialised
+    ``torch.distributed`` group, if any): each rank selects from its shard of the pool
+    (:meth:`~mdafx.distributed.Ranks.shard`), the per-class candidates are merged exactly
+    (the same samples as one process, ties to the smaller index), each rank accumulates the
+    contributions of its shard of the selected samples and they are summed
+    (:func:`build_profile`). Every rank returns the same profile.
+    """
     from .data import batches, labels_at
 
+    ranks = ranks or current()
     labels = labels_at(dataset)
-    pool = torch.arange(len(labels)) if indices is None else torch.as_tensor(list(indices))
+    pool = torch.arange(len(labels)) if indices is None else torch.as_tensor(
+        [int(i) for i in indices], dtype=torch.long)
     num_classes = len(class_names) if class_names is not None else int(labels.max()) + 1
     counts = torch.bincount(labels[pool], minlength=num_classes)
     empty = [c for c in range(num_classes) if counts[c] == 0]
@@ -428,11 +515,21 @@ def profile(gm: fx.GraphModule, dataset, class_names: Sequence[str] | None = Non
         raise DataError(f"no samples of class(es) {names} to profile")
     quota = ([per_class] * num_classes if per_class is not None
              else [default_per_class(int(n)) for n in counts])
-    chosen = select_confident_samples(gm, batches(dataset, pool.tolist(), batch_size, True),
-                                      num_classes, quota, progress=progress)
-    picked = chosen.all_indices()
-    prof = build_profile(gm, batches(dataset, picked, batch_size), num_classes,
-                         class_names=class_names, progress=progress)
+    with on_device(gm, device) as dev:
+        pin = dev.type == "cuda"
+        mine = ranks.shard(pool, batch_size)
+        chosen = ranks.step(
+            "sample selection", select_confident_samples, gm,
+            batches(dataset, mine, batch_size, True, pin_memory=pin), num_classes, quota,
+            progress=progress, total=_batch_count(len(mine), batch_size),
+            use_autocast=use_autocast)
+        if ranks.world > 1:
+            chosen = merge_confident_samples(ranks.gather(chosen), quota, num_classes)
+        picked = ranks.shard(chosen.all_indices(), batch_size)
+        with on_device(gm, "cpu" if dev.type == "mps" else None):
+            prof = build_profile(gm, batches(dataset, picked, batch_size, pin_memory=pin),
+                                 num_classes, class_names=class_names, progress=progress,
+                                 total=_batch_count(len(picked), batch_size), ranks=ranks)
     prof.selected = {c: list(v) for c, v in chosen.indices.items()}
     return prof
 
@@ -441,36 +538,58 @@ def profile(gm: fx.GraphModule, dataset, class_names: Sequence[str] | None = Non
 # the analyse command: a model and an image folder -> a profile with its calibration split
 
 
-def _images_digest(dataset, indices: Sequence[int]) -> str | None:
-    """SHA-256 of the raw images at ``indices`` (in that order), for datasets that hold them."""
+def _images_digest(dataset, indices: Sequence[int]) -> tuple[str, str] | None:
+    """``(kind, SHA-256)`` of the images at ``indices`` (in that order): of the raw pixels
+    (``"pixels"``) for a dataset that holds them, else of the files' paths, sizes and
+    modification times (``"files"``) for a streamed folder; None for other datasets."""
     images = getattr(dataset, "images", None)
-    if images is None:
+    if images is not None:
+        chosen = images[torch.as_tensor(list(indices), dtype=torch.long)]
+        return "pixels", hashlib.sha256(chosen.contiguous().numpy().tobytes()).hexdigest()
+    if hasattr(dataset, "files_digest"):
+        return "files", dataset.files_digest(indices)
+    return None
+
+
+def _preprocess_record(transform) -> dict[str, Any] | None:
+    from .data import Preprocess
+
+    if transform is None or (isinstance(transform, Preprocess) and transform.identity):
         return None
-    chosen = images[torch.as_tensor(list(indices), dtype=torch.long)]
-    return hashlib.sha256(chosen.contiguous().numpy().tobytes()).hexdigest()
+    if isinstance(transform, Preprocess):
+        return transform.to_dict()
+    return {"custom": repr(transform)[:200]}
 
 
 def analyse(model: nn.Module, data, input_format=None, *, per_class: int | None = None,
             holdout: float = 0.1, seed: int = 0, batch_size: int = 128,
-            source: dict[str, Any] | None = None, progress: bool = False) -> Profile:
-    """Profile ``model`` on ``data`` (an ImageFolder path, or a dataset with ``class_names``),
-    holding out ``holdout`` of every class as the *calibration split* that threshold search,
-    norm re-estimation and fine-tuning use later (recorded in the profile: indices and a
-    digest of those images). ``source`` is what the profile records about the model (its
-    spec, for provenance: nothing in it is ever run)."""
-    from .data import InputFormat, open_images, split_per_class
+            source: dict[str, Any] | None = None, progress: bool = False,
+            transform=None, workers: int | None = None, device: str | torch.device | None = None,
+            use_autocast: bool = False, ranks: Ranks | None = None) -> Profile:
+    """Profile ``model`` on ``data`` (an ImageFolder path, or a map-style dataset with
+    ``class_names`` or ``classes``), holding out ``holdout`` of every class as the
+    *calibration split* that threshold search, norm re-estimation and fine-tuning use later
+    (recorded in the profile: indices and a digest of those images). ``source`` is what the
+    profile records about the model (its spec, for provenance: nothing in it is ever run).
+
+    A folder is opened with :func:`mdafx.data.open_images` (``transform``: a
+    :class:`~mdafx.data.Preprocess` or any callable, ``workers`` DataLoader processes); the
+    preprocessing is recorded so that the calibration split is read back the same way.
+    A dataset that :func:`~mdafx.data.open_images` opened records its folder too.
+    ``device``, ``use_autocast`` and ``ranks`` as in :func:`profile`.
+    """
+    from .data import InputFormat, class_names_of, labels_at, open_images, split_per_class
     from .ir import trace
 
     if not 0.0 <= holdout < 1.0:
         raise PreconditionError(f"holdout must lie in [0, 1), got {holdout}")
     fmt = input_format or InputFormat((32, 32))
-    dataset = open_images(data, fmt) if isinstance(data, (str, os.PathLike)) else data
-    names = getattr(dataset, "class_names", None)
+    is_path = isinstance(data, (str, os.PathLike))
+    dataset = open_images(data, fmt, transform=transform, workers=workers) if is_path else data
+    names = class_names_of(dataset)
     if not names:
         raise DataError("the profiling data must name its classes (an ImageFolder)")
     gm = model if isinstance(model, fx.GraphModule) else trace(model, fmt.example())
-    from .data import labels_at
-
     labels = labels_at(dataset)
     selection, held_out = None, None
     if holdout > 0:
@@ -482,32 +601,53 @@ def analyse(model: nn.Module, data, input_format=None, *, per_class: int | None 
                             f"{', '.join(missing)}; lower --holdout")
     prof = profile(gm, dataset, names, per_class=per_class,
                    indices=None if selection is None else selection.tolist(),
-                   batch_size=batch_size, progress=progress)
+                   batch_size=batch_size, progress=progress, device=device,
+                   use_autocast=use_autocast, ranks=ranks)
+    from .data import ArrayDataset, ImageFolderStream
+
+    root = (Path(data).resolve() if is_path else getattr(dataset, "root", None)
+            if isinstance(dataset, (ArrayDataset, ImageFolderStream)) else None)
     record: dict[str, Any] = {"source": dict(source or {}), "input": fmt.to_dict(),
-                              "data": str(Path(data).resolve()) if isinstance(
-                                  data, (str, os.PathLike)) else None}
+                              "data": str(root) if root is not None else None}
+    preprocess = _preprocess_record(transform if is_path else getattr(dataset, "transform",
+                                                                      None))
+    if preprocess is not None:
+        record["preprocess"] = preprocess
     if held_out is not None:
         # the indices themselves, not only (holdout, seed): they are checked against the
         # folder when it is read again, and stay valid if split_per_class ever changes
+        digest = _images_digest(dataset, held_out.tolist())
         record["calibration"] = {"holdout": holdout, "seed": seed, "images": int(len(labels)),
                                  "indices": held_out.tolist(),
-                                 "sha256": _images_digest(dataset, held_out.tolist())}
+                                 "sha256": digest[1] if digest else None}
+        if digest and digest[0] != "pixels":
+            record["calibration"]["digest"] = digest[0]
     prof.record = json.loads(json.dumps(record))
     return prof
 
 
-def calibration_split(prof: Profile, data=None, input_format=None) -> tuple[Any, list[int], str]:
+def calibration_split(prof: Profile, data=None, input_format=None, *, transform=None,
+                      workers: int | None = None) -> tuple[Any, list[int], str]:
     """``(dataset, indices, description)`` of the calibration images, labelled with the
     profile's class indices: ``data`` (a folder or dataset disjoint from the profiled images)
-    when given, else the split ``analyse`` held out, checked unchanged."""
-    from .data import InputFormat, open_images
+    when given, else the split ``analyse`` held out, checked unchanged. A folder is read with
+    ``transform`` (default: the preprocessing the profile recorded)."""
+    from .data import InputFormat, Preprocess, class_names_of, open_images
 
     fmt = input_format or InputFormat.from_dict(prof.record.get("input") or
                                                 {"size": [32, 32], "channels": 3,
                                                  "mean": [0.0] * 3, "std": [1.0] * 3})
+    recorded = prof.record.get("preprocess")
+    if transform is None and recorded is not None:
+        if "custom" in recorded:
+            raise DataError(f"the profile was computed with a custom transform "
+                            f"({recorded['custom']}); pass it again (transform=...)")
+        transform = Preprocess.from_dict(recorded)
     if data is not None:
-        dataset = open_images(data, fmt) if isinstance(data, (str, os.PathLike)) else data
-        folder = list(getattr(dataset, "class_names", None) or [])
+        is_path = isinstance(data, (str, os.PathLike))
+        dataset = open_images(data, fmt, transform=transform, workers=workers) if is_path \
+            else data
+        folder = class_names_of(dataset) or []
         unknown = [n for n in folder if n not in prof.class_names]
         if unknown:
             raise DataError(f"{data}: class folders {', '.join(unknown)} are not classes of the "
@@ -516,7 +656,7 @@ def calibration_split(prof: Profile, data=None, input_format=None) -> tuple[Any,
             import numpy as np
 
             remap = np.asarray([prof.class_names.index(n) for n in folder], dtype=np.int64)
-            dataset.labels = torch.from_numpy(remap[dataset.labels.numpy()])
+            dataset.labels = torch.from_numpy(remap[np.asarray(dataset.labels)])
             dataset.class_names = list(prof.class_names)
         return dataset, list(range(len(dataset))), f"{data} ({len(dataset)} images)"
     held = prof.record.get("calibration")
@@ -528,10 +668,12 @@ def calibration_split(prof: Profile, data=None, input_format=None) -> tuple[Any,
     if not folder or not Path(folder).is_dir():
         raise DataError(f"the profile's calibration split was held out of {folder}, which is "
                         "not a directory any more; give calibration images (--calibrate DIR)")
-    dataset = open_images(folder, fmt)
+    dataset = open_images(folder, fmt, transform=transform, workers=workers)
     indices = [int(i) for i in held["indices"]]
-    if (len(dataset) != held["images"] or list(dataset.class_names) != list(prof.class_names)
-            or _images_digest(dataset, indices) != held["sha256"]):
+    digest = None
+    if len(dataset) == held["images"] and list(dataset.class_names) == list(prof.class_names):
+        digest = _images_digest(dataset, indices)
+    if digest is None or digest[0] != held.get("digest", "pixels") or digest[1] != held["sha256"]:
         raise DataError(f"{folder} changed since the profile was computed (its held-out "
                         "calibration images differ); analyse again or give --calibrate DIR")
     return (dataset, indices, f"{len(indices)} images held out of {folder} "

@@ -56,6 +56,8 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value >= 2**31:
+        raise argparse.ArgumentTypeError(f"must be < 2**31, got {value}")
     return value
 
 
@@ -201,8 +203,10 @@ def add_global(p: argparse.ArgumentParser) -> None:
 def add_model(p: argparse.ArgumentParser, required: bool = True, title: str = "model") -> None:
     g = p.add_argument_group(title)
     g.add_argument("--model", required=required, metavar="NAME|MODULE:CALLABLE",
-                   help="torchvision name, mdafx.models name (tiny_cnn, vgg_cifar, resnet_cifar) "
-                        "or package.module:callable returning an nn.Module")
+                   help="an embedded trained CIFAR-10 model (cifar10-vgg, cifar10-resnet20: "
+                        "weights and input format included), a torchvision name, an mdafx.models "
+                        "name (tiny_cnn, vgg_cifar, resnet_cifar) or package.module:callable "
+                        "returning an nn.Module")
     g.add_argument("--model-arg", type=model_arg, action="append", default=[],
                    metavar="KEY=VALUE",
                    help="keyword argument for the model factory (Python literal; repeatable)")
@@ -230,6 +234,63 @@ def add_thresholds(p: argparse.ArgumentParser) -> None:
                        help=f"{layer} {which} in [0, 1) (default {default})")
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def device_spec(text: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (checked against the machine when used)."""
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", text.strip()):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}")
+    return text.strip()
+
+
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def add_runtime(p: argparse.ArgumentParser, autocast: bool = True) -> None:
+    """``--device``, ``--workers`` (and ``--autocast``): where the forward passes run and how
+    many processes decode images."""
+    g = p.add_argument_group("where it runs (data parallel: launch with torchrun "
+                             "--nproc-per-node N)")
+    g.add_argument("--device", type=device_spec, metavar="cpu|cuda[:N]|mps",
+                   help="device of the forward passes (default cpu; under torchrun, cuda means "
+                        "cuda:LOCAL_RANK)")
+    g.add_argument("--workers", type=non_negative_int, metavar="N",
+                   help="DataLoader processes decoding images that are read from disk "
+                        "(default: CPU cores per process - 1, at most 8; 0: in the main "
+                        "process)")
+    if autocast:
+        g.add_argument("--autocast", action="store_true",
+                       help="mixed precision (bfloat16 on CPU, float16 on GPU) for the forward "
+                            "passes that only rank or score images; may reorder near-ties")
+
+
+def add_preprocess(p: argparse.ArgumentParser, recipe: bool = True) -> None:
+    """``--resize``, ``--crop``, ``--interpolation`` (and ``--transforms``): read images of
+    any size."""
+    g = p.add_argument_group("preprocessing (images of any size; default: none, the images "
+                             "must have the model's input size)")
+    g.add_argument("--resize", type=positive_int, metavar="N",
+                   help="resize the shorter side of every image to N pixels (aspect kept)")
+    g.add_argument("--crop", type=size, metavar="N|HxW",
+                   help="centre crop to N x N (or H x W) after --resize; default --input-size "
+                        "when --resize is given")
+    g.add_argument("--interpolation", choices=INTERPOLATIONS, default="bilinear",
+                   help="resampling of --resize (default bilinear)")
+    if recipe:
+        g.add_argument("--transforms", metavar="model|WEIGHTS",
+                       help="the model's own evaluation recipe instead (resize, crop, mean, "
+                            "std, input size): 'model' for a timm model's data config, or a "
+                            "torchvision weights name such as ResNet50_Weights.IMAGENET1K_V2")
+
+
 def add_force(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace existing outputs (regular files only)")
@@ -247,6 +308,52 @@ def progress(args: argparse.Namespace) -> bool:
             and sys.stderr.isatty())
 
 
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress reports (``mdafx.progress``: a bar on a terminal, a status line every 30 s
+    elsewhere), unless --no-progress, --quiet or --json."""
+    return not flag(args, "no_progress") and not flag(args, "quiet") and not flag(args, "json")
+
+
+def preprocess(args: argparse.Namespace, fmt=None):
+    """The ``Preprocess`` of ``--resize/--crop/--interpolation`` (None when neither is given);
+    ``--resize`` alone crops to ``fmt.size``."""
+    from mdafx.data import Preprocess
+
+    resize, crop = getattr(args, "resize", None), getattr(args, "crop", None)
+    if resize is None and crop is None:
+        return None
+    if crop is None and fmt is not None:
+        crop = tuple(fmt.size)
+    return Preprocess(resize, crop, getattr(args, "interpolation", "bilinear"))
+
+
+def recipe(args: argparse.Namespace, num_classes: int | None):
+    """``(Preprocess, InputFormat)`` of ``--transforms`` (None without it): a torchvision
+    weights name, or ``model``: the recipe the built ``--model`` object carries."""
+    spec = getattr(args, "transforms", None)
+    if not spec:
+        return None
+    if any(getattr(args, k, None) for k in ("resize", "crop", "input_size", "mean", "std")):
+        raise UsageError("--transforms gives the resize, crop, input size, mean and std; "
+                         "leave out --resize/--crop/--input-size/--mean/--std")
+    from mdafx.data import model_recipe
+
+    if spec == "model":
+        from mdafx.models import build_model
+
+        found = model_recipe(build_model(args.model, num_classes, args.model_arg))
+        if found is None:
+            raise CliError(f"--transforms model: --model {args.model} carries no data config "
+                           "(a timm model does); give a torchvision weights name or "
+                           "--resize/--crop/--mean/--std")
+        return found
+    return model_recipe(spec)
+
+
+def device(args: argparse.Namespace) -> str | None:
+    return getattr(args, "device", None)
+
+
 def model_given(args: argparse.Namespace) -> bool:
     return any(getattr(args, k, None) for k in ("model", "weights", "model_arg", "num_classes",
                                                  "input_size", "mean", "std"))
@@ -254,9 +361,12 @@ def model_given(args: argparse.Namespace) -> bool:
 
 def input_format(args: argparse.Namespace, fallback: dict | None = None):
     """``InputFormat`` of ``--input-size/--mean/--std``, each defaulting to ``fallback`` (a
-    profile's recorded format), else to CIFAR-10's statistics at 32x32."""
+    profile's recorded format), else to an embedded ``--model``'s card, else to CIFAR-10's
+    statistics at 32x32."""
     from mdafx.data import CIFAR10_MEAN, CIFAR10_STD, InputFormat
+    from mdafx.models import pretrained_input
 
+    fallback = fallback or pretrained_input(getattr(args, "model", None))
     base = InputFormat.from_dict(fallback) if fallback else InputFormat(
         (32, 32), 3, CIFAR10_MEAN, CIFAR10_STD)
     return InputFormat(tuple(args.input_size or base.size), base.channels,
