@@ -61,6 +61,14 @@ heavily pruned candidates).
 
 Deterministic: the grid is fixed and every step is deterministic on CPU for a fixed thread count;
 ``seed`` only orders the re-estimation images (shuffled so that each batch mixes classes).
+
+Where it runs: ``device`` moves the source (and so every candidate cut from it) there for the
+search; the task's calibration images stay in CPU memory and go to the device a batch at a time.
+Re-estimation images are kept in memory while they fit in ``mdafx.data.IN_MEMORY_BYTES`` and
+are read from the dataset for every re-estimation otherwise (the same batches either way).
+Data parallel (``ranks`` of several processes, default the initialised ``torch.distributed``
+group): every rank explores the same candidates and scores its shard of the scoring images,
+and the correct counts are summed, so every rank makes the same choices.
 """
 from __future__ import annotations
 
@@ -71,12 +79,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .data import batches, labels_at
+from .data import IN_MEMORY_BYTES, batches, labels_at
 from .disassembly import Component, cut, resolve_classes, source_analyses
+from .distributed import Ranks, current, on_device
 from .errors import PreconditionError
 from .evaluation import accuracy, logits_of
+from .progress import Progress
 from .instrument import run_pipeline
-from .ir import count_macs, count_params
+from .ir import count_macs, count_params, module_device
 from .passes.channel_groups import ChannelGraph
 from .passes.contributions import Contributions
 from .passes.locate import Thresholds
@@ -103,6 +113,8 @@ GLOBAL_SCALES: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0
 """One global multiplier on all four thresholds (the alternative we measured against)."""
 
 Scale = float | tuple[float, float]
+TOP_K = 3
+"""Candidates a bisecting search scores when only size limits are given (the largest that fit)."""
 
 
 @dataclass(frozen=True)
@@ -353,13 +365,50 @@ def norm_batches(x: torch.Tensor, batch_size: int, seed: int) -> list[torch.Tens
     return list(torch.tensor_split(x[perm], n_batches))
 
 
+class _NormImages:
+    """The batches of :func:`norm_batches` over ``dataset[indices]`` without holding the
+    images: re-iterable, each pass reads the same images in the same batches, on ``device``."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int], batch_size: int, seed: int,
+                 device: torch.device) -> None:
+        idx = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
+        perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))
+        self.parts = torch.tensor_split(idx[perm], -(-len(idx) // batch_size))
+        self.dataset, self.device = dataset, device
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def indices(self) -> list[int]:
+        return [int(i) for part in self.parts for i in part]
+
+    def __iter__(self):
+        for part in self.parts:
+            x, _ = next(iter(batches(self.dataset, part, len(part))))
+            yield x.to(self.device)
+
+
+class _OnDevice:
+    """A list of CPU batches handed out on ``device`` one at a time (re-iterable)."""
+
+    def __init__(self, parts: list[torch.Tensor], device: torch.device) -> None:
+        self.parts, self.device = parts, device
+
+    def __iter__(self):
+        return (x.to(self.device) for x in self.parts)
+
+
 def _recover(gm: fx.GraphModule, comp: Component, plan, cg, recovery: Recovery,
-             norm_x: torch.Tensor | None, fit_x: torch.Tensor | None, batch_size: int,
+             norm_x: torch.Tensor | _NormImages | None, fit_x: torch.Tensor | None, batch_size: int,
              seed: int, name: str) -> None:
     """Run the recovery passes on ``comp`` in place (through the pass manager)."""
     passes = []
     if recovery.norms and norm_x is not None:
-        passes.append(ReestimateNorms(norm_batches(norm_x, batch_size, seed)))
+        device = module_device(comp.module)
+        batched = (norm_x if isinstance(norm_x, _NormImages) else
+                   _OnDevice(norm_batches(norm_x, batch_size, seed), device))
+        passes.append(ReestimateNorms(batched))
         comp.metadata["norms_reestimated_on"] = int(len(norm_x))
     if recovery.reconstruct and fit_x is not None:
         passes.append(ReconstructLayers(gm, kept_channels(gm, plan, cg), fit_x,
@@ -386,7 +435,9 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
                       base: Thresholds = Thresholds(), cg: ChannelGraph | None = None,
                       batch_size: int = 250, source: str = "model",
                       score_all: bool = False, progress: bool = False,
-                      strategy: str | None = None, am=None) -> SearchResult:
+                      strategy: str | None = None, am=None,
+                      device: str | torch.device | None = None,
+                      ranks: Ranks | None = None) -> SearchResult:
     """Explore ``scales`` (multipliers of ``base``, MDA's thresholds) for ``task`` and return the
     component that best fits ``budget`` (module docstring), scored on the images of
     ``calib_dataset`` at ``calib_indices`` whose label is in the task, after ``recovery``.
@@ -395,17 +446,33 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
     of every class). ``len(scales)`` bounds the number of candidates. Candidates are scored
     smallest first; with an accuracy budget, those larger than the first one meeting it are left
     unscored (``meets=None``; the choice is the same), unless ``score_all=True`` (for trade-off
-    curves). ``progress`` shows a tqdm bar naming the task and the candidate.
+    curves). ``progress`` reports the task and the candidate (``mdafx.progress``).
 
     ``strategy``: ``"scan"`` scores candidates smallest first until one meets the accuracy
     budget; ``"bisect"`` (the default with reconstruction, where scoring a candidate costs a
     refit) bisects the candidates sorted by MACs for the smallest one that meets it, scoring
-    about log2(n) of them: the same choice when accuracy grows with MACs, and the table shows
-    exactly which candidates were scored.
-    """
-    import time
+    about log2(n) of them; with only size limits it scores the :data:`TOP_K` largest candidates
+    that fit. Both make the same choice as scoring everything when accuracy grows with MACs,
+    and the table shows exactly which candidates were scored.
 
-    from tqdm.auto import tqdm
+    ``device`` (default: where ``gm`` is) runs the search there; ``gm`` is moved back after.
+    ``ranks``: data-parallel scoring (module docstring).
+    """
+    with on_device(gm, device):
+        return _search(gm, profile, task, calib_dataset, calib_indices, budget,
+                       class_names=class_names, recovery=recovery, norm_indices=norm_indices,
+                       scales=scales, seed=seed, base=base, cg=cg, batch_size=batch_size,
+                       source=source, score_all=score_all, progress=progress,
+                       strategy=strategy, am=am, ranks=ranks or current())
+
+
+def _search(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
+            calib_indices: Sequence[int], budget: Budget, *, class_names, recovery: Recovery,
+            norm_indices, scales, seed: int, base: Thresholds, cg, batch_size: int,
+            source: str, score_all: bool, progress: bool, strategy: str | None, am,
+            ranks: Ranks) -> SearchResult:
+    """:func:`search_thresholds` with ``gm`` already on its device."""
+    import time
 
     started = time.perf_counter()
     scales = DEFAULT_SCALES if scales is None else scales
@@ -449,10 +516,26 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
 
     fit_x = fitting(fit_pos) if recovery.reconstruct else None
 
+    # data-parallel scoring: each rank scores its batches of x_score, the counts are summed
+    mine = ranks.shard(range(len(x_score)), batch_size)
+
+    def task_accuracy(module: torch.nn.Module, what: str, logit_index=None) -> float:
+        def local() -> torch.Tensor:
+            x = x_score if ranks.world == 1 else x_score[mine]
+            logits = logits_of(module, x, batch_size, what=what)
+            if logit_index is not None and len(logits):
+                logits = logits[:, logit_index]
+            if ranks.world == 1:
+                return torch.tensor(accuracy(logits, targets), dtype=torch.float64)
+            hits = (logits.argmax(1) == targets[mine]).sum() if len(logits) else 0
+            return torch.tensor(int(hits), dtype=torch.int64)
+
+        value = ranks.sum(ranks.step(f"scoring {what}", local))
+        return float(value) if ranks.world == 1 else int(value) / len(x_score)
+
     t0 = time.perf_counter()
-    src_logits = logits_of(gm, x_score, batch_size, what="the source model")[:, classes]
+    source_acc = task_accuracy(gm, "the source model", classes)
     floor = time.perf_counter() - t0
-    source_acc = accuracy(src_logits, targets)
     source_params, source_macs = count_params(gm), count_macs(gm)
 
     norm_x = None
@@ -462,7 +545,11 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
         r_idx = calib_indices if norm_indices is None else [int(i) for i in norm_indices]
         if not r_idx:
             raise PreconditionError("no images to re-estimate the norms on")
-        norm_x = load_images(calib_dataset, r_idx, batch_size)
+        probe = next(iter(batches(calib_dataset, r_idx[:1], 1)))[0]
+        if len(r_idx) * probe[0].numel() * probe.element_size() <= IN_MEMORY_BYTES:
+            norm_x = load_images(calib_dataset, r_idx, batch_size)
+        else:  # too many to hold: read them again for every re-estimation
+            norm_x = _NormImages(calib_dataset, r_idx, batch_size, seed, module_device(gm))
 
     # Phase 1 (cheap): every candidate's plan, component, size. Phase 2 (the cost): recovery
     # and scoring, in order of increasing size; with an accuracy budget, a candidate larger
@@ -472,8 +559,9 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
     components: dict[int, Component] = {}
     plans: dict[int, Any] = {}
     seen: dict[bytes, int] = {}
-    bar = tqdm(total=2 * len(scales), desc=f"search {label}", unit="step", disable=not progress)
+    bar = Progress(2 * len(scales), f"search {label}", unit="step", enabled=progress)
     for scale in scales:
+        bar.note(f"cut {scale_text(scale)}")
         bar.update()
         thresholds = scaled_thresholds(base, scale)
         plan = am.get(TaskPlan(classes, thresholds))
@@ -499,12 +587,11 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
     def score(i: int) -> None:
         nonlocal scored
         c, comp = candidates[i], components[i]
-        bar.set_postfix_str(f"{scale_text(c.scale)}, {c.macs_frac:.0%} MACs", refresh=False)
+        bar.note(f"score {scale_text(c.scale)}, {c.macs_frac:.0%} MACs")
         bar.update()
         _recover(gm, comp, plans[i], cg, recovery, norm_x, fit_x, batch_size, seed,
                  f"{source}-search-{i}")
-        logits = logits_of(comp.module, x_score, batch_size, what="a candidate component")
-        c.accuracy = accuracy(logits, targets)
+        c.accuracy = task_accuracy(comp.module, "a candidate component")
         c.acc_drop = 100.0 * (source_acc - c.accuracy)
         c.meets = budget.meets(c.acc_drop, c.params_frac, c.macs_frac)
         scored += 1
@@ -514,10 +601,16 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
     fits = [i for i in distinct if budget.fits(candidates[i].params_frac,
                                                candidates[i].macs_frac)]
     strategy = strategy or ("bisect" if recovery.reconstruct else "scan")
+    # (with only size limits, "bisect" scores the TOP_K largest candidates that fit)
     if strategy not in ("scan", "bisect"):
         raise PreconditionError(f"unknown search strategy {strategy!r}: scan or bisect")
-    bisect = strategy == "bisect" and budget.max_acc_drop is not None and not score_all
-    if bisect:
+    bisect = strategy == "bisect" and not score_all
+    if bisect and budget.max_acc_drop is None:
+        # the most accurate within the size limits: with accuracy growing with MACs, one of
+        # the largest that fit
+        for i in fits[-TOP_K:]:
+            score(i)
+    elif bisect:
         lo, hi = 0, len(fits) - 1
         while lo <= hi:
             mid = (lo + hi) // 2
@@ -540,7 +633,7 @@ def search_thresholds(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
             for i in pool:              # the fallback needs every accuracy
                 if candidates[i].accuracy is None:
                     score(i)
-    bar.total = bar.n
+    bar.total = bar.count  # unscored candidates were skipped, not left undone
     bar.close()
     for c in candidates:
         if c.same_as is not None and candidates[c.same_as].accuracy is not None:
