@@ -114,6 +114,32 @@ def varying_dims(values: torch.Tensor) -> list[int]:
     return out
 
 
+def couple_except(forest: ChannelForest, ids: torch.Tensor, keep: int | Iterable[int] = ()
+                  ) -> torch.Tensor:
+    """Couple ``ids`` along every dim not in ``keep``, so that afterwards their roots vary at
+    most along ``keep``; returns ``ids`` (whose roots changed, not its values).
+
+    >>> f = ChannelForest(); ids = f.fresh((2, 3))
+    >>> couple_except(f, ids, 1) is ids, f.find(ids).tolist()
+    (True, [[1, 2, 3], [1, 2, 3]])
+    """
+    keep = {keep} if isinstance(keep, int) else set(keep)
+    keep = {k % ids.dim() for k in keep} if ids.dim() else set()
+    for d in range(ids.dim()):
+        if d not in keep and ids.shape[d] > 1:
+            forest.union(ids, ids.narrow(d, 0, 1))
+    return ids
+
+
+def one_channel_dim(forest: ChannelForest, ids: torch.Tensor) -> bool:
+    """Couple ``ids`` along every dim but the last along which their roots vary, so that a
+    pruned tensor is a sub-grid of the original; returns whether anything was coupled."""
+    dims = varying_dims(forest.find(ids))
+    for d in dims[:-1]:
+        forest.union(ids, ids.narrow(d, 0, 1))
+    return len(dims) > 1
+
+
 def along(values: torch.Tensor, dim: int, size: int | None = None) -> torch.Tensor:
     """The 1-D profile of ``values`` along ``dim`` (index 0 on every other dim), broadcast to
     ``size`` entries when ``values`` is compressed along ``dim``."""

@@ -20,6 +20,12 @@ outputs ``output`` (or ``output_<i>`` when there are several).
 
 The metadata dict is stored in ``ModelProto.metadata_props``: one string prop per key, its
 value JSON-encoded (``read_onnx_metadata`` reverses it). ``mdafx_version`` is added if missing.
+
+``export_pt2`` writes the same ``torch.export`` program as a ``.pt2`` archive
+(``torch.export.save``) for PyTorch runtimes (``torch.export.load(path).module()``, AOTInductor),
+with the metadata as the extra file ``mdafx.json`` (``read_pt2_metadata``). It is verified the
+same way: the file is loaded back and its outputs compared with the model's at batch 1 and 3.
+Loading a ``.pt2`` file runs pickle (``torch.export.load`` says so): load only files you made.
 """
 
 from __future__ import annotations
@@ -41,14 +47,16 @@ from mdafx.errors import ExportError, PreconditionError
 from mdafx.fileio import atomic_output, check_outputs
 from mdafx.ir import eval_mode
 
-__all__ = ["ExportReport", "export_onnx", "export_program", "onnx_latency", "onnxruntime_logits",
-           "read_onnx_metadata"]
+__all__ = ["ExportReport", "FORMATS", "export", "export_onnx", "export_program", "export_pt2",
+           "onnx_latency", "onnxruntime_logits", "read_onnx_metadata", "read_pt2_metadata"]
 
 INPUT_NAME = "input"
 PARITY_BATCH_SIZES = (1, 3)
 _TWO_GIB = 2**31
 OPSETS = range(18, 24)
 """Opsets the dynamo exporter writes (a request outside them is refused before any work)."""
+FORMATS = ("onnx", "pt2")
+PT2_METADATA = "mdafx.json"  # the extra file of a .pt2 archive that holds the metadata
 
 
 def mdafx_version() -> str:
@@ -89,11 +97,11 @@ class ExportReport:
     """
 
     path: Path
-    opset: int
+    opset: int | None  # None for a .pt2 file
     file_size: int
     max_abs_err: dict[int, float]
     max_rel_err: dict[int, float]
-    exporter: str  # "dynamo" or "torchscript"
+    exporter: str  # "dynamo" or "torchscript" (ONNX), "torch.export" (.pt2)
     fallback_reason: str | None = None
 
     def __str__(self) -> str:
@@ -102,8 +110,8 @@ class ExportReport:
         via = self.exporter
         if self.fallback_reason:
             via += f" (fallback: {self.fallback_reason})"
-        return (f"{self.path}: opset {self.opset}, {self.file_size / 2**20:.2f} MiB, "
-                f"exporter {via}; {errs}")
+        opset = "" if self.opset is None else f"opset {self.opset}, "
+        return f"{self.path}: {opset}{self.file_size / 2**20:.2f} MiB, exporter {via}; {errs}"
 
 
 def export_onnx(
@@ -299,16 +307,27 @@ def _run_onnxruntime(path: Path, inputs: Sequence[np.ndarray]) -> list[list[np.n
 def _parity(model: torch.nn.Module, onnx_path: Path, example_input: torch.Tensor,
             output_names: Sequence[str], rtol: float, atol: float,
             shown_as: Path) -> tuple[dict[int, float], dict[int, float]]:
+    return _compare(model, lambda xs: _run_onnxruntime(onnx_path, [x.detach().cpu().numpy()
+                                                                  for x in xs]),
+                    example_input, output_names, rtol, atol, shown_as, "onnxruntime")
+
+
+def _compare(model: torch.nn.Module, run, example_input: torch.Tensor,
+             output_names: Sequence[str], rtol: float, atol: float, shown_as: Path,
+             runtime: str) -> tuple[dict[int, float], dict[int, float]]:
+    """Worst errors of ``run`` (input batches -> per batch, a list of numpy outputs) against
+    ``model`` at :data:`PARITY_BATCH_SIZES`; any element off raises :class:`ExportError`."""
     abs_errs: dict[int, float] = {}
     rel_errs: dict[int, float] = {}
     failures = []
     inputs = [_random_batch(example_input, batch) for batch in PARITY_BATCH_SIZES]
-    outputs = _run_onnxruntime(onnx_path, [x.detach().cpu().numpy() for x in inputs])
+    outputs = run(inputs)
     for batch, x, got in zip(PARITY_BATCH_SIZES, inputs, outputs):
         with torch.no_grad():
             want = [t.detach().cpu().numpy() for t in _flat(model(x))]
         if len(got) != len(want):
-            raise ExportError(f"{shown_as}: ONNX model has {len(got)} outputs, torch {len(want)}")
+            raise ExportError(f"{shown_as}: the {runtime} model has {len(got)} outputs, torch "
+                              f"{len(want)}")
         abs_errs[batch] = rel_errs[batch] = 0.0
         for name, w, g in zip(output_names, want, got):
             if w.shape != g.shape:
@@ -316,7 +335,7 @@ def _parity(model: torch.nn.Module, onnx_path: Path, example_input: torch.Tensor
                 continue
             if not (np.isfinite(w).all() and np.isfinite(g).all()):
                 failures.append(f"batch {batch} {name}: non-finite outputs (torch "
-                                f"{int((~np.isfinite(w)).sum())}, onnxruntime "
+                                f"{int((~np.isfinite(w)).sum())}, {runtime} "
                                 f"{int((~np.isfinite(g)).sum())} of {w.size})")
                 continue
             diff = np.abs(g.astype(np.float64) - w.astype(np.float64))
@@ -331,7 +350,7 @@ def _parity(model: torch.nn.Module, onnx_path: Path, example_input: torch.Tensor
                 failures.append(f"batch {batch} {name}: {int(bad.sum())}/{bad.size} elements off, "
                                 f"max abs err {max_abs:.3e}, max rel err {max_rel:.3e}")
     if failures:
-        raise ExportError(f"{shown_as}: onnxruntime does not match torch (rtol={rtol}, "
+        raise ExportError(f"{shown_as}: {runtime} does not match torch (rtol={rtol}, "
                           f"atol={atol}); file not written: " + "; ".join(failures))
     return abs_errs, rel_errs
 
@@ -371,18 +390,86 @@ def onnxruntime_logits(path: str | os.PathLike[str], batches) -> torch.Tensor:
                                             for x, *_ in batches]))
 
 
-def export(model, path: str | os.PathLike[str], *, opset: int | None = None,
-           check: bool = True, rtol: float = 1e-3, atol: float = 1e-4,
+def export_pt2(model: torch.nn.Module, path: str | os.PathLike[str],
+               example_input: torch.Tensor, metadata: Mapping[str, Any] | None = None,
+               check: bool = True, rtol: float = 1e-3, atol: float = 1e-4, *,
+               overwrite: bool = False) -> ExportReport:
+    """``model`` as a ``torch.export`` archive at ``path`` (``.pt2``, dynamic batch axis), with
+    ``metadata`` as JSON in its extra file ``mdafx.json``. ``check`` loads the written file
+    back with ``torch.export.load`` and compares its outputs with ``model``'s at batch 1 and 3
+    (``rtol``/``atol`` as for ONNX); a failure raises :class:`ExportError` and leaves no file.
+    Loading a ``.pt2`` runs pickle: load only files you made."""
+    path = Path(path)
+    props = _metadata_props(metadata or {})
+    check_outputs([path], overwrite=overwrite)
+    with eval_mode(model):
+        with torch.no_grad():
+            n_outputs = len(_flat(model(example_input)))
+        names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
+        program = export_program(model, example_input)
+        extra = {PT2_METADATA: json.dumps({k: json.loads(v) for k, v in props.items()},
+                                          sort_keys=True)}
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            try:
+                with open(tmp, "wb") as f:
+                    torch.export.save(program, f, extra_files=extra)
+            except Exception as e:
+                raise ExportError(f"{path}: torch.export.save failed: {type(e).__name__}: "
+                                  f"{_first_line(e)}") from e
+            abs_errs: dict[int, float] = {}
+            rel_errs: dict[int, float] = {}
+            if check:
+                loaded = _load_pt2(tmp, path).module()
+                abs_errs, rel_errs = _compare(
+                    model, lambda xs: [[t.detach().numpy() for t in _flat(loaded(x))]
+                                       for x in xs],
+                    example_input, names, rtol, atol, path, "torch.export.load")
+            size = tmp.stat().st_size
+    return ExportReport(path=path, opset=None, file_size=size, max_abs_err=abs_errs,
+                        max_rel_err=rel_errs, exporter="torch.export")
+
+
+def _load_pt2(path: Path, shown_as: Path, extra_files: dict | None = None):
+    try:
+        with torch.no_grad():
+            return torch.export.load(path, extra_files=extra_files)
+    except Exception as e:
+        raise ExportError(f"{shown_as}: torch.export.load cannot read it: {type(e).__name__}: "
+                          f"{_first_line(e)}") from e
+
+
+def read_pt2_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata :func:`export_pt2` stored in a ``.pt2`` file (``{}`` when it has none).
+    This loads the program, which runs pickle: read only files you made."""
+    extra = {PT2_METADATA: ""}
+    _load_pt2(Path(path), Path(path), extra)
+    text = extra[PT2_METADATA]
+    if isinstance(text, bytes):
+        text = text.decode()
+    return json.loads(text) if text else {}
+
+
+def export(model, path: str | os.PathLike[str], *, format: str = "onnx",
+           opset: int | None = None, check: bool = True, rtol: float = 1e-3, atol: float = 1e-4,
            latency_batches: Sequence[int] = (), threads: int | None = None,
            overwrite: bool = False) -> tuple[ExportReport, dict[int, float]]:
-    """ONNX of a component or assembled model (or any traced GraphModule) with its metadata,
-    verified as :func:`export_onnx` says; with ``latency_batches``, the median onnxruntime
-    latency (ms) at each batch size on ``threads`` intra-op threads."""
+    """A component or assembled model (or any traced GraphModule) with its metadata as ONNX
+    (``format="onnx"``, verified as :func:`export_onnx` says; with ``latency_batches``, the
+    median onnxruntime latency (ms) at each batch size on ``threads`` intra-op threads) or as a
+    ``torch.export`` archive (``format="pt2"``, :func:`export_pt2`; no opset, no latency)."""
     from mdafx.ir import input_shape
 
+    if format not in FORMATS:
+        raise PreconditionError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
+    if format == "pt2" and (opset is not None or latency_batches):
+        raise PreconditionError("an opset and onnxruntime latency go with ONNX, not pt2")
     module = getattr(model, "module", model)
     example = torch.zeros(1, *input_shape(module)[1:])
-    report = export_onnx(module, path, example, metadata=getattr(model, "metadata", None),
+    metadata = getattr(model, "metadata", None)
+    if format == "pt2":
+        return export_pt2(module, path, example, metadata=metadata, check=check, rtol=rtol,
+                          atol=atol, overwrite=overwrite), {}
+    report = export_onnx(module, path, example, metadata=metadata,
                          check=check, opset=opset, rtol=rtol, atol=atol, overwrite=overwrite)
     latency = {b: onnx_latency(path, b, threads=threads) for b in latency_batches}
     return report, latency

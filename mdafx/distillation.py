@@ -28,9 +28,14 @@ Only samples whose label belongs to the task are used (labels map to student pos
 the student is deep-copied, trained (SGD + Nesterov, cosine learning rate, weight decay on
 weights only, BatchNorm in training mode), and the state_dict's keys and shapes are checked to be
 unchanged. Accuracy is reported before and after on a held-out split given by the caller.
+
+Devices: ``device`` runs the student, the teachers and the accuracy passes there (the batches
+are moved there, pinned when it is a GPU); the models given are moved back after and the
+fine-tuned copy is returned on the component's own device.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -44,9 +49,11 @@ from torch import nn
 
 from .assembly import InputAdapter, component_format
 from .data import batches, labels_at, split_per_class
+from .distributed import on_device, resolve_device
 from .errors import InternalError, PreconditionError
 from .evaluation import check_finite
-from .ir import eval_mode
+from .ir import eval_mode, module_device
+from .progress import Progress
 
 __all__ = ["FinetuneReport", "distill", "distillation_loss", "finetune", "teacher_maps"]
 
@@ -123,19 +130,23 @@ def _select(dataset, indices, label_map: Mapping[int, int]) -> tuple[list[int], 
     return [i for i, _ in kept], torch.as_tensor([p for _, p in kept])
 
 
-def _batches(dataset, indices: list[int], targets: torch.Tensor, batch_size: int, **kw):
-    """``(x, target)`` batches of ``dataset[indices]`` (``targets`` aligned with ``indices``)."""
+def _batches(dataset, indices: list[int], targets: torch.Tensor, batch_size: int,
+             device: torch.device = torch.device("cpu"), **kw):
+    """``(x, target)`` batches of ``dataset[indices]`` (``targets`` aligned with ``indices``)
+    on ``device``."""
     target_of = dict(zip(indices, targets.tolist()))
-    for x, _, idx in batches(dataset, indices, batch_size, True, **kw):
-        yield x, torch.as_tensor([target_of[int(i)] for i in idx])
+    cuda = device.type == "cuda"
+    for x, _, idx in batches(dataset, indices, batch_size, True, pin_memory=cuda, **kw):
+        yield (x.to(device, non_blocking=cuda),
+               torch.as_tensor([target_of[int(i)] for i in idx]).to(device))
 
 
 @torch.no_grad()
 def _accuracy(module: nn.Module, dataset, indices: list[int], targets: torch.Tensor,
-              batch_size: int) -> float:
+              batch_size: int, device: torch.device) -> float:
     correct = 0
     with eval_mode(module):
-        for x, y in _batches(dataset, indices, targets, batch_size):
+        for x, y in _batches(dataset, indices, targets, batch_size, device):
             logits = check_finite(module(x), "the fine-tuned model")
             correct += int((logits.argmax(1) == y).sum())
     return correct / len(indices)
@@ -149,7 +160,8 @@ def distill(component_module: nn.Module, teacher_modules_and_class_maps, dataset
              indices: Sequence[int], epochs: int, lr: float, temperature: float = 4.0,
              alpha: float = 0.5, seed: int = 0, *, eval_indices: Sequence[int],
              eval_dataset=None, label_map: Mapping[int, int] | None = None,
-             batch_size: int = 64, weight_decay: float = 5e-4, momentum: float = 0.9
+             batch_size: int = 64, weight_decay: float = 5e-4, momentum: float = 0.9,
+             device: str | torch.device | None = None, progress: bool = False
              ) -> tuple[nn.Module, FinetuneReport]:
     """Fine-tune a copy of ``component_module`` on ``dataset[indices]`` (only the task's
     classes) with the distillation loss of the module docstring; return it (in eval mode) and a
@@ -159,7 +171,8 @@ def distill(component_module: nn.Module, teacher_modules_and_class_maps, dataset
     ``teacher_modules_and_class_maps``: ``[(teacher, class_map)]`` where ``class_map`` is a
     list (teacher logit of student position 0, 1, ...) or a dict ``{position: teacher logit}``.
     ``label_map`` maps dataset labels to student positions (default: teacher logit index =
-    dataset label). The input module is not modified.
+    dataset label). The input module is not modified. ``device`` (default: where the
+    component is) trains there (module docstring); ``progress`` reports every epoch.
     """
     if epochs < 1:
         raise PreconditionError(f"epochs must be >= 1, got {epochs}")
@@ -171,9 +184,25 @@ def distill(component_module: nn.Module, teacher_modules_and_class_maps, dataset
     if eval_dataset is dataset and set(map(int, indices)) & set(map(int, eval_indices)):
         raise PreconditionError("the held-out indices overlap the fine-tuning indices")
 
-    student = copy.deepcopy(component_module)
+    home = module_device(component_module)
+    dev = home if device is None else resolve_device(device)
+    with contextlib.ExitStack() as stack:
+        for teacher, _ in teacher_modules_and_class_maps:
+            stack.enter_context(on_device(teacher, dev))
+        student, report = _distill(copy.deepcopy(component_module).to(dev),
+                                   teacher_modules_and_class_maps, dataset, indices, epochs, lr,
+                                   temperature, alpha, seed, eval_indices, eval_dataset,
+                                   label_map, batch_size, weight_decay, momentum, dev, progress)
+    return student.to(home), report
+
+
+def _distill(student: nn.Module, teacher_modules_and_class_maps, dataset, indices, epochs: int,
+             lr: float, temperature: float, alpha: float, seed: int, eval_indices,
+             eval_dataset, label_map, batch_size: int, weight_decay: float, momentum: float,
+             dev: torch.device, progress: bool) -> tuple[nn.Module, FinetuneReport]:
+    """:func:`distill` with the student (a copy) and the teachers on ``dev``."""
     was = [(m, m.training) for m in (t for t, _ in teacher_modules_and_class_maps)]
-    x_probe = next(batches(dataset, [int(next(iter(indices)))], 1))[0]
+    x_probe = next(batches(dataset, [int(next(iter(indices)))], 1))[0].to(dev)
     with torch.no_grad():
         student.eval()
         width = student(x_probe).shape[1]
@@ -193,7 +222,7 @@ def distill(component_module: nn.Module, teacher_modules_and_class_maps, dataset
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    acc_before = _accuracy(student, eval_dataset, eval_idx, eval_targets, 256)
+    acc_before = _accuracy(student, eval_dataset, eval_idx, eval_targets, 256, dev)
     decay = [p for p in student.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in student.parameters() if p.requires_grad and p.ndim <= 1]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
@@ -211,10 +240,12 @@ def distill(component_module: nn.Module, teacher_modules_and_class_maps, dataset
         t.eval()
     try:
         student.train()
-        for _ in range(epochs):
+        for epoch in range(epochs):
             loss_sum, seen = 0.0, 0
-            for x, y in _batches(dataset, train_idx, train_targets, batch_size, shuffle=True,
-                                 generator=gen, drop_last=drop_last):
+            bar = Progress(steps_per_epoch, f"fine-tune epoch {epoch + 1}/{epochs}",
+                           unit="step", enabled=progress)
+            for x, y in _batches(dataset, train_idx, train_targets, batch_size, dev,
+                                 shuffle=True, generator=gen, drop_last=drop_last):
                 with torch.no_grad():
                     t_logits = [t(x)[:, logits] for t, _, logits in teachers]
                 out = student(x)
@@ -227,6 +258,9 @@ def distill(component_module: nn.Module, teacher_modules_and_class_maps, dataset
                 steps += 1
                 loss_sum += float(loss.detach()) * len(y)
                 seen += len(y)
+                bar.note(f"loss {loss_sum / seen:.3f}")
+                bar.update()
+            bar.close()
             if not math.isfinite(loss_sum):
                 raise PreconditionError(f"fine-tuning diverged (lr={lr}): the loss is not "
                                         "finite; lower --lr")
@@ -241,7 +275,7 @@ def distill(component_module: nn.Module, teacher_modules_and_class_maps, dataset
     if after != before:
         raise InternalError("fine-tuning changed the architecture: state_dict keys/shapes "
                              f"differ ({sorted(set(before) ^ set(after))[:5]} ...)")
-    acc_after = _accuracy(student, eval_dataset, eval_idx, eval_targets, 256)
+    acc_after = _accuracy(student, eval_dataset, eval_idx, eval_targets, 256, dev)
     return student, FinetuneReport(acc_before, acc_after, len(eval_idx), len(train_idx), epochs,
                                    steps, seconds, lr, temperature, alpha, len(teachers),
                                    epoch_losses)
@@ -264,7 +298,8 @@ def teacher_maps(model) -> list[dict[int, int]]:
 
 def finetune(model, dataset, *, epochs: int, teachers: Sequence[nn.Module] | None = None,
              lr: float = 0.01, temperature: float = 4.0, alpha: float = 0.5,
-             holdout: float = 0.1, eval_dataset=None, batch_size: int = 64, seed: int = 0):
+             holdout: float = 0.1, eval_dataset=None, batch_size: int = 64, seed: int = 0,
+             device: str | torch.device | None = None, progress: bool = False):
     """Fine-tune a Component or Assembled model on the images of ``dataset`` (a labelled
     dataset with ``class_names``; folders matched to the model's classes by name) and report
     the accuracy before and after on ``eval_dataset`` or a ``holdout`` share held out of it.
@@ -272,7 +307,8 @@ def finetune(model, dataset, *, epochs: int, teachers: Sequence[nn.Module] | Non
     ``teachers[k]`` is the source model of component k (taking that source's input format):
     distillation from the sources, as MDA §4 suggests. Without teachers the frozen starting
     model is its own teacher (the labels teach; the soft targets keep what it knew), so a file
-    alone is enough. Returns ``(fine-tuned model, FinetuneReport)``; the input is unchanged."""
+    alone is enough. Returns ``(fine-tuned model, FinetuneReport)``; the input is unchanged.
+    ``device`` and ``progress`` as in :func:`distill`."""
     names = list(model.class_names)
     folders = list(getattr(dataset, "class_names", None) or [])
     position = {n: i for i, n in enumerate(names)}
@@ -319,7 +355,8 @@ def finetune(model, dataset, *, epochs: int, teachers: Sequence[nn.Module] | Non
                 pairs.append((teacher, cmap))
     student, report = distill(model.module, pairs, dataset, train_idx, epochs, lr, temperature,
                               alpha, seed, eval_indices=eval_idx, eval_dataset=eval_ds,
-                              label_map=label_map, batch_size=batch_size)
+                              label_map=label_map, batch_size=batch_size, device=device,
+                              progress=progress)
     tuned = copy.copy(model)
     tuned.module = student
     tuned.metadata = {**model.metadata, "finetune": {

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import Ranks, autocast, current, on_device
 from .errors import DataError, PreconditionError
 from .ir import eval_mode, module_device
+from .progress import track
 
 __all__ = ["EvaluationReport", "GuardReport", "accuracy", "guard", "accuracy_rows", "check_finite", "confusion_report",
            "evaluate", "logits_of", "matched_indices", "predict", "task_accuracy"]
@@ -37,14 +39,18 @@ def check_finite(logits: torch.Tensor, what: str = "the model") -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-            what: str = "the model") -> tuple[torch.Tensor, torch.Tensor]:
+            what: str = "the model", use_autocast: bool = False, progress: bool = False,
+            total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All logits (float32, CPU, finite) and labels of ``batches`` under ``model`` in eval mode
-    (every submodule's mode is restored)."""
+    (every submodule's mode is restored), computed where the model is (under
+    ``torch.autocast`` with ``use_autocast``); ``progress`` reports ``total`` batches."""
     device = module_device(model)
     logits, labels = [], []
     with eval_mode(model):
-        for x, y, *_ in batches:
-            logits.append(model(x.to(device)).float().cpu())
+        for x, y, *_ in track(batches, f"evaluate {what}", total=total, enabled=progress):
+            with autocast(device, use_autocast):
+                out = model(x.to(device, non_blocking=True))
+            logits.append(out.float().cpu())
             labels.append(torch.as_tensor(y))
     if not logits:
         raise PreconditionError("predict() got no batches")
@@ -53,13 +59,18 @@ def predict(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor
 
 @torch.no_grad()
 def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 256, *,
-              what: str = "the model") -> torch.Tensor:
-    """``model`` on the rows of ``x`` in slices of ``batch_size`` (eval mode, finite)."""
+              what: str = "the model", use_autocast: bool = False) -> torch.Tensor:
+    """``model`` on the rows of ``x`` in slices of ``batch_size`` (eval mode, finite), where
+    the model is; float32 on the CPU."""
     device = module_device(model)
+    out = []
     with eval_mode(model):
-        out = torch.cat([model(x[s:s + batch_size].to(device)).float().cpu()
-                         for s in range(0, len(x), batch_size)])
-    return check_finite(out, what)
+        for s in range(0, len(x), batch_size):
+            with autocast(device, use_autocast):
+                out.append(model(x[s:s + batch_size].to(device)).float().cpu())
+    if not out:
+        return torch.empty(0, 0)
+    return check_finite(torch.cat(out), what)
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor | Sequence[int]) -> float:
@@ -91,8 +102,13 @@ def task_accuracy(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.n
 def accuracy_rows(logits: torch.Tensor, positions: Sequence[int] | torch.Tensor,
                   class_names: Sequence[str]) -> list[list]:
     """Per-class rows ``[class, samples, correct, accuracy]`` and the overall row."""
+    return _rows(logits.argmax(1), positions, class_names)
+
+
+def _rows(pred: torch.Tensor, positions: Sequence[int] | torch.Tensor,
+          class_names: Sequence[str]) -> list[list]:
+    """:func:`accuracy_rows` from the predicted positions."""
     positions = torch.as_tensor(positions)
-    pred = logits.argmax(1)
     rows = []
     for c, name in enumerate(class_names):
         hit = positions == c
@@ -152,9 +168,9 @@ class EvaluationReport:
 def matched_indices(dataset, class_names: Sequence[str]) -> tuple[list[int], list[int], list[str]]:
     """Indices of the samples whose folder is named like a model class, their model
     positions, and the folder names that are not."""
-    from .data import labels_at
+    from .data import class_names_of, labels_at
 
-    folders = list(getattr(dataset, "class_names", None) or [])
+    folders = class_names_of(dataset) or []
     if not folders:
         raise DataError("the evaluation data must name its classes (an ImageFolder)")
     position = {name: i for i, name in enumerate(class_names)}
@@ -167,38 +183,66 @@ def matched_indices(dataset, class_names: Sequence[str]) -> tuple[list[int], lis
 def evaluate(model: nn.Module, dataset, class_names: Sequence[str], *,
              classes: Sequence[int] | None = None,
              source: nn.Module | None = None, source_classes: Sequence[int] | None = None,
-             batch_size: int = 256, label: str = "model") -> EvaluationReport:
+             batch_size: int = 256, label: str = "model",
+             device: str | torch.device | None = None, use_autocast: bool = False,
+             progress: bool = False, ranks: Ranks | None = None) -> EvaluationReport:
     """Per-class accuracy of ``model`` (logits of ``class_names``, in that order) on the images
     of ``dataset`` whose folder is named like one of its classes (folders matched by name).
 
     ``classes`` (the model's logit index of each class) restricts a wider model, e.g. a source
     scored on a task, to those logits: it predicts over them only. With ``source`` (a source
     model) and ``source_classes`` (its logit index of each class), the source is scored on the
-    same images predicting over those logits only, side by side."""
+    same images predicting over those logits only, side by side.
+
+    ``device`` (default: where each model is) runs the forward passes there, under
+    ``torch.autocast`` with ``use_autocast``; the models are moved back after. With ``ranks``
+    of several processes (default: the initialised ``torch.distributed`` group, if any) each
+    rank scores its shard of the images and the predictions are gathered: every rank returns
+    the same report."""
     from .data import batches
 
+    ranks = ranks or current()
     index, positions, skipped = matched_indices(dataset, class_names)
     if not index:
         raise DataError(f"no data folder is named like a class of {label} "
                         f"({', '.join(class_names)})")
-    logits, _ = predict(model, batches(dataset, index, batch_size), what=label)
-    if classes is not None:
-        if len(classes) != len(class_names):
-            raise PreconditionError(f"{len(classes)} logit indices for {len(class_names)} "
-                                    "class names")
-        if logits.dim() != 2 or not all(0 <= int(c) < logits.shape[1] for c in classes):
-            raise DataError(f"{label}: outputs {tuple(logits.shape[1:])} per sample, too few "
-                            f"for the logit indices {list(classes)}")
-        logits = logits[:, [int(c) for c in classes]]
-    if logits.dim() != 2 or logits.shape[1] != len(class_names):
-        raise DataError(f"{label}: outputs {tuple(logits.shape[1:])} per sample but has "
-                        f"{len(class_names)} class names")
-    source_rows = None
-    if source is not None:
-        src, _ = predict(source, batches(dataset, index, batch_size), what="the source model")
-        source_rows = accuracy_rows(src[:, list(source_classes)], positions, class_names)
-    return EvaluationReport(label, list(class_names), accuracy_rows(logits, positions,
-                                                                     class_names),
+    if classes is not None and len(classes) != len(class_names):
+        raise PreconditionError(f"{len(classes)} logit indices for {len(class_names)} "
+                                "class names")
+    mine = ranks.shard(index, batch_size)
+
+    def scored(module: nn.Module, what: str, logit_index: Sequence[int] | None) -> torch.Tensor:
+        """This rank's predicted positions (over ``logit_index`` only, when given)."""
+        if not mine:
+            return torch.empty(0, dtype=torch.long)
+        with on_device(module, device) as dev:
+            logits, _ = predict(module, batches(dataset, mine, batch_size,
+                                                pin_memory=dev.type == "cuda"),
+                                what=what, use_autocast=use_autocast, progress=progress,
+                                total=-(-len(mine) // batch_size))
+        if logit_index is not None:
+            if logits.dim() != 2 or not all(0 <= int(c) < logits.shape[1] for c in logit_index):
+                raise DataError(f"{what}: outputs {tuple(logits.shape[1:])} per sample, too few "
+                                f"for the logit indices {list(logit_index)}")
+            logits = logits[:, [int(c) for c in logit_index]]
+        if logits.dim() != 2 or logits.shape[1] != len(class_names):
+            raise DataError(f"{what}: outputs {tuple(logits.shape[1:])} per sample but has "
+                            f"{len(class_names)} class names")
+        return logits.argmax(1)
+
+    def local() -> tuple[torch.Tensor, torch.Tensor | None]:
+        pred = scored(model, label, classes)
+        src = None if source is None else scored(source, "the source model",
+                                                 list(source_classes))
+        return pred, src
+
+    pred, src = ranks.step("evaluation", local)
+    if ranks.world > 1:
+        parts = ranks.gather((pred, src))
+        pred = torch.cat([p for p, _ in parts])
+        src = None if source is None else torch.cat([q for _, q in parts])
+    source_rows = None if src is None else _rows(src, positions, class_names)
+    return EvaluationReport(label, list(class_names), _rows(pred, positions, class_names),
                             len(index), skipped, source_rows)
 
 
@@ -233,10 +277,12 @@ class GuardReport:
 
 
 def guard(component, source: nn.Module, calibration, *, batch_size: int = 256,
-          far_below: float = FAR_BELOW_PTS) -> GuardReport:
+          far_below: float = FAR_BELOW_PTS, device: str | torch.device | None = None
+          ) -> GuardReport:
     """Score ``component`` (logits of ``component.classes``, source indices) and ``source`` on
     the calibration images ``(dataset, indices)`` of the component's task, per class, both
-    predicting over the task's logits only, and name what is wrong."""
+    predicting over the task's logits only, and name what is wrong. ``device`` (default:
+    where each model is) runs the forward passes there."""
     from .data import batches, labels_at
 
     dataset, indices = calibration
@@ -246,9 +292,12 @@ def guard(component, source: nn.Module, calibration, *, batch_size: int = 256,
     keep = [i for i, y in zip(indices, labels.tolist()) if y in task]
     if not keep:
         raise DataError(f"no calibration image of the component's classes {task}")
-    comp_logits, y = predict(component.module, batches(dataset, keep, batch_size),
-                             what="the component")
-    src_logits, _ = predict(source, batches(dataset, keep, batch_size), what="the source model")
+    with on_device(component.module, device):
+        comp_logits, y = predict(component.module, batches(dataset, keep, batch_size),
+                                 what="the component")
+    with on_device(source, device):
+        src_logits, _ = predict(source, batches(dataset, keep, batch_size),
+                                what="the source model")
     pos = torch.as_tensor([task.index(int(v)) for v in y])
     comp_pred = comp_logits[:, [where[c] for c in task]].argmax(1)
     src_pred = src_logits[:, task].argmax(1)

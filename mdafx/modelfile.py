@@ -795,7 +795,10 @@ def _load_tensors(path: Path, meta: Mapping[str, str],
                 raise _Invalid(f"tensor {name!r}: read as {t.dtype} {tuple(t.shape)}")
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise _Invalid(f"tensor {name!r} holds NaN or infinite values")
-            tensors[name] = t
+            # NOTE: safetensors may hand out views packed back to back (unaligned); BLAS picks
+            # its kernels by alignment, so such a weight computes a different last bit than the
+            # saved one. A fresh (64-byte aligned) copy makes the round trip bit-exact.
+            tensors[name] = t.clone(memory_format=torch.contiguous_format)
     return tensors
 
 

@@ -45,7 +45,8 @@ def _brief(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:300]}"
 
 __all__ = ["BasicBlock", "ResNetCifar", "TinyCNN", "VGGCifar", "resnet_cifar", "tiny_cnn",
-           "vgg_cifar", "MODELS", "build_model", "build_source", "load_weights"]
+           "vgg_cifar", "MODELS", "PRETRAINED", "build_model", "build_source", "load_weights",
+           "pretrained", "pretrained_card", "save_pretrained"]
 
 
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
@@ -241,8 +242,9 @@ def _resolve_factory(spec: str) -> Callable[..., Any]:
     if spec in torchvision.models.list_models(module=torchvision.models):
         return functools.partial(torchvision.models.get_model, spec, weights=None)
     known = ", ".join(sorted({*_MDAFX_FACTORIES, *MODELS}))
-    raise ModelError(f"--model {spec}: unknown model; use a torchvision classifier name "
-                   f"(e.g. resnet18), an mdafx model ({known}) or package.module:callable")
+    raise ModelError(f"--model {spec}: unknown model; use an embedded trained model "
+                     f"({', '.join(PRETRAINED)}), a torchvision classifier name (e.g. resnet18), "
+                     f"an mdafx model ({known}) or package.module:callable")
 
 
 def _accepts(fn: Callable, name: str) -> bool:
@@ -256,7 +258,10 @@ def _accepts(fn: Callable, name: str) -> bool:
 def build_model(spec: str, num_classes: int | None = None, model_args=(),
                 weights: str | None = None):
     """An ``nn.Module`` in eval mode from ``--model``, ``--model-arg``, ``--num-classes`` and
-    ``--weights`` (module docstring)."""
+    ``--weights`` (module docstring). An embedded model (:data:`PRETRAINED`) comes with its
+    trained weights; ``weights`` then replaces them (same architecture)."""
+    if spec in PRETRAINED:
+        return _build_pretrained(spec, num_classes, model_args, weights)
     factory = _resolve_factory(spec)
     kwargs = dict(model_args)
     if num_classes is not None and "num_classes" not in kwargs and _accepts(factory, "num_classes"):
@@ -273,6 +278,21 @@ def build_model(spec: str, num_classes: int | None = None, model_args=(),
     if weights is not None:
         load_weights(model, weights, spec)
     return model.eval()
+
+
+def _build_pretrained(spec: str, num_classes: int | None, model_args, weights: str | None):
+    if model_args:
+        raise ModelError(f"--model {spec} is an embedded trained model: its architecture is "
+                         "fixed, so it takes no --model-arg")
+    classes = pretrained_card(spec)["classes"]
+    if num_classes is not None and num_classes != len(classes):
+        raise ModelError(f"--model {spec} classifies the {len(classes)} CIFAR-10 classes "
+                         f"({', '.join(classes)}), not {num_classes}; its data needs one folder "
+                         "per class, named like them")
+    model = pretrained(spec)
+    if weights is not None:
+        load_weights(model, weights, spec)
+    return model
 
 
 def build_source(spec: str, num_classes: int | None, model_args, weights: str | None,
@@ -307,6 +327,10 @@ def load_weights(model, path: str | os.PathLike, spec: str = "the model") -> Non
     """Load a ``state_dict`` file (``torch.save``, read with ``weights_only=True``, or a
     ``.safetensors`` file) into ``model``, naming the first key that does not fit."""
     path = Path(path)
+    _fit_state(model, _read_state(path), path, spec)
+
+
+def _read_state(path: Path) -> dict:
     if not path.is_file():
         raise ModelError(f"{path}: weights file not found" if not path.exists()
                        else f"{path}: weights path is not a file")
@@ -325,6 +349,10 @@ def load_weights(model, path: str | os.PathLike, spec: str = "the model") -> Non
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path}: not a state_dict (a dict of tensors); got "
                        f"{type(state).__name__}")
+    return state
+
+
+def _fit_state(model, state: dict, path: Path, spec: str) -> None:
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
     expected = model.state_dict()
@@ -344,4 +372,109 @@ def load_weights(model, path: str | os.PathLike, spec: str = "the model") -> Non
     if extra:
         raise ModelError(f"{path}: weights do not fit --model {spec}: the file has key "
                        f"{extra[0]!r} that the model lacks; {hint}")
-    model.load_state_dict(state, strict=True)
+    # float16 storage (the embedded sources) is widened to the model's float32 here
+    model.load_state_dict({k: v.to(expected[k].dtype) if v.is_floating_point() else v
+                           for k, v in state.items()}, strict=True)
+
+
+# ============================================================================ embedded sources
+#
+# Two CIFAR-10 classifiers ship inside the package (mdafx/sources/, package data), so that a new
+# user has a trained source model without training one: ``--model cifar10-vgg`` on the command
+# line, ``pretrained("cifar10-vgg")`` in Python. Each is a safetensors file of float16 weights
+# (half the size; widened to float32 on load) beside a JSON card: architecture, class names,
+# input format, training recipe and the test accuracy measured *after* that round trip.
+
+SOURCES_DIR = Path(__file__).resolve().parent / "sources"
+PRETRAINED = ("cifar10-vgg", "cifar10-resnet20")
+CARD_FORMAT = "mdafx-pretrained/1"
+_ARCHITECTURES = {"mdafx.models.vgg_cifar": vgg_cifar, "mdafx.models.resnet_cifar": resnet_cifar,
+                  "mdafx.models.tiny_cnn": tiny_cnn}
+
+
+def _card_path(name: str) -> Path:
+    if name not in PRETRAINED:
+        raise ModelError(f"{name!r} is not an embedded model; there are: {', '.join(PRETRAINED)}")
+    return SOURCES_DIR / f"{name.replace('-', '_')}.json"
+
+
+def pretrained_card(name: str) -> dict[str, Any]:
+    """The card of embedded model ``name`` (one of :data:`PRETRAINED`): ``architecture``
+    (``factory``, ``kwargs``), ``classes``, ``input`` (an ``InputFormat.to_dict()``),
+    ``recipe``, ``weights`` (file, storage dtype, sha256) and ``test_accuracy``.
+
+    >>> card = pretrained_card("cifar10-vgg")
+    >>> card["classes"][:3], card["input"]["size"], card["weights"]["dtype"]
+    (['airplane', 'automobile', 'bird'], [32, 32], 'float16')
+    """
+    import json
+
+    path = _card_path(name)
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: the card of embedded model {name} cannot be read (is the "
+                         f"package installed with its data?): {_brief(e)}") from e
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        raise ModelError(f"{path}: not an {CARD_FORMAT} card")
+    return card
+
+
+def pretrained_input(spec: str | None) -> dict | None:
+    """The input format (``InputFormat.to_dict()``) an embedded model's card records, None for
+    any other ``--model``: the CLI's default for ``--input-size/--mean/--std``."""
+    return pretrained_card(spec)["input"] if spec in PRETRAINED else None
+
+
+def pretrained(name: str) -> nn.Module:
+    """Embedded CIFAR-10 source ``name`` (``cifar10-vgg``, ``cifar10-resnet20``) with its
+    trained weights, in eval mode; its card (:func:`pretrained_card`) says how it was trained,
+    what it takes and how well it does. The weights file is checked against the card's sha256.
+    """
+    import hashlib
+
+    card = pretrained_card(name)
+    arch, weights = card["architecture"], card["weights"]
+    factory = _ARCHITECTURES.get(arch.get("factory"))
+    if factory is None:
+        raise ModelError(f"{_card_path(name)}: unknown architecture {arch.get('factory')!r}")
+    path = SOURCES_DIR / weights["file"]
+    if not path.is_file():
+        raise ModelError(f"{path}: the weights of embedded model {name} are missing (is the "
+                         "package installed with its data?)")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != weights["sha256"]:
+        raise ModelError(f"{path}: the weights of embedded model {name} do not match the "
+                         "sha256 on its card (a damaged install: reinstall mdafx)")
+    model = factory(**arch["kwargs"])
+    _fit_state(model, _read_state(path), path, name)
+    return model.eval()
+
+
+def save_pretrained(model: nn.Module, name: str, card: dict[str, Any],
+                    directory: str | os.PathLike = SOURCES_DIR,
+                    dtype: torch.dtype = torch.float16) -> Path:
+    """Write ``model``'s weights as ``<directory>/<name>.safetensors`` (floating tensors stored
+    as ``dtype``) and ``card`` (plus ``format`` and ``weights``) as ``<name>.json`` beside it,
+    both atomically; returns the card's path. How the embedded sources were made."""
+    import hashlib
+    import json
+
+    from safetensors.torch import save_file
+
+    from .fileio import atomic_output
+
+    stem = name.replace("-", "_")
+    directory = Path(directory)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous()
+             for k, v in model.state_dict().items()}
+    weights = directory / f"{stem}.safetensors"
+    with atomic_output(weights, overwrite=True) as tmp:
+        save_file(state, str(tmp))
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    card = {"format": CARD_FORMAT, "name": name, **card,
+            "weights": {"file": weights.name, "dtype": str(dtype).removeprefix("torch."),
+                        "sha256": digest}}
+    card_path = directory / f"{stem}.json"
+    with atomic_output(card_path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(card, indent=2) + "\n")
+    return card_path

@@ -1,9 +1,17 @@
-"""The demo (``mdafx demo``): the whole pipeline on a procedurally generated image set.
+"""The demo (``mdafx demo``): the whole pipeline, on synthetic images or on CIFAR-10 images.
 
-Ten synthetic classes (bars, diagonals, outlines, disk, ring, plus, cross, triangle) at 16x16;
-two small sources of different architectures and input normalisations are trained, a task is
-disassembled from each, logit scales are calibrated on a calibration split, the components are
-assembled and exported to ONNX, and every model is scored on a test split.
+Without data (:func:`demo`): ten synthetic classes (bars, diagonals, outlines, disk, ring, plus,
+cross, triangle) at 16x16; two small sources of different architectures and input
+normalisations are trained, a task is disassembled from each, logit scales are calibrated on a
+calibration split, the components are assembled and exported to ONNX, and every model is scored
+on a test split.
+
+With ``data`` (:func:`demo_pretrained`): the two embedded CIFAR-10 sources
+(``mdafx.models.pretrained``: a VGG and a ResNet-20, no training), on a scaled-down copy of the
+user's CIFAR-10 ImageFolder: each is analysed on ``train_per_class`` training images per class
+(a tenth held out for calibration), one task is cut from each with the default recipe, the two
+components are assembled with joint logit calibration, exported to ONNX, and scored on
+``test_per_class`` test images per class.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import torch
 from . import artifacts
 from .assembly import assemble, calibrate
 from .data import ArrayDataset, ImageArrays, InputFormat, batches
+from .errors import DataError
 from .deployment import export_onnx, onnxruntime_logits
 from .disassembly import cut
 from .evaluation import accuracy, matched_indices, predict, task_accuracy
@@ -28,11 +37,16 @@ from .models import resnet_cifar, tiny_cnn
 from .profiling import profile
 from .training import train_classifier
 
-__all__ = ["DEMO_CLASSES", "DEMO_TASKS", "DemoReport", "demo", "synthetic_shapes"]
+__all__ = ["DEMO_CLASSES", "DEMO_TASKS", "PRETRAINED_TASKS", "DemoReport", "demo",
+           "demo_pretrained", "subset_imagefolder", "synthetic_shapes"]
 
 DEMO_CLASSES = ("hbar", "vbar", "diag", "anti", "square", "disk", "ring", "plus", "cross", "tri")
 DEMO_TASKS = (("disk", "ring", "square"), ("plus", "cross", "tri"))
 DEMO_SIZE = 16
+PRETRAINED_TASKS = (("cifar10-vgg", ("automobile", "truck")),
+                    ("cifar10-resnet20", ("cat", "dog")))
+"""What the data demo cuts: a task from each embedded source (two architectures)."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
 
 
 def synthetic_shapes(per_class: int, size: int = DEMO_SIZE, seed: int = 0):
@@ -112,9 +126,15 @@ def _matched(dataset, names) -> tuple[list[int], list[int]]:
 
 
 def demo(out: str | os.PathLike | None = None, *, seed: int = 0, epochs: int = 4,
-         train_per_class: int = 150, images: bool = True, progress: bool = False) -> DemoReport:
-    """Run the demo into ``out`` (default: a new temporary folder); see the module docstring."""
+         train_per_class: int = 150, images: bool = True, progress: bool = False,
+         data: str | os.PathLike | None = None, test_per_class: int = 100) -> DemoReport:
+    """Run the demo into ``out`` (default: a new temporary folder); see the module docstring.
+    With ``data`` it is :func:`demo_pretrained` (``epochs`` and ``images`` do not apply)."""
     from tqdm.auto import tqdm
+
+    if data is not None:
+        return demo_pretrained(data, out, train_per_class=train_per_class,
+                               test_per_class=test_per_class, seed=seed, progress=progress)
 
     started = time.perf_counter()
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix="mdafx-demo-"))
@@ -197,3 +217,148 @@ def demo(out: str | os.PathLike | None = None, *, seed: int = 0, epochs: int = 4
                  asm.params])
     return DemoReport(out, rows, str(report), sorted(out.iterdir()),
                       time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------------- on CIFAR-10 images
+
+
+def _splits_of(data: Path) -> tuple[Path, Path]:
+    """``(train, test)`` ImageFolders of ``data``: ``data/{train,test}``, or
+    ``data/cifar10/{train,test}`` (the folder ``MDAFX_DATA`` names)."""
+    for root in (data, data / "cifar10"):
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            return root / "train", root / "test"
+    raise DataError(f"{data}: expected train/ and test/ ImageFolders (or cifar10/train and "
+                    "cifar10/test) in it, one folder per CIFAR-10 class")
+
+
+def subset_imagefolder(src: str | os.PathLike, parts: dict[str | os.PathLike, int],
+                       classes: list[str], seed: int = 0) -> dict[Path, int]:
+    """Copy a seeded sample of every class folder of ``src`` (``classes``, exactly its folders)
+    into each folder of ``parts`` (``{dst: per_class}``), disjoint between parts and the files
+    unchanged (``dst/<class>/<file>``); returns the images copied per part. A class with fewer
+    images fills the parts in order."""
+    import random
+    import shutil
+
+    src = Path(src)
+    folders = sorted(p.name for p in src.iterdir() if p.is_dir())
+    if folders != sorted(classes):
+        raise DataError(f"{src}: its class folders ({', '.join(folders) or 'none'}) are not "
+                        f"the classes of the embedded sources ({', '.join(classes)})")
+    copied = {Path(dst): 0 for dst in parts}
+    for name in classes:
+        files = sorted(p for p in (src / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{src / name}: no image files")
+        picked = random.Random(f"{seed}:{name}").sample(files, min(sum(parts.values()),
+                                                                   len(files)))
+        for dst, n in parts.items():
+            taken, picked = sorted(picked[:n]), picked[n:]
+            (Path(dst) / name).mkdir(parents=True, exist_ok=True)
+            for path in taken:
+                shutil.copyfile(path, Path(dst) / name / path.name)
+            copied[Path(dst)] += len(taken)
+    return copied
+
+
+def demo_pretrained(data: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                    train_per_class: int = 100, test_per_class: int = 100, seed: int = 0,
+                    progress: bool = False) -> DemoReport:
+    """The demo on the embedded CIFAR-10 sources and ``data`` (module docstring): copies
+    ``train_per_class`` training images per class to ``out/data/train`` (analysed; a tenth held
+    out for the disassembly search), a fifth as many more to ``out/data/calib`` (assembly's
+    logit calibration) and ``test_per_class`` test images to ``out/data/test``, then writes
+    both profiles, the two component files, the assembled model and its ONNX file into ``out``
+    and scores every model on the test images."""
+    from tqdm.auto import tqdm
+
+    from .assembly import calibrate_jointly
+    from .data import open_images
+    from .models import build_source, pretrained_card
+    from .profiling import analyse, calibration_split
+    from .recipes import disassemble
+
+    started = time.perf_counter()
+    train_dir, test_dir = _splits_of(Path(data))
+    out = Path(out) if out else Path(tempfile.mkdtemp(prefix="mdafx-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    names = pretrained_card(PRETRAINED_TASKS[0][0])["classes"]
+    folders = {split: out / "data" / split for split in ("train", "calib", "test")}
+    subset_imagefolder(train_dir, {folders["train"]: train_per_class,
+                                   folders["calib"]: max(2, train_per_class // 5)}, names, seed)
+    subset_imagefolder(test_dir, {folders["test"]: test_per_class}, names, seed)
+    per_class = max(1, min(50, train_per_class // 5))  # MDA's 1% of a class is 1 image here
+
+    sources, components = [], []
+    bar = tqdm(total=2 * len(PRETRAINED_TASKS) + 1, desc="demo", disable=not progress)
+    for k, (spec, task) in enumerate(PRETRAINED_TASKS):
+        fmt = InputFormat.from_dict(pretrained_card(spec)["input"])
+        gm = build_source(spec, len(names), (), None, fmt)
+        bar.set_description(f"analyse {spec}")
+        prof = analyse(gm, folders["train"], fmt, per_class=per_class, seed=seed,
+                       source={"model": spec, "model_args": [], "weights": None})
+        prof.save(out / f"{spec}.profile", overwrite=True)
+        bar.update()
+        bar.set_description(f"disassemble {spec}")
+        calib, calib_idx, _ = calibration_split(prof, None, fmt)
+        comp = disassemble(gm, prof, list(task), recipe="default",
+                           calibration=(calib, calib_idx), source=spec)
+        path = out / f"component{k}_{spec}_{'-'.join(task)}.mdafx"
+        artifacts.save(comp, path, overwrite=True, metadata={
+            "model": spec, "model_args": [], "weights": None, "num_classes_source": len(names)})
+        components.append(artifacts.load_component(path))  # from the file, as assemble does
+        sources.append((spec, gm, fmt))
+        bar.update()
+    bar.set_description("assemble")
+    calib = open_images(folders["calib"], InputFormat.from_dict(components[0].metadata["input"]))
+    results, _ = calibrate(components, calib)
+    flat, offsets, images = calibrate_jointly(components, calib,
+                                              init=[r.factors for r in results])
+    asm = assemble(components, list(flat.split([len(c.classes) for c in components])),
+                   offsets=offsets)
+    asm.metadata["calibration"] = {"method": "joint", "images": images,
+                                   "data": str(folders["calib"])}
+    asm_path, onnx_path = out / "assembled.mdafx", out / "assembled.onnx"
+    artifacts.save(asm, asm_path, overwrite=True)
+    report = export_onnx(asm.module, onnx_path, asm.input_format.example(),
+                         metadata=asm.metadata, overwrite=True)
+    bar.update()
+    bar.close()
+
+    rows = _score_pretrained(sources, components, asm, onnx_path, folders["test"])
+    return DemoReport(out, rows, str(report), sorted(p for p in out.iterdir() if p.is_file()),
+                      time.perf_counter() - started)
+
+
+def _score_pretrained(sources, components, asm, onnx_path: Path, test_dir: Path) -> list[list]:
+    from .data import open_images
+
+    rows = []
+    for (spec, gm, fmt), comp in zip(sources, components):
+        ds = open_images(test_dir, fmt)
+        logits, labels = predict(gm, batches(ds, None, 256))
+        rows.append([spec, "all 10", len(labels), accuracy(logits, labels), count_params(gm)])
+        index, positions = _matched(ds, comp.class_names)
+        rows.append([f"{spec} on its task", ",".join(comp.class_names), len(index),
+                     task_accuracy(logits[index], labels[index], comp.classes), None])
+        comp_logits, _ = predict(comp.module, batches(ds, index, 256))
+        rows.append([f"component of {spec}", ",".join(comp.class_names), len(index),
+                     accuracy(comp_logits, positions), comp.params])
+    shared = open_images(test_dir, asm.input_format)
+    index, positions = _matched(shared, asm.class_names)
+    folders = list(shared.class_names)
+    union = [folders.index(n) for n in asm.class_names]
+    both = f"{len(union)}: both tasks"
+    for spec, gm, fmt in sources:  # what one source does on the union task
+        ds = open_images(test_dir, fmt)
+        logits, labels = predict(gm, batches(ds, index, 256))
+        rows.append([f"{spec} on both tasks", both, len(index),
+                     task_accuracy(logits, labels, union), None])
+    logits, _ = predict(asm.module, batches(shared, index, 256))
+    rows.append(["assembled, calibrated", both, len(index), accuracy(logits, positions),
+                 asm.params])
+    rows.append(["assembled, calibrated, onnxruntime", both, len(index),
+                 accuracy(onnxruntime_logits(onnx_path, batches(shared, index, 256)), positions),
+                 asm.params])
+    return rows

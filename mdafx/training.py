@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from mdafx.data import ArrayDataset
+from mdafx.distributed import on_device
 from mdafx.errors import PreconditionError
+from mdafx.progress import Progress
 
 __all__ = ["train_classifier"]
 
@@ -52,6 +54,7 @@ def train_classifier(
     channels_last: bool = False,
     indices: Sequence[int] | np.ndarray | None = None,
     on_epoch_end=None,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on ``train_ds`` (optionally restricted to ``indices``).
 
@@ -61,14 +64,25 @@ def train_classifier(
     ``channels_last`` runs the convs in NHWC (faster with oneDNN on CPU); the model is returned
     in the default memory format. ``on_epoch_end(epoch, stats)`` is called after each epoch
     with ``stats = {"loss", "train_acc", "seconds", "cpu_seconds"}`` (wall and process CPU
-    time; they differ when other processes compete for the cores). Returns the model, in eval mode.
+    time; they differ when other processes compete for the cores). ``device`` (default: where
+    the model is) trains there and moves the model back after; ``progress`` reports every
+    epoch (``mdafx.progress``). Returns the model, in eval mode.
     """
-    import time
-
-    from tqdm.auto import tqdm
-
     if epochs < 1:
         raise PreconditionError(f"epochs must be >= 1, got {epochs}")
+    with on_device(model, device) as dev:
+        return _train(model, train_ds, epochs, lr, batch_size, weight_decay, seed, progress,
+                      label_smoothing, momentum, warmup_frac, channels_last, indices,
+                      on_epoch_end, dev)
+
+
+def _train(model: nn.Module, train_ds: ArrayDataset, epochs: int, lr: float, batch_size: int,
+           weight_decay: float, seed: int, progress: bool, label_smoothing: float,
+           momentum: float, warmup_frac: float, channels_last: bool, indices, on_epoch_end,
+           device: torch.device) -> nn.Module:
+    """:func:`train_classifier` with the model on ``device``."""
+    import time
+
     n = len(train_ds) if indices is None else len(indices)
     steps_per_epoch = n // batch_size
     if steps_per_epoch < 1:
@@ -98,16 +112,11 @@ def train_classifier(
     for epoch in range(epochs):
         t0, c0 = time.perf_counter(), time.process_time()
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(
-            train_ds.batches(batch_size, indices, shuffle=True, generator=gen, drop_last=True,
-                             channels_last=channels_last),
-            total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{epochs}",
-            disable=not progress,
-            leave=True,
-            mininterval=2.0,
-        )
-        for x, y in bar:
+        bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", unit="step",
+                       enabled=progress)
+        for x, y in train_ds.batches(batch_size, indices, shuffle=True, generator=gen,
+                                     drop_last=True, channels_last=channels_last):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             out = model(x)
             loss = loss_fn(out, y)
             opt.zero_grad(set_to_none=True)
@@ -117,8 +126,9 @@ def train_classifier(
             loss_sum += loss.item() * len(y)
             correct += int((out.argmax(1) == y).sum())
             seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                            lr=f"{sched.get_last_lr()[0]:.3g}", refresh=False)
+            bar.note(f"loss {loss_sum / seen:.3f}, acc {correct / seen:.3f}, "
+                     f"lr {sched.get_last_lr()[0]:.3g}")
+            bar.update()
         bar.close()
         if not math.isfinite(loss_sum):
             raise PreconditionError(f"training diverged in epoch {epoch + 1} (lr={lr})")

@@ -32,6 +32,11 @@ comes from ``i``, summed over all output positions, without bias, before any nor
       c[o,i](x) = Σ_t W[o,i] · x[t,i] = W[o,i] · Σ_t x[t,i]
 
   i.e. the same form with ``K = 1`` and ``S[i] = Σ_t x[t,i]``.
+- A layer whose input folds each sample's windows into the batch dim (window attention:
+  ``B·nW`` rows, sample-major) sums a sample's rows into its ``S`` (``S`` is linear in x).
+- A layer called at several nodes (a shared module) adds every call: ``A`` is defined per
+  weight, and the same weights mix the same channels at every call; a functional layer
+  (``F.conv2d``/``F.linear`` on a parameter, keyed by its node) is one call.
 
 Per class ``c`` over the samples of that class (ReLU after the spatial / token sum)::
 
@@ -98,6 +103,7 @@ from tqdm.auto import tqdm
 from mdafx.errors import InternalError, PreconditionError
 from mdafx.ir import eval_mode, module_device
 from mdafx.passmanager import Analysis, AnalysisManager
+from mdafx.rules import WeightedLayer, weighted_layer
 
 __all__ = [
     "CHUNK_BYTES",
@@ -105,11 +111,14 @@ __all__ = [
     "Contributions",
     "FactoredContribution",
     "accumulate",
+    "as_layer",
     "class_contributions",
+    "graph_layers",
     "conv_padding",
     "densify",
     "naive_contributions",
     "naive_sample_contributions",
+    "resolve_layer",
     "resolve_layers",
     "sample_contributions",
     "weighted_layers",
@@ -118,7 +127,6 @@ __all__ = [
 CHUNK_BYTES: int = 256 * 2**20
 """Default budget for the per-sample ``[b, O, I/g]`` contribution block of one layer."""
 
-WeightedLayer = nn.Conv2d | nn.Linear
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -126,42 +134,77 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # layers
 
 
-def weighted_layers(gm: torch.fx.GraphModule) -> list[str]:
-    """Targets of the ``call_module`` nodes whose module is ``nn.Conv2d`` or ``nn.Linear``.
+def as_layer(mod: nn.Module | WeightedLayer, name: str = "") -> WeightedLayer:
+    """The :class:`~mdafx.rules.WeightedLayer` of an ``nn.Conv2d`` / ``nn.Linear`` (a layer is
+    returned as is); PreconditionError for anything else."""
+    if isinstance(mod, WeightedLayer):
+        return mod
+    if isinstance(mod, nn.Conv2d):
+        return WeightedLayer(name, "conv", mod.weight, mod.bias, tuple(mod.kernel_size),
+                             tuple(mod.stride), mod.padding if isinstance(mod.padding, str)
+                             else tuple(mod.padding), tuple(mod.dilation), mod.groups,
+                             mod.padding_mode, mod, type(mod).__name__)
+    if isinstance(mod, nn.Linear):
+        return WeightedLayer(name, "linear", mod.weight, mod.bias, module=mod,
+                             type_name=type(mod).__name__)
+    raise PreconditionError(f"layer {name!r}: {type(mod).__name__} is not a Conv2d or Linear")
 
-    Graph order; a module called from several nodes is listed once (at its first call) and
-    rejected later by :func:`contributions`, whose ``A`` is defined per layer, not per call.
-    Raises ``PreconditionError`` naming the layer for a padding mode this module cannot reproduce.
-    """
-    names: list[str] = []
-    seen: set[str] = set()
+
+def graph_layers(gm: torch.fx.GraphModule) -> dict[str, WeightedLayer]:
+    """Every weighted layer of ``gm`` by key (graph order): the conv/linear modules (by path;
+    one entry for a module called at several nodes) and the ``F.conv2d`` / ``F.linear`` calls
+    on parameters (by node name), as their channel rules describe them
+    (``mdafx.rules.weighted_layer``)."""
+    out: dict[str, WeightedLayer] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_module" or node.target in seen:
-            continue
-        mod = gm.get_submodule(node.target)
-        if isinstance(mod, (nn.Conv2d, nn.Linear)):
-            _check_supported(node.target, mod)
-            names.append(node.target)
-            seen.add(node.target)
-    return names
+        layer = weighted_layer(node, gm)
+        if layer is not None and layer.key not in out:
+            out[layer.key] = layer
+    return out
 
 
-def _check_supported(name: str, mod: nn.Module) -> None:
-    if isinstance(mod, nn.Conv2d) and mod.padding_mode not in _PADDING_MODES:
+def weighted_layers(gm: torch.fx.GraphModule) -> list[str]:
+    """Keys of :func:`graph_layers`: module paths and functional node names, graph order.
+
+    A module called from several nodes is listed once; its contributions are the sum over its
+    calls (:func:`class_contributions`). Raises ``PreconditionError`` naming the layer for a
+    padding mode this module cannot reproduce.
+    """
+    layers = graph_layers(gm)
+    for name, layer in layers.items():
+        _check_supported(name, layer)
+    return list(layers)
+
+
+def resolve_layer(model: nn.Module, name: str) -> WeightedLayer:
+    """The weighted layer called ``name`` in ``model``: a functional layer of a GraphModule, or
+    the conv/linear submodule at that path."""
+    if isinstance(model, torch.fx.GraphModule):
+        layer = graph_layers(model).get(name)
+        if layer is not None:
+            return layer
+    try:
+        return as_layer(model.get_submodule(name), name)
+    except AttributeError:
+        raise PreconditionError(f"the model has no weighted layer {name!r}") from None
+
+
+def _check_supported(name: str, mod: nn.Module | WeightedLayer) -> None:
+    layer = as_layer(mod, name)
+    if layer.kind == "conv" and layer.padding_mode not in _PADDING_MODES:
         raise PreconditionError(
-            f"layer {name!r}: Conv2d padding_mode={mod.padding_mode!r} is not supported "
+            f"layer {name!r}: Conv2d padding_mode={layer.padding_mode!r} is not supported "
             f"(supported: {', '.join(_PADDING_MODES)})"
         )
-    if not isinstance(mod, (nn.Conv2d, nn.Linear)):
-        raise PreconditionError(f"layer {name!r}: {type(mod).__name__} is not a Conv2d or Linear")
 
 
-def conv_padding(mod: nn.Conv2d) -> tuple[int, int, int, int]:
+def conv_padding(mod: nn.Conv2d | WeightedLayer) -> tuple[int, int, int, int]:
     """``(top, bottom, left, right)`` padding that ``mod`` applies, string paddings included.
 
     ``'same'`` pads ``d·(k−1)`` in total per dim, ``⌊total/2⌋`` before and the rest after, as
     ``nn.Conv2d`` does; ``'valid'`` pads nothing.
     """
+    mod = as_layer(mod)
     if isinstance(mod.padding, str):
         if mod.padding == "valid":
             return (0, 0, 0, 0)
@@ -192,7 +235,7 @@ def _tap_slice(size: int, out_size: int, pad: int, stride: int, offset: int) -> 
     return slice(first + lo * stride, first + hi * stride + 1, stride)
 
 
-def _box_sums(mod: nn.Conv2d, x: Tensor) -> Tensor:
+def _box_sums(mod: WeightedLayer, x: Tensor) -> Tensor:
     """``S[b, i, k] = Σ_{h,w} unfold(x)[b, i, k, h, w]`` of a conv input ``x``: ``[B, I, K]``."""
     (kh, kw), (sh, sw), (dh, dw) = mod.kernel_size, mod.stride, mod.dilation
     top, bottom, left, right = conv_padding(mod)
@@ -239,7 +282,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 def _input_sums(mod: WeightedLayer, x: Tensor) -> Tensor:
     """Per-sample ``S``: ``[B, I, K]`` (conv) or ``[B, I, 1]`` (linear, tokens summed)."""
     x = x.detach().to(_compute_dtype(x))
-    if isinstance(mod, nn.Conv2d):
+    if mod.kind == "conv":
         if x.dim() != 4:
             raise PreconditionError(f"Conv2d contributions need a batched [B, C, H, W] input, got "
                              f"{tuple(x.shape)}")
@@ -253,17 +296,18 @@ def _input_sums(mod: WeightedLayer, x: Tensor) -> Tensor:
 def _weight_blocks(mod: WeightedLayer, dtype: torch.dtype) -> tuple[Tensor, int]:
     """``W`` as ``[g, O/g, I/g, K]`` in ``dtype`` and the number of groups ``g``."""
     w = mod.weight.detach().to(dtype)
-    groups = mod.groups if isinstance(mod, nn.Conv2d) else 1
+    groups = mod.groups
     out_ch, in_per_group = w.shape[0], w.shape[1]
     return w.reshape(groups, out_ch // groups, in_per_group, -1), groups
 
 
-def sample_contributions(mod: WeightedLayer, x: Tensor, dtype: torch.dtype = torch.float32
-                         ) -> Tensor:
+def sample_contributions(mod: nn.Module | WeightedLayer, x: Tensor,
+                         dtype: torch.dtype = torch.float32) -> Tensor:
     """Pre-ReLU ``c[b, o, j]`` for every sample of ``x`` (the layer input): ``[B, O, I/g]``.
 
     Materialises the whole block: for tests and small inputs; :func:`contributions` streams.
     """
+    mod = as_layer(mod)
     wb, groups = _weight_blocks(mod, dtype)
     s = _input_sums(mod, x).to(dtype)
     s = s.reshape(s.shape[0], groups, -1, s.shape[-1])  # [B, g, I/g, K]
@@ -271,14 +315,15 @@ def sample_contributions(mod: WeightedLayer, x: Tensor, dtype: torch.dtype = tor
     return c.reshape(s.shape[0], -1, wb.shape[2])
 
 
-def naive_sample_contributions(mod: WeightedLayer, x: Tensor) -> Tensor:
+def naive_sample_contributions(mod: nn.Module | WeightedLayer, x: Tensor) -> Tensor:
     """The reference's formula: materialise ``unfold`` and the ``B×O×I×H×W`` product, then sum.
 
     Returns the pre-ReLU ``[B, O, I/g]`` in the input's (promoted) dtype.
     """
+    mod = as_layer(mod)
     x = x.detach().to(_compute_dtype(x))
     w = mod.weight.detach().to(x.dtype)
-    if isinstance(mod, nn.Linear):
+    if mod.kind == "linear":
         tokens = x.reshape(x.shape[0], -1, 1, x.shape[-1])  # [B, T, 1, I]
         return (tokens * w).sum(1)  # [B, T, O, I] summed over T
     top, bottom, left, right = conv_padding(mod)
@@ -526,8 +571,9 @@ class _CheapLayer:
         # dataset order of each class, whatever the batch size or chunking
         sample_bytes = max(1, x[:1].numel() * x.element_size())
         sums_chunk = max(1, self.chunk_bytes // sample_bytes)
-        sums = torch.cat([_input_sums(self.mod, x[i:i + sums_chunk]).to(self.dtype)
-                          for i in range(0, x.shape[0], sums_chunk)])  # [B, I, K]
+        sums = _fold_rows(torch.cat([_input_sums(self.mod, x[i:i + sums_chunk]).to(self.dtype)
+                                     for i in range(0, x.shape[0], sums_chunk)]),
+                          labels.shape[0])  # [B, I, K]
         order = torch.argsort(labels, stable=True)
         sums, labels = sums[order], labels[order].tolist()
         for start in range(0, len(labels), batch_chunk):
@@ -564,7 +610,7 @@ class _PointwiseLayer:
         self.dtype = dtype
         self.chunk_bytes = chunk_bytes
         self.dense = dense
-        in_ch = mod.weight.shape[1] * (mod.groups if isinstance(mod, nn.Conv2d) else 1)
+        in_ch = mod.weight.shape[1] * mod.groups
         # float64: these are O(C·I) and make A independent of the batching to ~1e-16
         self.pos = torch.zeros(num_classes, in_ch, dtype=torch.float64, device=device)
         self.neg = torch.zeros_like(self.pos)
@@ -572,19 +618,29 @@ class _PointwiseLayer:
     def add(self, x: Tensor, labels: Tensor) -> None:
         sample_bytes = max(1, x[:1].numel() * x.element_size())
         sums_chunk = max(1, self.chunk_bytes // sample_bytes)
-        s = torch.cat([_input_sums(self.mod, x[i:i + sums_chunk])[..., 0]
-                       for i in range(0, x.shape[0], sums_chunk)]).double()  # [B, I]
+        s = _fold_rows(torch.cat([_input_sums(self.mod, x[i:i + sums_chunk])[..., 0]
+                                  for i in range(0, x.shape[0], sums_chunk)]).double(),
+                       labels.shape[0])  # [B, I]
         # one-hot matmul instead of index_add_: deterministic on every device
         onehot = F.one_hot(labels, self.pos.shape[0]).T.double()  # [C, B]
         self.pos += onehot @ s.clamp_min(0)
         self.neg += onehot @ s.clamp_max(0)
 
     def result(self) -> Tensor | FactoredContribution:
-        groups = self.mod.groups if isinstance(self.mod, nn.Conv2d) else 1
+        groups = self.mod.groups
         weight = self.mod.weight.detach()
         factored = FactoredContribution(self.pos, self.neg, weight.reshape(weight.shape[0], -1),
                                         groups, self.dtype)
         return factored.dense() if self.dense else factored
+
+
+def _fold_rows(sums: Tensor, samples: int) -> Tensor:
+    """Per-row sums ``[R, ...]`` of an input whose rows fold each sample into ``R / samples``
+    consecutive rows (window attention: ``B·windows`` rows, sample-major) summed per sample;
+    the sums are linear in the input, so this is the sample's own spatial/token sum."""
+    if sums.shape[0] == samples:
+        return sums
+    return sums.reshape(samples, -1, *sums.shape[1:]).sum(1)
 
 
 def _cheap_layer(mod: WeightedLayer, num_classes: int, dtype: torch.dtype, chunk_bytes: int,
@@ -606,7 +662,8 @@ class _NaiveLayer:
         self.acc = torch.zeros(shape, dtype=dtype, device=device)
 
     def add(self, x: Tensor, labels: Tensor) -> None:
-        c = naive_sample_contributions(self.mod, x).to(self.acc.dtype).relu_()
+        c = _fold_rows(naive_sample_contributions(self.mod, x), labels.shape[0])
+        c = c.to(self.acc.dtype).relu_()
         for label in torch.unique(labels).tolist():
             self.acc[label] += c[labels == label].sum(0)
 
@@ -634,7 +691,9 @@ def _accumulate(model: nn.Module, batches: Iterable[Sequence[Any]], num_classes:
     if forward_batch is not None and forward_batch < 1:
         raise PreconditionError(f"forward_batch must be >= 1, got {forward_batch}")
     device = module_device(model)
-    mods = {name: model.get_submodule(name) for name in layers}
+    found = graph_layers(model) if isinstance(model, torch.fx.GraphModule) else {}
+    mods = {name: found[name] if name in found else resolve_layer(model, name)
+            for name in layers}
     for name, mod in mods.items():
         _check_supported(name, mod)
     workspace = _Workspace()
@@ -643,27 +702,30 @@ def _accumulate(model: nn.Module, batches: Iterable[Sequence[Any]], num_classes:
     counts = torch.zeros(num_classes, dtype=torch.long)
     state: dict[str, Any] = {"labels": None, "calls": {}}
 
+    def feed(name: str, x: Tensor) -> None:
+        # a module called at several nodes adds every call: A is defined per weight, and the
+        # same weights mix the same channels at every call
+        calls = state["calls"]
+        calls[name] = calls.get(name, 0) + 1
+        labels = state["labels"]
+        if x.shape[0] % max(labels.shape[0], 1) or x.shape[0] < labels.shape[0]:
+            raise PreconditionError(
+                f"layer {name!r}: input {tuple(x.shape)} has {x.shape[0]} rows on dim 0 "
+                f"but the batch has {labels.shape[0]} labels (dim 0 must be the sample, or "
+                "the samples' windows, sample-major)")
+        accs[name].add(x, labels)
+
     def hook_for(name: str) -> Callable[..., None]:
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                  out: Any) -> None:
             del mod, out
-            calls = state["calls"]
-            calls[name] = calls.get(name, 0) + 1
-            if calls[name] > 1:
-                raise PreconditionError(
-                    f"layer {name!r} is called more than once per forward; contributions "
-                    "are defined per layer, so shared modules are not supported")
-            x = args[0] if args else kwargs["input"]
-            labels = state["labels"]
-            if x.shape[0] != labels.shape[0]:
-                raise PreconditionError(
-                    f"layer {name!r}: input {tuple(x.shape)} has {x.shape[0]} rows on dim 0 "
-                    f"but the batch has {labels.shape[0]} labels (dim 0 must be the sample)")
-            accs[name].add(x, labels)
+            feed(name, args[0] if args else kwargs["input"])
         return hook
 
-    handles = [mod.register_forward_hook(hook_for(name), with_kwargs=True)
-               for name, mod in mods.items()]
+    functional = {name for name, layer in mods.items() if layer.module is None}
+    handles = [layer.module.register_forward_hook(hook_for(name), with_kwargs=True)
+               for name, layer in mods.items() if layer.module is not None]
+    run = (_Capture(model, functional, feed).run if functional else model)
     try:
         with eval_mode(model), torch.no_grad():
             for batch in tqdm(batches, desc="contributions", unit="batch",
@@ -678,7 +740,7 @@ def _accumulate(model: nn.Module, batches: Iterable[Sequence[Any]], num_classes:
                     part = (x, labels) if step >= labels.shape[0] else (
                         x[start:start + step], labels[start:start + step])
                     state["labels"], state["calls"] = part[1], {}
-                    model(part[0].to(device))
+                    run(part[0].to(device))
                     missing = [name for name in layers if name not in state["calls"]]
                     if missing:
                         raise PreconditionError(f"layers not called in the forward pass: {missing}")
@@ -687,6 +749,22 @@ def _accumulate(model: nn.Module, batches: Iterable[Sequence[Any]], num_classes:
         for handle in handles:
             handle.remove()
     return {name: acc.result().cpu() for name, acc in accs.items()}, counts.tolist()
+
+
+class _Capture(torch.fx.Interpreter):
+    """Runs a GraphModule and hands the input of each functional weighted layer (an
+    ``F.conv2d``/``F.linear`` node, which no module hook sees) to ``feed`` before the node."""
+
+    def __init__(self, gm: torch.fx.GraphModule, names: set[str],
+                 feed: Callable[[str, Tensor], None]) -> None:
+        super().__init__(gm)
+        self.names, self.feed = names, feed
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.name in self.names:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            self.feed(n.name, args[0] if args else kwargs["input"])
+        return super().run_node(n)
 
 
 def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:

@@ -3,7 +3,8 @@
 Given per-class contributions ``A^c[o, i]`` of every weighted layer (passes/contributions.py), the
 masks are propagated backwards over the graph, from ``M^c = onehot(c)`` on the logits:
 
-* weighted layer (conv, linear) with output mask ``M^c``::
+* weighted layer (conv, linear; a module or ``F.conv2d``/``F.linear`` on a parameter, keyed as
+  ``mdafx.rules.WeightedLayer.key``) with output mask ``M^c``::
 
       R^c[o,i] = minmax_i(A^c[o,·])[i]          (over the inputs i that o sees: its group)
       B^c[o,i] = 1[R^c[o,i] > α]
@@ -19,7 +20,8 @@ masks are propagated backwards over the graph, from ``M^c = onehot(c)`` on the l
   same channel id does (so a flattened feature's channel matters if any of its features does,
   and cat/split masks split/join by offsets);
 * element-wise ops of several tensors: each operand gets the output mask, reduced with OR over the
-  dims it is broadcast along;
+  dims it is broadcast along; a matmul (``rule.back``) first ORs the mask over the columns a row
+  of A feeds (the rows a column of B feeds), so attention masks reach q, k and v;
 * a tensor read by several nodes: OR of what each reader asks of it;
 * a barrier (no exact rule): every input channel is kept for every class.
 
@@ -43,7 +45,7 @@ import torch.nn as nn
 
 from mdafx.errors import PreconditionError
 from mdafx.passmanager import Analysis, AnalysisManager
-from mdafx.rules import BY_ID, POSITIONAL, WEIGHTED, lookup
+from mdafx.rules import BY_ID, POSITIONAL, WEIGHTED, lookup, weighted_layer
 from mdafx.passes.channel_groups import ChannelGraph, ChannelGroups
 from mdafx.passes.contributions import Contributions, FactoredContribution
 
@@ -66,7 +68,11 @@ class Thresholds:
                           self.linear_alpha * factor, self.linear_beta * factor)
 
     def for_module(self, module: nn.Module) -> tuple[float, float]:
-        if isinstance(module, nn.Linear):
+        return self.for_kind("linear" if isinstance(module, nn.Linear) else "conv")
+
+    def for_kind(self, kind: str) -> tuple[float, float]:
+        """α, β of a layer of ``kind`` (``WeightedLayer.kind``: "conv" or "linear")."""
+        if kind == "linear":
             return self.linear_alpha, self.linear_beta
         return self.conv_alpha, self.conv_beta
 
@@ -228,29 +234,32 @@ def locate_masks(gm: fx.GraphModule, cg: ChannelGraph,
         rule = lookup(node, gm)
         kind = rule.mask if rule is not None else None
         if kind == WEIGHTED:
-            module = gm.get_submodule(node.target)
-            a = node.args[0]
+            a = node.args[0] if node.args else node.kwargs["input"]
             in_ids = cg.ids[a.name]
-            is_linear = isinstance(module, nn.Linear)
-            out_axis = -1 if is_linear else 1
+            out_axis = rule.out_axis
             m_out = _along_mask(out_mask, out_axis)
-            A = contributions.get(node.target)
+            layer = weighted_layer(node, gm)
+            A = contributions.get(layer.key) if layer is not None else None
             if A is None:
                 in_mask = _full(in_ids, K)
             else:
-                alpha, beta = thresholds.for_module(module)
-                groups = getattr(module, "groups", 1)
-                want = (K, module.weight.shape[0], module.weight.shape[1])
+                alpha, beta = thresholds.for_kind(layer.kind)
+                want = (K, layer.weight.shape[0], layer.weight.shape[1])
                 if tuple(A.shape) != want:
                     raise PreconditionError(
-                        f"contributions of layer {node.target!r} have shape {tuple(A.shape)}, "
+                        f"contributions of layer {layer.key!r} have shape {tuple(A.shape)}, "
                         f"expected {list(want)} (classes, out, in/groups) for its weight")
-                m_in = layer_input_mask(A, m_out, groups, alpha, beta, chunk_bytes=chunk_bytes)
+                m_in = layer_input_mask(A, m_out, layer.groups, alpha, beta,
+                                        chunk_bytes=chunk_bytes)
                 in_mask = _reduce_to(m_in, in_ids, out_axis)
             _or_into(masks, a.name, in_mask)
+            # the weight and bias (when tensors of the graph) carry no class evidence here
         elif kind == POSITIONAL:
-            for a in inputs:
-                _or_into(masks, a.name, _broadcast_back(out_mask, cg.ids[a.name]))
+            pairs = (rule.back(node, out_mask) if rule.back is not None
+                     else [(a, out_mask) for a in inputs])
+            for a, m in pairs:
+                if isinstance(a, fx.Node) and cg.ids.get(a.name) is not None:
+                    _or_into(masks, a.name, _broadcast_back(m, cg.ids[a.name]))
         elif kind == BY_ID or node.op == "call_function" and rule is None:
             for a in inputs:
                 _or_into(masks, a.name, _map_by_id(out_ids, out_mask, cg.ids[a.name]))

@@ -5,14 +5,18 @@ channels stay, and which output logits (``classes``) the pruned model returns, i
 Frozen groups always stay.
 
 For every node whose rule has a ``prune`` step (conv, linear, batch norm, reshape/split/getitem
-constants) the rule rewrites the module or arguments so that, for every tensor ``t`` of the graph,
+constants, ``groups`` of a functional conv) the rule rewrites the module or arguments, and every
+parameter or buffer read by a ``get_attr`` node is sliced along the dims whose channels the plan
+drops (``ChannelGraph.params``), so that, for every tensor ``t`` of the graph,
 
     pruned(x).t == original(x).t[..., kept(t), ...]      (kept positions along t's channel dim)
 
 whenever the dropped channels are zero where they are produced, which is exactly the masked model
 of ``masked_model`` (MDA.md §1.4's oracle). The output keeps the logits of ``classes``, reordered
 by a final ``getitem`` when the kept order differs from the requested one.
-Invalidates everything (shapes and ids change).
+A module called at several nodes is rebuilt once (its channels are coupled across the calls),
+and a tensor is sliced once however many nodes read it; a tensor owned by a rebuilt module is
+left to the module's rule. Invalidates everything (shapes and ids change).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from mdafx.errors import PreconditionError
 from mdafx.errors import InternalError
 from mdafx.ir import META_KEPT
 from mdafx.passmanager import Analysis, AnalysisManager, Pass
-from mdafx.rules import PruneContext, lookup
+from mdafx.rules import PruneContext, lookup, rule_key, slice_parameter
 from mdafx.passes.channel_groups import ChannelGraph, ChannelGroups, _map_ids
 from mdafx.passes.locate import Locate, Thresholds
 
@@ -104,7 +108,7 @@ def finalize_plan(cg: ChannelGraph, keep: torch.Tensor, classes=None) -> Channel
     # A tensor with no channel left would break the graph; keep its first channel.
     for name in cg.tensor_nodes():
         roots = cg.forest.find(cg.ids[name]).reshape(-1)
-        if not bool(keep[roots].any()):
+        if roots.numel() and not bool(keep[roots].any()):
             keep[roots[0]] = True
     return ChannelPlan(keep, classes)
 
@@ -152,6 +156,7 @@ class PruneChannels(Pass):
         roots_of = lambda a: cg.roots(a.name) if isinstance(a, fx.Node) else None  # noqa: E731
         kept_of = lambda a: plan.kept(cg, a.name) if isinstance(a, fx.Node) else None  # noqa: E731
         modified = False
+        rebuilt: set[str] = set()   # modules already pruned (a module called twice: once)
         for node in list(gm.graph.nodes):
             ids = cg.ids.get(node.name)
             if isinstance(ids, torch.Tensor):
@@ -162,17 +167,51 @@ class PruneChannels(Pass):
             rule = lookup(node, gm)
             if rule is None or rule.prune is None or node.name in cg.barriers:
                 continue
+            if node.op == "call_module" and node.target in rebuilt:
+                continue
             before = (node.op, node.target, node.args, node.kwargs)
             module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            base = rule_key(node, gm) if module is not None else None
             try:
-                rule.prune(PruneContext(node, gm, module, kept_of, roots_of))
+                rule.prune(PruneContext(node, gm, module, kept_of, roots_of, base))
             except Exception as e:
                 raise InternalError(f"{rule.name} could not prune {node.format_node()}: "
                                     f"{type(e).__name__}: {e}") from e
             after_module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            if module is not None:
+                rebuilt.add(node.target)
             modified |= before != (node.op, node.target, node.args, node.kwargs) or after_module is not module
+        modified |= _slice_parameters(gm, cg, plan, rebuilt)
         modified |= _select_output(gm, cg, plan)
         return modified
+
+
+def _slice_parameters(gm: fx.GraphModule, cg: ChannelGraph, plan: ChannelPlan,
+                      rebuilt: set[str]) -> bool:
+    """Slice every tensor read by a get_attr node along the dims whose channels the plan drops
+    (once per target; those of modules a rule rebuilt are the rule's)."""
+    modified = False
+    for target, rec in cg.params.items():
+        owner_path, _, attr = target.rpartition(".")
+        if any(owner_path == m or owner_path.startswith(m + ".") for m in rebuilt):
+            continue
+        kept = {d: k for d, k in rec.kept_dims(plan.keep, cg.forest).items() if not bool(k.all())}
+        if not kept:
+            continue
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        old = getattr(owner, attr)
+        if tuple(old.shape) != rec.shape:
+            raise InternalError(f"{target} has shape {tuple(old.shape)}, expected {rec.shape}")
+        new = slice_parameter(old, kept)
+        if isinstance(new, torch.nn.Parameter) or attr in owner._parameters:
+            owner._parameters[attr] = new if isinstance(new, torch.nn.Parameter) else \
+                torch.nn.Parameter(new, requires_grad=False)
+        elif attr in owner._buffers:
+            owner._buffers[attr] = new
+        else:
+            setattr(owner, attr, new)
+        modified = True
+    return modified
 
 
 def _select_output(gm: fx.GraphModule, cg: ChannelGraph, plan: ChannelPlan) -> bool:
@@ -197,8 +236,8 @@ def _append_getitem(gm: fx.GraphModule, index: list[int], name: str) -> bool:
 
 
 def masked_model(gm: fx.GraphModule, plan: ChannelPlan, cg: ChannelGraph) -> fx.GraphModule:
-    """MDA.md §1.4's oracle: ``gm`` with every dropped channel multiplied by zero wherever it
-    appears (same shapes), returning the logits of ``plan.classes`` in that order."""
+    """MDA.md §1.4's oracle: ``gm`` with every dropped channel set to zero wherever it appears
+    (same shapes), returning the logits of ``plan.classes`` in that order."""
     masked = copy.deepcopy(gm)
     graph = masked.graph
     count = 0
@@ -209,14 +248,17 @@ def masked_model(gm: fx.GraphModule, plan: ChannelPlan, cg: ChannelGraph) -> fx.
         kept = plan.kept(cg, node.name)
         if bool(kept.all()):
             continue
-        dtype = node.meta["tensor_meta"].dtype if "tensor_meta" in node.meta else torch.float32
         buffer_name = f"mdafx_mask_{count}"
-        masked.register_buffer(buffer_name, kept.to(dtype))
+        masked.register_buffer(buffer_name, kept.clone())
         count += 1
         with graph.inserting_after(node):
             mask = graph.get_attr(buffer_name)
         with graph.inserting_after(mask):
-            mul = graph.call_function(torch.mul, (node, mask))
+            # where, not a product: a dropped channel is 0 even where the full model has inf
+            # (rsqrt of a zeroed variance), as in the pruned model, which has no such entry
+            zero = False if node.meta.get("tensor_meta") is not None and getattr(
+                node.meta["tensor_meta"], "dtype", None) == torch.bool else 0
+            mul = graph.call_function(torch.where, (mask, node, zero))
         node.replace_all_uses_with(mul, delete_user_cb=lambda user: user is not mul)
     if plan.classes is not None:
         _append_getitem(masked, list(plan.classes), "mdafx_select")

@@ -24,6 +24,10 @@ and running means of existing layers change.
 Targets come from ``source``, a traced source graph whose nodes carry the same names as the
 component's (PruneChannels keeps names), and ``kept``: per weighted node name, the source output
 channels the component kept, in the component's order.
+
+Devices: the source and the component run where their parameters are (the images are moved
+there, a chunk at a time for the source), and the normal equations are accumulated and solved
+in float64 on the component's device.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mdafx.errors import PreconditionError
-from mdafx.ir import eval_mode
+from mdafx.ir import eval_mode, module_device
 from mdafx.passes.channel_groups import ChannelGroups
 from mdafx.passmanager import AnalysisManager, Pass
 
@@ -81,7 +85,7 @@ def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, step: int
     patches = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
     patches = patches[..., ::dh, ::dw]                        # [N, C, Ho, Wo, kh, kw]
     n, c, ho, wo = patches.shape[:4]
-    pos = torch.arange(0, n * ho * wo, step)
+    pos = torch.arange(0, n * ho * wo, step, device=x.device)
     b, rest = pos // (ho * wo), pos % (ho * wo)
     rows = patches[b, :, rest // wo, rest % wo]               # [P, C, kh, kw]
     return rows.reshape(len(pos), -1), y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])[pos]
@@ -98,11 +102,12 @@ def _rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int
 class _Normal:
     """Accumulates ``XᵀX`` and ``XᵀY`` per group (with a ones column for the intercept)."""
 
-    def __init__(self, groups: int, cols: int, outs: int, intercept: bool) -> None:
+    def __init__(self, groups: int, cols: int, outs: int, intercept: bool,
+                 device: torch.device | None = None) -> None:
         d = cols + int(intercept)
         self.groups, self.intercept = groups, intercept
-        self.gram = torch.zeros(groups, d, d, dtype=torch.float64)
-        self.cross = torch.zeros(groups, d, outs, dtype=torch.float64)
+        self.gram = torch.zeros(groups, d, d, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(groups, d, outs, dtype=torch.float64, device=device)
         self.rows = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -125,12 +130,12 @@ class _Normal:
         prior = w0.double()
         if self.intercept:
             prior = torch.cat([prior, (b0 if b0 is not None else
-                                       torch.zeros(w0.shape[0], w0.shape[2])).double()[:, None]],
+                                       w0.new_zeros(w0.shape[0], w0.shape[2])).double()[:, None]],
                               1)
         d = self.gram.shape[1]
         scale = self.gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)   # tr(G) / d
         lam = (ridge * scale)[:, None, None]
-        eye = torch.eye(d, dtype=torch.float64)
+        eye = torch.eye(d, dtype=torch.float64, device=self.gram.device)
         return torch.linalg.solve(self.gram + lam * eye, self.cross + lam * prior)
 
 
@@ -172,7 +177,7 @@ class _Refitter(fx.Interpreter):
         intercept = layer.bias is not None or bn is not None
         w = layer.weight.detach()
         cols = w[0].numel()
-        normal = _Normal(groups, cols, out_ch // groups, intercept)
+        normal = _Normal(groups, cols, out_ch // groups, intercept, w.device)
         per_image = y[0].numel() // out_ch               # output positions (or tokens) per image
         step = max(1, -(-x.shape[0] * per_image // self.max_rows))
         for start in range(0, x.shape[0], self.chunk):
@@ -234,9 +239,10 @@ class ReconstructLayers(Pass):
                     captured[n.name].append(keep(n.name, out))
                 return out
 
+        device = module_device(self.source)
         with eval_mode(self.source), torch.no_grad():
             for start in range(0, len(self.images), self.chunk):
-                Capture(self.source).run(self.images[start:start + self.chunk])
+                Capture(self.source).run(self.images[start:start + self.chunk].to(device))
         return {n: torch.cat(v) for n, v in captured.items()}
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> bool:
@@ -245,6 +251,6 @@ class ReconstructLayers(Pass):
             return False
         refitter = _Refitter(gm, targets, self.ridge, self.chunk, self.max_rows)
         with eval_mode(gm), torch.no_grad():
-            refitter.run(self.images)
+            refitter.run(self.images.to(module_device(gm)))
         self.refitted = refitter.refitted
         return bool(self.refitted)

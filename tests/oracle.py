@@ -30,3 +30,34 @@ def assert_exact(model, example, density, seed=0, classes=None, tol=1e-4, batch=
     assert err <= tol, f"pruned differs from masked model by {err:.3g} (relative)"
     assert count_params(pruned) <= count_params(gm)
     return gm, cg, plan, pruned, err
+
+
+def seeded(model_or_cls, seed=0):
+    """A module (or a class built with no arguments) in eval mode, with random norm statistics
+    and affine parameters, so that no channel is left at an identity that could hide an error."""
+    import torch.nn as nn
+
+    torch.manual_seed(seed)
+    m = model_or_cls() if isinstance(model_or_cls, type) else model_or_cls
+    m.eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is not None:
+                mod.running_mean.normal_(0, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+            if isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+                if getattr(mod, "weight", None) is not None:
+                    mod.weight.uniform_(0.5, 1.5)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.normal_(0, 0.2)
+    return m
+
+
+def cbr(i, o, **kw):
+    """Conv 3×3 (padding 1) -> BatchNorm -> ReLU."""
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, **kw), nn.BatchNorm2d(o), nn.ReLU())
+
+
+DENSITIES = (1.0, 0.6, 0.25)

@@ -226,3 +226,143 @@ def test_dataset_rejects_bad_input():
         ArrayDataset(np.zeros((2, 4, 4, 3), np.float32), np.zeros(2))
     with pytest.raises(ValueError, match="labels shape"):
         ArrayDataset(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(3))
+
+
+# --- preprocessing, streaming, DataLoader batches -------------------------------------------
+
+FMT16 = data.InputFormat((16, 16), 3, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+
+
+def _mixed_folder(root: Path, per_class: int = 10, classes=("ant", "bee", "cat")) -> Path:
+    """``per_class`` PNGs per class, every one of another size (17x23 .. 60x41)."""
+    rng = np.random.default_rng(1)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            w, h = int(rng.integers(17, 61)), int(rng.integers(17, 61))
+            img = rng.integers(0, 100, (h, w, 3), dtype=np.uint8)
+            img[..., c] += 120
+            Image.fromarray(img).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def test_default_cache_dir_follows_xdg_and_mdafx_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("MDAFX_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.default_cache_dir() == tmp_path / "xdg" / "mdafx" / "data"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data.default_cache_dir() == tmp_path / "home" / ".cache" / "mdafx" / "data"
+    monkeypatch.setenv("MDAFX_CACHE", str(tmp_path / "mine"))
+    assert data.default_cache_dir() == tmp_path / "mine" / "data"
+
+
+def test_preprocess_is_torchvisions_weights_transforms():
+    from torchvision.models import ResNet18_Weights
+
+    pre, fmt = data.model_recipe(ResNet18_Weights.IMAGENET1K_V1)
+    assert pre == data.Preprocess(256, (224, 224), "bilinear") and fmt.size == (224, 224)
+    assert data.model_recipe("ResNet18_Weights.IMAGENET1K_V1") == (pre, fmt)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 410, 3), np.uint8))
+    from torchvision.transforms import functional as F
+
+    mine = F.normalize(F.convert_image_dtype(F.pil_to_tensor(pre(img)), torch.float32),
+                       list(fmt.mean), list(fmt.std))
+    assert torch.equal(mine, ResNet18_Weights.IMAGENET1K_V1.transforms()(img))
+    with pytest.raises(DataError, match="not a torchvision weights name"):
+        data.model_recipe("NoSuch_Weights.V1")
+    assert data.model_recipe(torch.nn.Linear(2, 2)) is None
+
+
+def test_preprocess_is_timms_eval_transform():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    pre, fmt = data.model_recipe(model)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    want = timm.data.create_transform(**cfg)
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (260, 333, 3), np.uint8))
+    from torchvision.transforms import functional as F
+
+    mine = F.normalize(F.convert_image_dtype(F.pil_to_tensor(pre(img)), torch.float32),
+                       list(fmt.mean), list(fmt.std))
+    torch.testing.assert_close(mine, want(img), rtol=0, atol=1e-6)
+
+
+def test_preprocess_validates_and_round_trips():
+    pre = data.Preprocess((40, 30), 24, "bicubic")
+    assert pre.crop == (24, 24) and data.Preprocess.from_dict(pre.to_dict()) == pre
+    assert data.Preprocess().identity and not pre.identity
+    for bad in ({"resize": 0}, {"crop": (3, -1)}, {"interpolation": "cubic"}):
+        with pytest.raises(DataError):
+            data.Preprocess(**bad)
+
+
+def test_mixed_sizes_stream_with_a_resize_crop_and_labels_need_no_decoding(tmp_path,
+                                                                          monkeypatch):
+    root = _mixed_folder(tmp_path / "mixed", per_class=4)
+    with pytest.raises(DataError, match=r"images are \d+x\d+ .*give a resize/crop"):
+        data.open_images(root, FMT16)
+
+    def no_decoding(path):
+        raise AssertionError(f"decoded {path}")
+
+    monkeypatch.setattr(data, "_read_rgb", no_decoding)
+    ds = data.open_images(root, FMT16, transform=data.Preprocess(20, 16), workers=0)
+    assert isinstance(ds, data.ImageFolderStream)
+    assert ds.class_names == ["ant", "bee", "cat"] and len(ds) == 12
+    assert ds.labels.tolist() == ds.targets.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert data.labels_at(ds, [11, 0]).tolist() == [2, 0]
+    monkeypatch.undo()
+    x, y = ds[5]
+    assert x.shape == (3, 16, 16) and y == 1
+    no_crop = data.open_images(root, FMT16, transform=data.Preprocess(20), workers=0)
+    with pytest.raises(DataError, match=r"0000?\.png.* after resize the shorter side to 20"):
+        no_crop[0]
+
+
+def test_dataloader_batches_are_the_requested_indices_in_order(tmp_path):
+    root = _mixed_folder(tmp_path / "mixed", per_class=3)
+    ds = data.open_images(root, FMT16, transform=data.Preprocess(16, 16), workers=0)
+    want = torch.stack([ds[i][0] for i in (8, 1, 4, 0, 7)])
+    for workers in (0, 1):
+        got = list(data.batches(ds, [8, 1, 4, 0, 7], 2, True, workers=workers))
+        assert [b[2].tolist() for b in got] == [[8, 1], [4, 0], [7]]
+        assert torch.equal(torch.cat([b[0] for b in got]), want)
+        assert torch.cat([b[1] for b in got]).tolist() == [2, 0, 1, 0, 2]
+    shuffled = [b[2] for b in data.batches(ds, None, 4, True, shuffle=True,
+                                           generator=torch.Generator().manual_seed(0))]
+    assert sorted(torch.cat(shuffled).tolist()) == list(range(9))
+
+
+def test_a_bad_image_read_in_a_worker_is_the_same_one_line_error(tmp_path):
+    root = _mixed_folder(tmp_path / "mixed", per_class=2)
+    (root / "bee" / "001.png").write_bytes(b"not a png")
+    ds = data.open_images(root, FMT16, transform=data.Preprocess(16, 16), workers=1)
+    with pytest.raises(DataError) as e:
+        list(data.batches(ds, None, 2))
+    assert str(e.value).startswith("cannot read image") and "001.png" in str(e.value)
+    assert "Traceback" not in str(e.value)
+
+
+def test_open_images_keeps_the_fast_path_for_small_same_size_folders(tmp_path, monkeypatch):
+    _make_folder(tmp_path / "same", {"a": 3, "b": 2}, size=(16, 16))
+    monkeypatch.setenv("MDAFX_CACHE", str(tmp_path / "cache"))
+    fast = data.open_images(tmp_path / "same", FMT16)
+    assert isinstance(fast, ArrayDataset) and fast.root == (tmp_path / "same").resolve()
+    monkeypatch.setattr(data, "IN_MEMORY_BYTES", 0)  # too big to hold: streamed
+    slow = data.open_images(tmp_path / "same", FMT16, workers=0)
+    assert isinstance(slow, data.ImageFolderStream)
+    for i in range(5):
+        torch.testing.assert_close(slow[i][0], fast[i][0], rtol=0, atol=1e-5)
+        assert slow[i][1] == fast[i][1]
+
+
+def test_stream_files_digest_sees_a_rewritten_image(tmp_path):
+    _make_folder(tmp_path / "f", {"a": 2, "b": 2})
+    ds = data.ImageFolderStream(tmp_path / "f", data.InputFormat((5, 6)), workers=0)
+    before = ds.files_digest([1, 3])
+    target = tmp_path / "f" / "b" / "0001.png"
+    stat = target.stat()
+    Image.fromarray(np.full((5, 6, 3), 9, np.uint8)).save(target)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert ds.files_digest([1, 3]) != before and ds.files_digest([1]) == ds.files_digest([1])

@@ -20,7 +20,7 @@ import torchvision.models as tvm
 
 import mdafx
 from mdafx import ir, modelfile
-from mdafx.errors import ExportError, FormatError, OutputError
+from mdafx.errors import ExportError, FormatError, OutputError, PreconditionError
 from mdafx.modelfile import FORMAT_VERSION, load_model, save_model
 from mdafx.rules import REGISTRY, storage
 
@@ -229,7 +229,11 @@ LAYER_ZOO = [
     nn.AvgPool1d(2), nn.AvgPool2d(2, divisor_override=3), nn.AdaptiveAvgPool1d(2),
     nn.AdaptiveAvgPool2d((None, 7)), nn.AdaptiveMaxPool2d(1),
     nn.Upsample(scale_factor=2.0, mode="bilinear"), nn.Flatten(0, -1), nn.Unflatten(1, (2, 2)),
-    nn.ZeroPad2d((1, 2, 0, 1)), nn.ConstantPad2d(1, 0.5),
+    nn.ZeroPad2d((1, 2, 0, 1)), nn.ConstantPad2d(1, 0.5), nn.ZeroPad1d((0, 2)),
+    nn.ConstantPad1d(1, -0.25), nn.ReflectionPad1d(1), nn.ReflectionPad2d((1, 0, 2, 1)),
+    nn.ReplicationPad1d((2, 1)), nn.ReplicationPad2d(1), nn.CircularPad2d((0, 1, 1, 0)),
+    nn.PReLU(4, init=0.1), nn.RMSNorm([4, 3], eps=None), nn.RMSNorm(6, eps=1e-5,
+                                                                     elementwise_affine=False),
     nn.MultiheadAttention(8, 2, add_bias_kv=True, kdim=4, vdim=6, batch_first=True),
 ]
 
@@ -325,8 +329,8 @@ def test_save_needs_shapes_or_an_example(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("metadata, error", [
-    ({"format_version": 3}, ValueError), ({"x": object()}, ValueError),
-    ({"x": float("nan")}, ValueError), ({1: "a"}, TypeError)])
+    ({"format_version": 3}, PreconditionError), ({"x": object()}, PreconditionError),
+    ({"x": float("nan")}, PreconditionError), ({1: "a"}, PreconditionError)])
 def test_bad_metadata_is_refused(metadata: dict, error: type, tmp_path: Path) -> None:
     with pytest.raises(error):
         save_model(_traced(TinyNet()), tmp_path / "m.mdafx", metadata)

@@ -256,3 +256,129 @@ def test_profile_load_refuses_truncated_files(tmp_path) -> None:
             f.write(data[:cut])
         with pytest.raises(FormatError, match="p.safetensors"):
             Profile.load(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# folders of any size, devices, autocast, progress, exact merging
+
+
+def _mixed_folder(root, per_class: int = 10, classes=("ant", "bee", "cat")):
+    """``per_class`` PNGs per class, each of its own size (17..60 pixels a side)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            w, h = int(rng.integers(17, 61)), int(rng.integers(17, 61))
+            img = rng.integers(0, 100, (h, w, 3), dtype=np.uint8)
+            img[..., c] += 120
+            Image.fromarray(img).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def _tiny(num_classes: int = 3, size: int = 16) -> torch.fx.GraphModule:
+    from mdafx.api import trace
+    from mdafx.models import tiny_cnn
+
+    torch.manual_seed(0)
+    return trace(tiny_cnn(num_classes), torch.zeros(1, 3, size, size))
+
+
+def test_mixed_size_folder_profiles_and_disassembles_streamed(tmp_path, monkeypatch) -> None:
+    from mdafx import api, data
+
+    root = _mixed_folder(tmp_path / "mixed")
+    fmt = data.InputFormat((16, 16), 3, (0.5,) * 3, (0.25,) * 3)
+
+    def never(*a, **k):
+        raise AssertionError("the folder was decoded whole")
+
+    monkeypatch.setattr(data, "load_imagefolder", never)
+    monkeypatch.setattr(data, "_decode", never)
+    reads = []
+    getitem = data.ImageFolderStream.__getitem__
+    monkeypatch.setattr(data.ImageFolderStream, "__getitem__",
+                        lambda self, i: reads.append(i) or getitem(self, i))
+    gm = _tiny()
+    prof = api.analyse(gm, root, fmt, per_class=2, holdout=0.2, batch_size=8,
+                       transform=data.Preprocess(20, 16), workers=0, device="cpu")
+    assert prof.record["preprocess"] == {"resize": 20, "crop": [16, 16],
+                                         "interpolation": "bilinear"}
+    assert prof.record["calibration"]["digest"] == "files"
+    held = prof.record["calibration"]["indices"]
+    # every profiling image read once to select, the selected ones once more
+    assert len(reads) == 30 - len(held) + sum(prof.samples_per_class) == 24 + 6
+    assert not set(reads[:24]) & set(held)
+    comp = api.cut(gm, prof, ["bee", "ant"])
+    assert comp.class_names == ["bee", "ant"]
+    ds, idx, text = api.calibration_split(prof)  # read back with the recorded preprocessing
+    assert isinstance(ds, data.ImageFolderStream) and idx == held and "held out" in text
+    report = api.evaluate(comp.module, ds, comp.class_names)
+    assert report.images == 20 and report.rows[-1][1] == 20
+    # rewriting a held-out image is seen without decoding any
+    from PIL import Image
+
+    Image.new("RGB", (30, 30)).save(ds.path(held[0]))
+    import os
+
+    st = os.stat(ds.path(held[0]))
+    os.utime(ds.path(held[0]), ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(data.DataError, match="changed since the profile was computed"):
+        api.calibration_split(prof)
+
+
+def test_profile_on_cpu_device_equals_the_default_and_moves_nothing() -> None:
+    from mdafx.data import ArrayDataset
+    from mdafx.profiling import profile
+
+    gm = _tiny(4)
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (40, 16, 16, 3), generator=g, dtype=torch.uint8).numpy()
+    ds = ArrayDataset(imgs, (torch.arange(40) % 4).numpy(), mean=(0.5,) * 3, std=(0.25,) * 3)
+    a = profile(gm, ds, per_class=3, batch_size=16, progress=False)
+    b = profile(gm, ds, per_class=3, batch_size=16, progress=False, device=torch.device("cpu"))
+    assert a.selected == b.selected and all(
+        torch.equal(densify(a.contributions[n]), densify(b.contributions[n])) for n in a.layers)
+    # autocast (bfloat16 on CPU) only changes the selection's forward passes
+    c = profile(gm, ds, per_class=3, batch_size=16, progress=False, use_autocast=True)
+    assert c.samples_per_class == a.samples_per_class
+    assert next(gm.parameters()).device.type == "cpu"
+
+
+def test_merged_shard_selections_equal_one_selection() -> None:
+    from mdafx.distributed import Ranks
+    from mdafx.profiling import merge_confident_samples
+
+    torch.manual_seed(4)
+    logits, labels = torch.randn(90, 4) * 2, torch.randint(0, 4, (90,))
+    logits[30:45] = logits[30]  # ties across shards
+    labels[30:45] = labels[30]
+    quota = [5, 2, 9, 1]
+    whole = select_confident_samples(nn.Identity(), logit_batches(logits, labels,
+                                                                  list(range(90)), 8),
+                                     4, quota, progress=False)
+    parts = []
+    for r in range(3):
+        shard = Ranks(r, 3).shard(list(range(90)), 8)
+        parts.append(select_confident_samples(nn.Identity(),
+                                               logit_batches(logits, labels, shard, 8), 4,
+                                               quota, progress=False))
+    merged = merge_confident_samples(parts, quota, 4)
+    assert merged.indices == whole.indices and merged.log_probs == whole.log_probs
+
+
+def test_progress_prints_status_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys) -> None:
+    from mdafx import progress
+
+    monkeypatch.setattr(progress, "STATUS_INTERVAL", 0.0)
+    logits, labels = torch.randn(20, 3), torch.arange(20) % 3
+    select_confident_samples(nn.Identity(), logit_batches(logits, labels, list(range(20)), 5),
+                             3, 1, total=4)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("select samples: 1/4 batches, 25%, ETA ")
+    assert lines[-1].startswith("select samples: 4/4 batches, 100%") and "done" in lines[-1]
+    select_confident_samples(nn.Identity(), logit_batches(logits, labels, list(range(20)), 5),
+                             3, 1, progress=False)
+    assert capsys.readouterr().err == ""

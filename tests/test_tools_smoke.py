@@ -86,7 +86,9 @@ def test_reproduce_tables(cifar_subset, sources, tmp_path):
 
 def test_load_sources(tmp_path, sources):
     with pytest.raises(SystemExit, match="tools/train_sources.py"):
-        common.load_sources(["vgg"], tmp_path)
+        common.load_sources(["vgg16"], tmp_path)
+    embedded, card = common.load_sources(["vgg"], tmp_path)["vgg"]  # not cached: the package's
+    assert card["name"] == "cifar10-vgg" and type(embedded).__name__ == "VGGCifar"
     model = sources["res_t"]
     torch.save(model.state_dict(), tmp_path / "res_t.pt")
     info = {"architecture": {"factory": "mdafx.models.resnet_cifar",

@@ -77,20 +77,29 @@ def task_label(task: Sequence[str]) -> str:
 
 def load_sources(names: Sequence[str],
                  sources_dir: Path) -> dict[str, tuple[torch.nn.Module, dict]]:
-    """``name -> (model in eval mode, its .json info)`` for models cached by train_sources.py.
+    """``name -> (model in eval mode, its card)``: the model cached by train_sources.py in
+    ``sources_dir`` if there is one, else the embedded source ``cifar10-<name>`` shipped in the
+    package (the same recipe, float16 weights; ``mdafx.models.pretrained``).
 
-    Exits with a message naming the command to run when a model is not cached.
+    Exits with a message naming the command to run when a model is neither.
     """
-    out = {}
-    missing = [n for n in names if not ((sources_dir / f"{n}.pt").is_file()
-                                        and (sources_dir / f"{n}.json").is_file())]
+    from mdafx.models import PRETRAINED, pretrained, pretrained_card
+
+    def cached(n):
+        return (sources_dir / f"{n}.pt").is_file() and (sources_dir / f"{n}.json").is_file()
+
+    missing = [n for n in names if not cached(n) and f"cifar10-{n}" not in PRETRAINED]
     if missing:
         raise SystemExit(
             f"source model(s) {', '.join(missing)} not cached in {sources_dir}: train them first "
             f"with\n    python tools/train_sources.py --data <folder holding cifar10/> "
             f"--models {','.join(missing)} --threads 1\n"
             "(the .json appears when a model is done)")
+    out = {}
     for name in names:
+        if not cached(name):
+            out[name] = (pretrained(f"cifar10-{name}"), pretrained_card(f"cifar10-{name}"))
+            continue
         info = json.loads((sources_dir / f"{name}.json").read_text())
         arch = info["architecture"]
         module_name, factory_name = arch["factory"].rsplit(".", 1)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "models")]
 
 from mdafx.api import channel_groups, masked_model, plan_random, prune, trace  # noqa: E402
-from mdafx.channels import along  # noqa: E402
+from mdafx.passes.channel_groups import barrier_report  # noqa: E402
 from mdafx.ir import count_params  # noqa: E402
 from zoo import calibrate_norms_, randomize_  # noqa: E402
 
@@ -65,21 +65,14 @@ def run_one(name: str, sizes: list[int], density: float):
     with torch.no_grad():
         got, want = pruned(x), masked(x)
     err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
-    # share of the output channels of weighted layers (conv/linear) that a plan may drop
-    weighted = [n.name for n in gm.graph.nodes if n.op == "call_module"
-                and isinstance(gm.get_submodule(n.target), (torch.nn.Conv2d, torch.nn.Linear))]
-    free = total = 0
-    for node_name in weighted:
-        layer = gm.get_submodule(next(n.target for n in gm.graph.nodes if n.name == node_name))
-        dim = 1 if isinstance(layer, torch.nn.Conv2d) else -1
-        roots_here = along(cg.forest.find(cg.ids[node_name]), dim, layer.weight.shape[0])
-        free += int((roots_here != 0).sum())
-        total += layer.weight.shape[0]
+    # share of the output channels of weighted layers (conv/linear, modules and functional)
+    # that a plan may drop
+    report = barrier_report(gm, cg)
     roots = cg.prunable_roots()
     barrier_ops = Counter(r.replace("no channel rule for ", "") for r in cg.barriers.values())
     return {
         "model": name, "input": size,
-        "prunable ch": f"{100 * free / max(total, 1):.0f}%",
+        "prunable ch": f"{100 * report.share:.0f}%",
         "prunable groups": int(roots.numel()),
         "kept": f"{int(plan.keep[roots].sum())}/{int(roots.numel())}",
         "barriers": ", ".join(f"{k}×{v}" for k, v in barrier_ops.most_common(3)) or "-",

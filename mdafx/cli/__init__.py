@@ -107,9 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False))
     try:
         if getattr(args, "threads", None):
-            import torch
-
-            torch.set_num_threads(args.threads)
+            _set_threads(args.threads)
         return args.run(args) or EXIT_OK
     except UsageError as e:
         args.parser.print_usage(sys.stderr)
@@ -140,6 +138,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: internal error: {type(e).__name__}: {clean(_one_line(str(e)))}",
               file=sys.stderr)
         return EXIT_ERROR
+
+
+def _set_threads(n: int) -> None:
+    """torch's CPU threads, without importing torch: a command that fails on its arguments or
+    outputs must not pay torch's import (seconds). Torch reads ``OMP_NUM_THREADS`` when it is
+    first imported; once imported (an in-process caller), it is told directly."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(n)
 
 
 def _print_traceback() -> None:

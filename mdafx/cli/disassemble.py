@@ -1,8 +1,13 @@
 """``mdafx disassemble``: a profiled model and tasks -> one component file per task.
 
-At fixed thresholds, or (with a budget) the smallest candidate of a threshold search scored on
-the profile's calibration split. Tasks are independent: a budget one task cannot meet gives
-that task its most accurate candidate with a ``warning:`` line, unless ``--strict``.
+By a recipe (``--recipe``, ``mdafx.recipes.RECIPES``): ``default`` searches the most accurate
+thresholds within 50% of the source's MACs, every candidate refitted in closed form on the
+profile's calibration split (``--max-drop`` asks for the smallest component within that many
+points instead); ``mda`` is the published method at fixed
+thresholds. Tasks are independent: a budget one task cannot meet gives that task its most
+accurate candidate with a ``warning:`` line, unless ``--strict``. Every component calibrated
+on images is scored per class next to its source; a class it never predicts, or an accuracy far
+below the source's, is a loud warning (an error with ``--strict``).
 """
 from __future__ import annotations
 
@@ -25,12 +30,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="source name recorded in the components (default: weights file stem)")
     p.add_argument("-o", "--output", required=True, metavar="DIR|FILE.mdafx",
                    help="directory for one <task>.mdafx per task, or a file for one task")
+    p.add_argument("--recipe", default="default", metavar="NAME",
+                   help="how components are made: default (searched thresholds + layer "
+                        "reconstruction, needs calibration images), mda (as published), "
+                        "reference (the authors' code's masks), mda+norms, mda+reconstruct, "
+                        "searched+norms (default: default)")
     common.add_thresholds(p)
     g = p.add_argument_group(
-        "accuracy-targeted thresholds and norm re-estimation (training-free)",
-        "With a budget, the thresholds above are the base that a grid of multipliers scales "
-        "(conv x0.1..1.25 times linear x0/0.1/1), scored on calibration images of the task. "
-        "Without --calibrate they are the split 'analyse --holdout' kept out of profiling.")
+        "budget and calibration (training-free)",
+        "A budget replaces the recipe's: the thresholds above are the base that a grid of "
+        "multipliers scales (conv x0.1..3 times linear x0/0.1/1), scored on calibration images "
+        "of the task. Without --calibrate they are the split 'analyse --holdout' kept out of "
+        "profiling.")
     g.add_argument("--max-drop", type=common.non_negative, metavar="PTS",
                    help="at most PTS percentage points below the source's accuracy on the "
                         "task's calibration images")
@@ -42,8 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a budget a task cannot meet is an error and no component is written "
                         "(default: write its most accurate candidate with a warning)")
     g.add_argument("--reestimate-norms", action="store_true",
-                   help="re-estimate BatchNorm statistics of each component on calibration "
-                        "images of every class (forward passes only)")
+                   help="also re-estimate BatchNorm statistics of each component on "
+                        "calibration images of every class (forward passes only)")
     g.add_argument("--calibrate", metavar="DIR",
                    help="ImageFolder of calibration images, disjoint from the profiled ones "
                         "(default: the profile's held-out split); never the test split")
@@ -70,15 +81,40 @@ def _component_paths(output: Path, tasks: list[list[str]]) -> list[Path]:
     return [output / f for f in files]
 
 
+def _recipe(args):
+    """The recipe of ``--recipe``, with ``--reestimate-norms`` and the budget flags applied."""
+    import dataclasses
+
+    from mdafx.recipes import RECIPES
+
+    if args.recipe not in RECIPES:
+        raise common.UsageError(f"--recipe {args.recipe}: unknown; choose from "
+                                f"{', '.join(RECIPES)}")
+    recipe = RECIPES[args.recipe]
+    if args.reestimate_norms:
+        recipe = dataclasses.replace(recipe, recovery=dataclasses.replace(recipe.recovery,
+                                                                          norms=True))
+    if (args.max_drop, args.max_params, args.max_macs) != (None, None, None):
+        from mdafx.search import Budget
+
+        recipe = dataclasses.replace(recipe, budget=Budget(args.max_drop, args.max_params,
+                                                           args.max_macs))
+    return recipe
+
+
 def run(args: argparse.Namespace) -> int:
-    budgeted = (args.max_drop, args.max_params, args.max_macs) != (None, None, None)
-    calibrating = budgeted or args.reestimate_norms
-    if (args.search_table or args.search_plot or args.strict) and not budgeted:
-        raise common.UsageError("--search-table/--search-plot/--strict need a budget "
-                                "(--max-drop, --max-params or --max-macs)")
+    recipe = _recipe(args)
+    budgeted, calibrating = recipe.budget is not None, recipe.needs_calibration
+    if (args.search_table or args.search_plot) and not budgeted:
+        raise common.UsageError("--search-table/--search-plot need a recipe with a budget or "
+                                "--max-drop, --max-params or --max-macs")
+    if args.strict and not calibrating:
+        raise common.UsageError(f"--strict checks a budget and the per-class guard on "
+                                f"calibration images; recipe {recipe.name} uses none (add a "
+                                f"budget or --reestimate-norms)")
     if args.calibrate and not calibrating:
-        raise common.UsageError("--calibrate goes with a budget (--max-drop, --max-params, "
-                                "--max-macs) or --reestimate-norms")
+        raise common.UsageError(f"--calibrate goes with a recipe that calibrates (recipe "
+                                f"{recipe.name} does not)")
     common.require_files(weights=args.weights, profile=args.profile)
     common.require_dirs(calibration=args.calibrate)
     from mdafx import api  # heavy: only when the command runs (`--help` stays light)
@@ -95,24 +131,29 @@ def run(args: argparse.Namespace) -> int:
     fmt = common.input_format(args, prof.record.get("input"))
     gm = common.build_source(args, args.num_classes or k, fmt)
     common.check_profile_matches(args, prof, gm)
-    budget = api.Budget(args.max_drop, args.max_params, args.max_macs) if budgeted else None
+    budget = recipe.budget
     calibration, calib_text = None, None
     if calibrating:
         ds, idx, calib_text = api.calibration_split(prof, args.calibrate, fmt)
         calibration = (ds, idx)
     am = api.source_analyses(gm, prof)  # channel groups and masks shared by the tasks
+    _say_barriers(args, gm, am)
     name = common.source_name(args)
-    comps = [api.disassemble(gm, prof, task, thresholds=common.thresholds(args), budget=budget,
-                             calibration=calibration, reestimate_norms=args.reestimate_norms,
-                             norm_images=args.norm_images, source=name, am=am,
-                             progress=common.progress(args)) for task in tasks]
+    comps = [api.disassemble(gm, prof, task, recipe=recipe, thresholds=common.thresholds(args),
+                             calibration=calibration, norm_images=args.norm_images, source=name,
+                             am=am, progress=common.progress(args)) for task in tasks]
+    guards = [api.guard(comp, gm, calibration) for comp in comps] if calibration else []
+    loud = [(t, g) for t, g in zip(tasks, guards) if g.warnings]
+    for task, g in loud:
+        for w in g.warnings:
+            common.warn(f"warning: task {','.join(task)}: {w}")
     unmet = [(t, c.search) for t, c in zip(tasks, comps) if c.search is not None
              and not c.search.met]
     for task, res in unmet:
         common.warn(f"warning: task {','.join(task)}: {res.message}" + (
             "" if args.strict else "; writing it anyway (--strict refuses)"))
 
-    refused = bool(unmet) and args.strict
+    refused = bool(unmet or loud) and args.strict
     with common.AllOrNothing() as written:
         searched = [(",".join(t), c.search) for t, c in zip(tasks, comps) if c.search]
         if args.search_table:
@@ -129,14 +170,16 @@ def run(args: argparse.Namespace) -> int:
                 meta["calibration"] = {**comp.metadata["calibration"], "data": calib_text}
             written.add(api.save(comp, path, overwrite=args.force, metadata=meta))
     if refused:  # the search table and plot stay: they show why
-        raise common.CliError("; ".join(f"task {','.join(t)}: budget not met" for t, _ in unmet)
+        raise common.CliError("; ".join([f"task {','.join(t)}: budget not met" for t, _ in unmet]
+                                        + [f"task {','.join(t)}: {g.warnings[0]}"
+                                           for t, g in loud])
                               + "; no component written (--strict)"
                               + ("; the search table/plot were written" if any(extras) else ""))
-    _report(args, tasks, comps, paths, budget, calib_text, name, k)
+    _report(args, tasks, comps, paths, budget, calib_text, name, k, recipe, guards)
     return common.EXIT_OK
 
 
-def _report(args, tasks, comps, paths, budget, calib_text, name, k) -> None:
+def _report(args, tasks, comps, paths, budget, calib_text, name, k, recipe, guards) -> None:
     records, rows = [], []
     for task, comp, path in zip(tasks, comps, paths):
         m = comp.metadata
@@ -147,6 +190,7 @@ def _report(args, tasks, comps, paths, budget, calib_text, name, k) -> None:
                         "channels_kept": m["channels_kept"], "channels_total": m["channels_total"],
                         "thresholds": m["thresholds"], "calibration": cal,
                         "norms_reestimated_on": m.get("norms_reestimated_on"),
+                        "recipe": m.get("recipe"),
                         "search": None if res is None else {
                             "met": res.met, "scale": res.scale, "message": res.message}})
         row = [",".join(task), ",".join(map(str, comp.classes)),
@@ -166,15 +210,21 @@ def _report(args, tasks, comps, paths, budget, calib_text, name, k) -> None:
                             "params_source": first["params_source"],
                             "macs_source": first["macs_source"],
                             "budget": None if budget is None else vars(budget),
-                            "calibration": calib_text, "components": records})
+                            "calibration": calib_text, "components": records,
+                            "per_class": [g.to_dict() for g in guards]})
     headers = ["task", "classes", "params (kept)", "MACs (kept)", "channel groups kept"]
     headers += ["calib acc (source)"] if calib_text else []
     headers += ["thresholds", "budget met"] if budget is not None else []
     lines = [*common.table(rows, headers + ["file"]),
              f"source {name}: {k} classes, {first['params_source']:,} params, "
              f"{first['macs_source']:,} MACs; "
+             + f"recipe {recipe.name}; "
              + (f"budget {budget.describe()}; base " if budget is not None else "")
              + f"thresholds {common.thresholds_text(args)}"]
+    for task, g in zip(tasks, guards):
+        lines += ["", f"task {','.join(task)} on {g.images} calibration images, per class:",
+                  *common.table(g.rows(), ["class", "images", "component", "source",
+                                           "delta pts"])]
     if calib_text:
         reest = first.get("norms_reestimated_on")
         lines.append(f"calibration: {calib_text}"
@@ -186,3 +236,14 @@ def _report(args, tasks, comps, paths, budget, calib_text, name, k) -> None:
     common.say(args, *lines)
     common.say(args, f"wrote {len(paths)} component file(s): {', '.join(map(str, paths))}",
                final=True)
+
+
+def _say_barriers(args, gm, am) -> None:
+    """The prunable share and the top barriers (``barrier_report``), and a warning when little
+    of the model can be pruned."""
+    from mdafx.passes.channel_groups import ChannelGroups, barrier_report
+
+    report = barrier_report(gm, am.get(ChannelGroups))
+    common.say(args, *report.lines())
+    if report.warning():
+        common.warn(report.warning())

@@ -5,6 +5,9 @@
   restricted to a task's logits with ``--task A,B``;
 * ``COMPONENT.mdafx --model ...``: the component, and its source scored side by side on the
   same images over the component's classes.
+
+``--resize/--crop`` read images of any size, ``--device`` runs on a GPU, and under
+``torchrun --nproc-per-node N`` every process scores its shard of the images (rank 0 prints).
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "their logits (names, or #INDEX)")
     p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root (test split)")
     p.add_argument("--batch-size", type=common.positive_int, default=256, metavar="N")
+    common.add_preprocess(p)
+    common.add_runtime(p)
 
 
 def _usage(args: argparse.Namespace) -> None:
@@ -35,9 +40,10 @@ def _usage(args: argparse.Namespace) -> None:
     if args.model_file is not None and (args.class_names or args.task):
         raise common.UsageError("--class-names/--task go with --model alone (a model file "
                                 "names its classes)")
-    if args.model_file is not None and (args.input_size or args.mean or args.std):
+    if args.model_file is not None and (args.input_size or args.mean or args.std
+                                        or args.transforms):
         raise common.UsageError("a model file records its input format; --input-size/--mean/"
-                                "--std go with --model alone")
+                                "--std/--transforms go with --model alone")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +51,20 @@ def run(args: argparse.Namespace) -> int:
     common.require_files(model=args.model_file, weights=args.weights)
     common.require_dirs(data=args.data)
     from mdafx import api  # heavy: only when the command runs (`--help` stays light)
+    from mdafx.distributed import session
 
+    with session(common.device(args)) as (ranks, device):  # torchrun: one process per rank
+        return _run(args, api, ranks, device)
+
+
+def _open(args: argparse.Namespace, api, fmt, transform, ranks):
+    from mdafx.data import default_workers
+
+    workers = args.workers if args.workers is not None else default_workers(ranks.world)
+    return api.open_images(args.data, fmt, transform=transform, workers=workers)
+
+
+def _run(args: argparse.Namespace, api, ranks, device) -> int:
     source, source_classes, classes = None, None, None
     if args.model_file is not None:
         model = api.load(args.model_file)
@@ -55,10 +74,12 @@ def run(args: argparse.Namespace) -> int:
         module = model.module
         if args.model is not None:
             source, source_classes = _source_beside(args, model, fmt)
-        dataset = api.open_images(args.data, fmt)
+        dataset = _open(args, api, fmt, common.preprocess(args, fmt), ranks)
     else:
-        fmt = common.input_format(args)
-        dataset = api.open_images(args.data, fmt)
+        found = common.recipe(args, args.num_classes)
+        fmt = found[1] if found else common.input_format(args)
+        dataset = _open(args, api, fmt, found[0] if found else common.preprocess(args, fmt),
+                        ranks)
         names = args.class_names or list(dataset.class_names)
         if args.num_classes not in (None, len(names)):
             raise common.CliError(f"--num-classes {args.num_classes} but {len(names)} class "
@@ -70,8 +91,10 @@ def run(args: argparse.Namespace) -> int:
             names = [names[c] for c in classes]
     report = api.evaluate(module, dataset, names, classes=classes, source=source,
                           source_classes=source_classes, batch_size=args.batch_size,
-                          label=label)
-    _print(args, report, names, classes)
+                          label=label, device=device, use_autocast=args.autocast,
+                          progress=common.show_progress(args), ranks=ranks)
+    if ranks.main:
+        _print(args, report, names, classes)
     return common.EXIT_OK
 
 

@@ -70,10 +70,12 @@ def run(args: argparse.Namespace) -> int:
         gm = common.build_source(args, args.num_classes or k,
                                  common.input_format(args, prof.record.get("input")))
         common.check_profile_matches(args, prof, gm)
+        _say_barriers(args, gm)
         report = api.inspect(gm, args.output, name=name, profile=prof, task=args.task,
                              thresholds=common.thresholds(args), verify=args.verify)
     else:
         gm = common.build_source(args, args.num_classes, common.input_format(args))
+        _say_barriers(args, gm)
         report = api.inspect(gm, args.output, name=name, density=args.density, seed=args.seed,
                              verify=args.verify)
     common.emit_json(args, {"command": "inspect", "what": report.what,
@@ -89,3 +91,14 @@ def run(args: argparse.Namespace) -> int:
         common.say(args, *common.lines_of(report.timing))
     common.say(args, f"wrote {len(report.written)} dump file(s) to {target}", final=True)
     return common.EXIT_OK
+
+
+def _say_barriers(args, gm) -> None:
+    """A source model: its prunable share and top barriers, a warning when little is prunable."""
+    from mdafx import api
+    from mdafx.passes.channel_groups import barrier_report
+
+    report = barrier_report(gm, api.channel_groups(gm))
+    common.say(args, *report.lines())
+    if report.warning():
+        common.warn(report.warning())

@@ -7,7 +7,9 @@ A rule answers three questions about one node, without keeping any state of its 
   ``Barrier(reason)`` when it cannot map the channels exactly.
 * ``mask``: how a per-channel mask on the output maps back onto the inputs during locating:
   ``BY_ID`` (the input position that holds the same channel id), ``POSITIONAL`` (broadcasting
-  operands of an element-wise op), ``WEIGHTED`` (a conv/linear: MDA's α/β rule, in passes/locate.py).
+  operands of an element-wise op; ``back`` first reduces the output mask per operand, e.g. over
+  the columns a matmul row feeds), ``WEIGHTED`` (a conv/linear: MDA's α/β rule, in
+  passes/locate.py).
 * ``prune(pctx)``: rewrite the node's module or constant arguments so the pruned graph computes
   exactly the kept channels. ``None`` when the op is shape-agnostic.
 * ``merge(mctx)``: how the merged layout of alignment padding (MDA.md §2.2,
@@ -16,9 +18,19 @@ A rule answers three questions about one node, without keeping any state of its 
   ``(component, channel)`` pairs, ``None`` for the shared input). ``None``: the op cannot be
   merged, and the merged layout refuses the graph naming the node.
 
-Rules are registered with ``@channel_rule(key, ...)``; the key is the module class (exact type,
-never a subclass: a subclass may override ``forward``), the function object of a
-``call_function``, or the method name of a ``call_method``. A node with no rule is a barrier.
+Rules are registered with ``@channel_rule(key, ...)``; the key is the module class, the function
+object of a ``call_function``, or the method name of a ``call_method``. A node with no rule is a
+barrier. A module's rule is found along its class hierarchy (:func:`module_rule_class`): a
+subclass of a registered class that does not override ``forward`` (nor a method the base's
+forward calls, ``_conv_forward``) computes what the base computes, so it gets the base's rule; a
+subclass that does override it, or an instance whose ``forward`` was rebound, gets none (fx
+traces through such a module unless it is made a leaf, and then it is a barrier), never a guess.
+
+Parameters: a rule reads a parameter's channels through ``ctx.param_dim(p, d)``, the ids of the
+entries of ``p`` along dim ``d`` (the same ids wherever that tensor is used, so a shared weight
+couples all its uses). ``p`` is a ``get_attr`` node (functional layers) or the tensor itself
+(a module's parameter). ``passes/prune_channels.py`` slices every parameter along the dims whose
+channels a plan drops (:func:`slice_parameter`).
 """
 from __future__ import annotations
 
@@ -28,8 +40,9 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
-from ..channels import ChannelForest
+from ..channels import ChannelForest, couple_except
 
 BY_ID, POSITIONAL, WEIGHTED, KEEP_ALL = "by-id", "positional", "weighted", "keep-all"
 
@@ -50,11 +63,28 @@ class RuleContext:
     forest: ChannelForest
     ids_of: Callable[[Any], Any]  # fx argument (Node or literal) -> ids (None for non-tensors)
     value_of: Callable[[Any], Any]  # fx argument -> its real value in the example run
+    # (get_attr node | parameter tensor, dim, like=None) -> 1-D ids of its entries along dim,
+    # or None when the argument is not a parameter or buffer read by get_attr; ``like``: the ids
+    # the caller will couple them with (adopted on first use instead of fresh ones)
+    param_dim: Callable[..., torch.Tensor | None] = lambda p, d, like=None: None
+    # records why the rule froze channels without being a barrier (shown by the report)
+    note: Callable[[str], None] = lambda reason: None
 
     def arg(self, i: int, name: str, default: Any = None) -> Any:
         if i < len(self.args):
             return self.args[i]
         return self.kwargs.get(name, default)
+
+    def node_arg(self, i: int, name: str, default: Any = None) -> Any:
+        """The fx argument (a Node or a literal) at position ``i`` or keyword ``name``."""
+        if i < len(self.node.args):
+            return self.node.args[i]
+        return self.node.kwargs.get(name, default)
+
+    def resolve(self, ids: torch.Tensor, keep: int | tuple[int, ...] = ()) -> torch.Tensor:
+        """``ids`` with every dim but ``keep`` made one unit (coupled): the channels left vary
+        only along ``keep``. Coupling is always exact; it only makes plans coarser."""
+        return couple_except(self.forest, ids, keep)
 
 
 
@@ -67,6 +97,7 @@ class PruneContext:
     module: torch.nn.Module | None
     kept_of: Callable[[Any], Any]  # fx argument -> bool tensor (or tuple) shaped like its ids
     roots_of: Callable[[Any], Any]
+    base: type | None = None  # call_module: the registered class whose rule this is
 
     def replace_module(self, new: torch.nn.Module) -> None:
         owner, _, name = self.node.target.rpartition(".")
@@ -131,12 +162,39 @@ def merge_same(m: MergeContext) -> None:
 
 
 @dataclass(frozen=True)
+class WeightedLayer:
+    """A weighted channel-mixing layer as contributions and locating see it (MDA §1.2): a
+    conv (``kernel_size`` set) or a linear, wherever it comes from (an ``nn.Conv2d`` module, an
+    ``F.conv2d`` call on a parameter, ...). ``key`` names it in profiles: the module's path for
+    a module, the node's name for a function."""
+
+    key: str
+    kind: str                      # "conv" | "linear"
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    padding_mode: str = "zeros"
+    module: nn.Module | None = None
+    type_name: str = ""            # what the fingerprint records: class or function name
+
+
+@dataclass(frozen=True)
 class ChannelRule:
     name: str
     forward: Callable[[RuleContext], Any]
     mask: str = BY_ID
     prune: Callable[[PruneContext], None] | None = None
     merge: Callable[[MergeContext], None] | None = None
+    out_axis: int | None = None    # weighted rules: the dim of their output channels
+    # weighted rules: the layer a node computes, or None when it cannot be profiled (a
+    # weight computed in the graph)
+    layer: Callable[[fx.Node, fx.GraphModule], WeightedLayer | None] | None = None
+    # POSITIONAL rules: (node, output mask [K, *ids]) -> [(argument, mask to broadcast onto it)]
+    back: Callable[[fx.Node, torch.Tensor], list] | None = None
 
 
 @dataclass
@@ -154,36 +212,97 @@ REGISTRY = _Registry()
 
 
 def channel_rule(*keys: Any, mask: str = BY_ID, prune: Callable | None = None,
-                 merge: Callable | None = None, name: str | None = None):
+                 merge: Callable | None = None, name: str | None = None,
+                 out_axis: int | None = None, layer: Callable | None = None,
+                 back: Callable | None = None):
     """Register ``forward`` as the channel rule of every op in ``keys``."""
 
     def deco(forward: Callable[[RuleContext], Any]) -> Callable[[RuleContext], Any]:
         REGISTRY.register(keys, ChannelRule(name or forward.__name__, forward, mask, prune,
-                                            merge))
+                                            merge, out_axis, layer, back))
         return forward
 
     return deco
 
 
+# What a registered module class's forward calls on itself: a subclass defining one of these
+# computes something else than the base.
+_FORWARD_METHODS = frozenset({"forward", "_conv_forward", "__call__", "_call_impl"})
+
+
+def module_rule_class(module: nn.Module) -> type | None:
+    """The registered class whose rule describes ``module``: its own class or the nearest base
+    along the MRO, provided no class on the way (nor the instance) redefines ``forward``."""
+    if any(name in vars(module) for name in _FORWARD_METHODS):
+        return None
+    for cls in type(module).__mro__:
+        if cls in REGISTRY.rules:
+            return cls
+        if any(name in vars(cls) for name in _FORWARD_METHODS):
+            return None
+    return None
+
+
 def rule_key(node: fx.Node, gm: fx.GraphModule) -> Any:
     if node.op == "call_module":
-        return type(gm.get_submodule(node.target))
+        return module_rule_class(gm.get_submodule(node.target))
     if node.op in ("call_function", "call_method"):
         return node.target
     return node.op
 
 
 def lookup(node: fx.Node, gm: fx.GraphModule) -> ChannelRule | None:
-    return REGISTRY.rules.get(rule_key(node, gm))
+    key = rule_key(node, gm)
+    return REGISTRY.rules.get(key) if key is not None else None
+
+
+def weighted_layer(node: fx.Node, gm: fx.GraphModule) -> WeightedLayer | None:
+    """The weighted layer ``node`` computes (its rule's ``layer``), or None."""
+    if node.op not in ("call_module", "call_function"):
+        return None
+    rule = lookup(node, gm)
+    if rule is None or rule.layer is None:
+        return None
+    return rule.layer(node, gm)
+
+
+def fetch(gm: fx.GraphModule, a: Any) -> Any:
+    """The value a ``get_attr`` node reads (else ``a`` itself when it is no Node, else None)."""
+    if not isinstance(a, fx.Node):
+        return a
+    if a.op != "get_attr":
+        return None
+    owner, _, attr = str(a.target).rpartition(".")
+    try:
+        return getattr(gm.get_submodule(owner) if owner else gm, attr)
+    except AttributeError:
+        return None
 
 
 def describe_target(node: fx.Node, gm: fx.GraphModule) -> str:
     if node.op == "call_module":
-        return type(gm.get_submodule(node.target)).__name__
+        module = gm.get_submodule(node.target)
+        name = type(module).__name__
+        if any(n in vars(module) for n in _FORWARD_METHODS):
+            return f"{name} (forward rebound on the instance)"
+        bases = [c for c in type(module).__mro__[1:] if c in REGISTRY.rules]
+        return f"{name} (a {bases[0].__name__} overriding forward)" if bases else name
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target))
     return str(node.target)
 
 
+def slice_parameter(t: torch.Tensor, kept: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``t`` restricted to ``kept[d]`` (bool over its entries) along each dim ``d``; a
+    Parameter stays a Parameter (same ``requires_grad``)."""
+    out = t.detach()
+    for d, keep in sorted(kept.items()):
+        if not bool(keep.all()):
+            out = out.index_select(d, keep.nonzero().reshape(-1).to(out.device))
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(out.clone(), requires_grad=t.requires_grad)
+    return out.clone()
+
+
 # Importing the rule modules fills REGISTRY.
-from . import conv, elementwise, movement, norm, pool  # noqa: E402,F401
+from . import attention, conv, elementwise, movement, norm, pad, pool  # noqa: E402,F401

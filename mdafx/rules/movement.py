@@ -8,15 +8,19 @@ NCHW <-> NHWC permutes, concat offsets, split sizes).
 
 Two constraints keep the pruned graph expressible:
 
-* A pruned tensor must be a sub-grid of the original, so at most one dimension of a result may
-  carry independently droppable channels. Where a result has several (a channel axis split into
-  ``groups × C/groups`` by a shuffle, a concat along a non-channel dim), the channels along every
-  such dim but the last are coupled.
+* A pruned tensor must be a sub-grid of the original, so at most one dimension of a tensor may
+  carry independently droppable channels. A result may have several for a while (a channel axis
+  split into ``groups × C/groups`` by a shuffle, into ``3 × heads × head_dim`` by an attention
+  block, a concat along a non-channel dim): the op that reads it decides (a matmul makes the
+  contracted ``head_dim`` one unit, so whole heads remain), and ChannelGroups finally couples
+  every dim but the last of what is left.
 * Constant sizes and indices that address a channel dim (``view(B, 512·7·7)``, ``split([64, 64])``,
-  ``x[:, :c]``, ``x[:, 0]``) are rewritten by ``prune``; an integer index on a channel dim freezes
-  the channel it reads, and a strided slice or tensor index on a channel dim is a barrier.
-  ``squeeze`` of a tensor with droppable channels is frozen: pruning to one channel would change
-  what it squeezes.
+  ``x[:, :c]``) are rewritten by ``prune`` (a size computed in the graph, ``C`` of
+  ``B, N, C = x.shape``, becomes the kept count). Ops that address positions by value (an
+  integer or tensor index, ``unbind``, ``roll``) make that dim one unit, so it is never sliced
+  (``qkv[0]``, ``x[:, 0]``, ``table[index]`` stay exact); a list index freezes the channels it
+  names, and a strided slice on a channel dim is a barrier. ``squeeze()`` of a tensor with
+  droppable channels is frozen: pruning to one channel would change what it squeezes.
 
 Merged layout: a concat along dim 1 of merged tensors lays the inputs' layouts end to end, so
 component k's channels of input i follow its channels of inputs 0..i-1 (the layout records it;
@@ -33,7 +37,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import BY_ID, Barrier, Layout, MergeContext, PruneContext, RuleContext, channel_rule
-from ..channels import ChannelForest, along, compress, expand_to, varying_dims
+from ..channels import along, compress, expand_to, varying_dims
 from ..errors import InternalError, PreconditionError
 from ..ir import shape_of
 
@@ -42,7 +46,8 @@ SPLITS = ("split", "chunk", torch.split, torch.chunk)
 PLAIN = (
     "flatten", "permute", "transpose", "unsqueeze", "swapaxes", torch.flatten, torch.permute,
     torch.transpose, torch.unsqueeze, torch.swapaxes, torch.cat, torch.concat, torch.stack,
-    nn.Flatten,
+    nn.Flatten, "view_as", "reshape_as", "expand_as", "repeat", "tile", torch.tile, "flip",
+    torch.flip, "movedim", torch.movedim,
 )
 
 
@@ -66,17 +71,9 @@ def _run_on_ids(ctx: RuleContext):
     return node.target(*args, **kwargs)
 
 
-def _one_channel_dim(forest: ChannelForest, ids: torch.Tensor) -> torch.Tensor:
-    ids = compress(ids)
-    dims = varying_dims(forest.find(ids))
-    for d in dims[:-1]:
-        forest.union(ids, ids.narrow(d, 0, 1))
-    return compress(ids)
-
-
 def _finish(ctx: RuleContext, out):
     if isinstance(out, torch.Tensor):
-        return _one_channel_dim(ctx.forest, out)
+        return compress(out)
     if isinstance(out, (tuple, list)):
         return tuple(_finish(ctx, o) for o in out)
     raise Barrier(f"unexpected result type {type(out).__name__}")
@@ -85,13 +82,61 @@ def _finish(ctx: RuleContext, out):
 def movement_rule(ctx: RuleContext):
     if ctx.node.kwargs.get("out") is not None:
         raise Barrier("out= argument")
+    if ctx.ids_of(ctx.node.args[0] if ctx.node.args else None) is None and not isinstance(
+            ctx.node.args[0] if ctx.node.args else None, (list, tuple)):
+        raise Barrier("data movement of a non-tensor")
+    return _finish(ctx, _run_on_ids(ctx))
+
+
+def _dims_arg(ctx: RuleContext, i: int, name: str, ndim: int) -> list[int]:
+    dims = ctx.arg(i, name, 0)
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    return [d % ndim for d in dims]
+
+
+@channel_rule("unbind", torch.unbind, mask=BY_ID)
+def unbind_rule(ctx: RuleContext):
+    """Each result is one index along ``dim``: that dim is one unit (never sliced)."""
+    ids = ctx.ids_of(ctx.node.args[0])
+    if ids is None:
+        raise Barrier("unbind of a non-tensor")
+    dim = _dims_arg(ctx, 1, "dim", ids.dim())[0]
+    ctx.resolve(ids, [d for d in range(ids.dim()) if d != dim])
+    return _finish(ctx, _run_on_ids(ctx))
+
+
+@channel_rule("roll", torch.roll, mask=BY_ID)
+def roll_rule(ctx: RuleContext):
+    """A shift along ``dims`` (Swin's shifted windows): those dims are one unit."""
+    ids = ctx.ids_of(ctx.node.args[0])
+    if ids is None:
+        raise Barrier("roll of a non-tensor")
+    dims = ctx.arg(2, "dims")
+    if dims is None:
+        raise Barrier("roll of the flattened tensor")
+    dims = _dims_arg(ctx, 2, "dims", ids.dim())
+    ctx.resolve(ids, [d for d in range(ids.dim()) if d not in dims])
+    return _finish(ctx, _run_on_ids(ctx))
+
+
+@channel_rule("repeat_interleave", torch.repeat_interleave, mask=BY_ID)
+def repeat_interleave_rule(ctx: RuleContext):
+    """Each entry repeated a constant number of times: a dropped channel drops its copies.
+    Per-entry repeats (a tensor) would no longer fit a pruned dim: that dim is one unit."""
+    ids = ctx.ids_of(ctx.node.args[0])
+    if ids is None or ctx.arg(2, "dim") is None:
+        raise Barrier("repeat_interleave of a non-tensor or of the flattened tensor")
+    if isinstance(ctx.arg(1, "repeats"), torch.Tensor):
+        dim = ctx.arg(2, "dim") % ids.dim()
+        ctx.resolve(ids, [d for d in range(ids.dim()) if d != dim])
     return _finish(ctx, _run_on_ids(ctx))
 
 
 @channel_rule("squeeze", torch.squeeze, mask=BY_ID)
 def squeeze_rule(ctx: RuleContext):
     ids = ctx.ids_of(ctx.node.args[0])
-    if ids is not None and varying_dims(ctx.forest.find(ids)):
+    explicit = len(ctx.node.args) > 1 or "dim" in ctx.node.kwargs
+    if ids is not None and not explicit and varying_dims(ctx.forest.find(ids)):
         ctx.forest.freeze(ids)
     return _finish(ctx, _run_on_ids(ctx))
 
@@ -100,11 +145,24 @@ def _int_list(c) -> bool:
     return isinstance(c, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in c)
 
 
+def _consumes(c) -> int:
+    """How many input dims an index component (a value, or the fx Node of one) addresses."""
+    if isinstance(c, fx.Node):
+        meta = c.meta.get("tensor_meta")
+        return len(meta.shape) if getattr(meta, "dtype", None) == torch.bool else 1
+    if isinstance(c, torch.Tensor) and c.dtype == torch.bool:
+        return c.dim()
+    if isinstance(c, (int, slice, torch.Tensor)) and not isinstance(c, bool) or _int_list(c):
+        return 1
+    return 0
+
+
 def _index_components(index, ndim: int) -> list[tuple[int, object]]:
-    """(input dim, component) for each int/slice component of a basic index; raises Barrier."""
+    """(input dim, component) for each int/slice/list/tensor component of an index (a boolean
+    mask over k dims is listed at each of them); raises Barrier."""
     if not isinstance(index, tuple):
         index = (index,)
-    consumed = sum(1 for c in index if isinstance(c, (int, slice)) or _int_list(c))
+    consumed = sum(_consumes(c) for c in index)
     if sum(1 for c in index if _int_list(c)) > 1:
         raise Barrier("more than one list index")
     out, dim = [], 0
@@ -113,12 +171,27 @@ def _index_components(index, ndim: int) -> list[tuple[int, object]]:
             dim += ndim - consumed
         elif c is None:
             continue
-        elif isinstance(c, (int, slice)) and not isinstance(c, bool) or _int_list(c):
-            out.append((dim, c))
-            dim += 1
+        elif _consumes(c):
+            for _ in range(_consumes(c)):
+                out.append((dim, c))
+                dim += 1
         else:
-            raise Barrier(f"advanced index {type(c).__name__}")
+            raise Barrier(f"index {type(c).__name__}")
     return out
+
+
+def _slot_of_dim(index: tuple, ndim: int, dim: int) -> int | None:
+    """Position in ``index`` of the component that addresses input dim ``dim``."""
+    consumed = sum(_consumes(c) for c in index)
+    d = 0
+    for i, c in enumerate(index):
+        if c is Ellipsis:
+            d += ndim - consumed
+        elif _consumes(c):
+            if d <= dim < d + _consumes(c):
+                return i
+            d += _consumes(c)
+    return None
 
 
 def getitem_rule(ctx: RuleContext):
@@ -127,18 +200,21 @@ def getitem_rule(ctx: RuleContext):
         ids = ctx.ids_of(ctx.node.args[0])
         return None if ids is None else ids[ctx.args[1]]
     ids = ctx.ids_of(ctx.node.args[0])
-    full = expand_to(ids, container.shape)
-    channel_dims = set(varying_dims(ctx.forest.find(ids)))
-    for dim, c in _index_components(ctx.args[1], container.dim()):
-        if dim not in channel_dims:
+    if ids is None:
+        raise Barrier("index of a tensor without ids")
+    index = ctx.args[1]
+    for dim, c in _index_components(index, container.dim()):
+        if ids.shape[dim] == 1:
             continue
-        if isinstance(c, int):
-            ctx.forest.freeze(full.select(dim, c))
+        if isinstance(c, (int, torch.Tensor)):  # addressed by value: one unit along dim
+            ctx.resolve(ids, [d for d in range(ids.dim()) if d != dim])
         elif not isinstance(c, slice):  # a list picks channels: keep each one it names
-            ctx.forest.freeze(full.index_select(dim, torch.tensor(c)))
-        elif c.step not in (None, 1):
+            if dim in varying_dims(ctx.forest.find(ids)):
+                full = expand_to(ids, container.shape)
+                ctx.forest.freeze(full.index_select(dim, torch.tensor(c)))
+        elif c.step not in (None, 1) and dim in varying_dims(ctx.forest.find(ids)):
             raise Barrier("strided slice of a channel dim")
-    return _finish(ctx, _run_on_ids(ctx))
+    return _finish(ctx, expand_to(ids, container.shape)[index])
 
 
 # ----------------------------------------------------------------------------- pruning
@@ -167,9 +243,11 @@ def prune_reshape(p: PruneContext) -> None:
         sizes = list(node.kwargs[key])
     else:
         sizes = list(shape_args[0]) if packed else shape_args
-    if dim >= len(sizes) or not isinstance(sizes[dim], int) or sizes[dim] == -1:
+    if dim >= len(sizes) or isinstance(sizes[dim], int) and sizes[dim] == -1:
         return
-    sizes[dim] = _kept_count(p.kept_of(node), dim)
+    if not isinstance(sizes[dim], (int, fx.Node)):
+        return
+    sizes[dim] = _kept_count(p.kept_of(node), dim)  # a size computed in the graph too
     if "shape" in node.kwargs or "size" in node.kwargs:
         node.kwargs = {**node.kwargs, key: tuple(sizes)}
     elif packed:
@@ -186,7 +264,9 @@ def prune_split(p: PruneContext) -> None:
     dim %= ndim
     if _channel_dim(p, x) != dim:
         return
-    sizes = [_kept_count(k, dim) for k in p.kept_of(node)]
+    metas = node.meta.get("tensor_meta") or ()
+    sizes = [int(along(k, dim, m.shape[dim]).sum()) if hasattr(m, "shape") else
+             _kept_count(k, dim) for k, m in zip(p.kept_of(node), metas)]
     node.op, node.target = "call_function", torch.split
     node.args, node.kwargs = (x, sizes), {"dim": dim}
 
@@ -205,12 +285,12 @@ def prune_getitem(p: PruneContext) -> None:
     index = node.args[1]
     as_tuple = isinstance(index, tuple)
     components = list(index) if as_tuple else [index]
-    positions = {d: i for i, (d, _) in enumerate(_index_components(tuple(components), roots.dim()))}
-    if dim not in positions:
+    slot = _slot_of_dim(tuple(components), roots.dim(), dim)
+    if slot is None:
         return
-    slot = [i for i, c in enumerate(components)
-            if isinstance(c, (int, slice)) or _int_list(c)][positions[dim]]
     c, n = components[slot], kept.numel()
+    if isinstance(c, torch.Tensor):
+        raise InternalError(f"tensor index on the channel dim of {node.format_node()}")
     if isinstance(c, int):
         components[slot] = int(before[c % n])
     elif not isinstance(c, slice):

@@ -114,8 +114,11 @@ _layers((nn.AdaptiveMaxPool2d,), "output_size return_indices")
 _layers((nn.Upsample,), "size scale_factor mode align_corners recompute_scale_factor")
 _layers((nn.Flatten,), "start_dim end_dim")
 _layers((nn.Unflatten,), "dim unflattened_size")
-_layers((nn.ZeroPad2d,), "padding")
-_layers((nn.ConstantPad2d,), "padding value")
+_layers((nn.ZeroPad1d, nn.ZeroPad2d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
+         nn.ReplicationPad2d, nn.CircularPad2d), "padding")
+_layers((nn.ConstantPad1d, nn.ConstantPad2d), "padding value")
+_layers((nn.PReLU,), "num_parameters init")
+_layers((nn.RMSNorm,), "normalized_shape eps elementwise_affine")
 _layers((nn.MultiheadAttention,), "embed_dim num_heads dropout bias add_bias_kv add_zero_attn "
         "kdim vdim batch_first", _attention_flags)
 
@@ -168,13 +171,14 @@ _OPT_BOOL = _either(_is_none, _is_bool)
 ARG_KINDS: Mapping[str, Callable[[Any], bool]] = {
     **dict.fromkeys(("in_channels", "out_channels", "in_features", "out_features", "num_features",
                      "groups", "num_groups", "num_channels", "embed_dim", "num_heads", "kdim",
-                     "vdim"), _is_size),
+                     "vdim", "num_parameters"), _is_size),
     **dict.fromkeys(("kernel_size", "stride", "dilation", "output_padding", "normalized_shape",
                      "unflattened_size"), _SIZES),
     "padding": _either(_SIZES, _is_word),  # int, per-dim ints, or "same" / "valid"
     **dict.fromkeys(("output_size", "size"), _OPT_SIZES),
-    **dict.fromkeys(("eps", "alpha", "beta", "k", "p", "negative_slope", "min_val", "max_val",
-                     "threshold", "value", "dropout"), _is_real),
+    **dict.fromkeys(("alpha", "beta", "k", "p", "negative_slope", "min_val", "max_val",
+                     "threshold", "value", "dropout", "init"), _is_real),
+    "eps": _OPT_REAL,  # RMSNorm's default None: the dtype's own epsilon
     "momentum": _OPT_REAL,
     "scale_factor": _either(_is_none, _is_real, _list_of(_is_real)),
     **dict.fromkeys(("padding_mode", "mode", "approximate"), _is_word),
@@ -212,12 +216,15 @@ def _one_name_each(entries: list[tuple[str, Callable]]) -> dict[str, Callable]:
 
 FUNCTIONS: Mapping[str, Callable] = _one_name_each([
     *_named("operator", operator,
-            "getitem add sub mul truediv floordiv mod neg iadd imul matmul"),
+            "getitem add sub mul truediv floordiv mod neg iadd imul matmul abs pow gt lt ge le "
+            "eq ne"),
     ("builtins.getattr", builtins.getattr),  # only with a GETATTR_ATTRIBUTES literal
     *_named("torch", torch,
             "flatten cat concat stack mul add sub div matmul reshape permute transpose swapaxes "
             "unsqueeze squeeze split chunk relu relu_ sigmoid tanh neg index_select mean sum "
-            "amax clone softmax narrow max_pool2d"),
+            "amax clone softmax narrow max_pool2d exp abs sqrt rsqrt square erf clamp zeros_like "
+            "ones_like prelu pow where maximum minimum bmm log_softmax unbind roll tile flip "
+            "movedim amin max min repeat_interleave norm einsum"),
     # F.relu_ / F.conv2d / F.avg_pool1d / F.adaptive_avg_pool1d are the torch.* functions of the
     # same name (listed once, above or here).
     *_named("torch.nn.functional", F,
@@ -225,7 +232,8 @@ FUNCTIONS: Mapping[str, Callable] = _one_name_each([
             "mish dropout dropout1d dropout2d softmax log_softmax interpolate pad avg_pool1d "
             "avg_pool2d max_pool1d max_pool2d adaptive_avg_pool1d adaptive_avg_pool2d "
             "adaptive_max_pool2d linear conv2d batch_norm layer_norm group_norm "
-            "local_response_norm"),
+            "local_response_norm conv1d softplus selu celu logsigmoid normalize "
+            "scaled_dot_product_attention rms_norm adaptive_max_pool1d lp_pool2d"),
     ("torchvision.ops.stochastic_depth", torchvision.ops.stochastic_depth),
 ])
 FUNCTION_NAMES: Mapping[Callable, str] = {fn: name for name, fn in FUNCTIONS.items()}
@@ -236,6 +244,8 @@ METHODS: frozenset[str] = frozenset("""
     mean sum amax amin max min softmax log_softmax
     add sub mul div neg matmul relu sigmoid tanh clone detach float type_as
     add_ mul_ relu_ sigmoid_ tanh_
+    to exp abs sqrt rsqrt square clamp clamp_min clamp_max half bfloat16 erf pow masked_fill bmm
+    unbind roll tile flip movedim repeat_interleave norm
 """.split())
 
 GETATTR_ATTRIBUTES: frozenset[str] = frozenset({"shape", "dtype", "device", "ndim"})
@@ -244,11 +254,12 @@ GETATTR_ATTRIBUTES: frozenset[str] = frozenset({"shape", "dtype", "device", "ndi
 VIEW_FUNCTIONS: frozenset[Callable] = frozenset({
     operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose,
     torch.swapaxes, torch.unsqueeze, torch.squeeze, torch.split, torch.chunk, torch.narrow,
+    torch.unbind, torch.movedim,
 })
 VIEW_METHODS: frozenset[str] = frozenset({
     "view", "view_as", "reshape", "reshape_as", "flatten", "permute", "transpose", "swapaxes",
     "contiguous", "unsqueeze", "squeeze", "expand", "expand_as", "narrow", "chunk", "split",
-    "detach", "float", "type_as",
+    "detach", "float", "type_as", "to", "half", "bfloat16", "unbind", "movedim",
 })
 # In-place call_function targets besides those called with ``inplace=True``.
 INPLACE_FUNCTIONS: frozenset[Callable] = frozenset({operator.iadd, operator.imul, torch.relu_})

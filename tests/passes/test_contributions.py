@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mdafx.errors import InternalError, PreconditionError
@@ -245,24 +246,13 @@ def test_weighted_layers_graph_order_and_eval_mode() -> None:
     assert max_rel(got["conv2"], expected) < 1e-6  # model ran in float32
 
 
-def test_unsupported_and_shared_layers_raise() -> None:
+def test_unsupported_layers_and_labels_raise() -> None:
     mod = nn.Conv2d(2, 2, 3, padding=1)
     gm = traced(mod)
     gm.get_submodule("0").padding_mode = "mirror"
     with pytest.raises(PreconditionError, match="'0'.*padding_mode='mirror'"):
         weighted_layers(gm)
 
-    class Shared(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(2, 2, 1)
-
-        def forward(self, x: Tensor) -> Tensor:
-            return self.conv(self.conv(x))
-
-    gm = torch.fx.symbolic_trace(Shared())
-    with pytest.raises(PreconditionError, match="'conv' is called more than once"):
-        class_contributions(gm, [(torch.randn(2, 2, 3, 3), torch.tensor([0, 1]))], 2, progress=False)
     with pytest.raises(PreconditionError, match=r"labels must lie in \[0, 2\)"):
         class_contributions(traced(nn.Conv2d(2, 2, 1)), [(torch.randn(1, 2, 3, 3), torch.tensor([2]))],
                       2, progress=False)
@@ -406,3 +396,79 @@ def test_forward_batch_slices_give_the_same_contributions() -> None:
         class_contributions(gm, batches, NUM_CLASSES, progress=False, forward_batch=0)
     with pytest.raises(PreconditionError, match="one input row per label"):
         class_contributions(gm, [(x[:3], y[:4])], NUM_CLASSES, progress=False, forward_batch=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# functional layers and shared modules
+
+
+class Modules(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, groups=1)
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.dw(torch.relu(self.conv(x))).mean((2, 3)))
+
+
+class Functional(nn.Module):
+    """The same computation on parameters: F.conv2d / F.linear nodes."""
+
+    def __init__(self, m: Modules) -> None:
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(m.conv.weight.detach()), nn.Parameter(m.conv.bias.detach())
+        self.w2, self.b2 = nn.Parameter(m.dw.weight.detach()), nn.Parameter(m.dw.bias.detach())
+        self.w3, self.b3 = nn.Parameter(m.fc.weight.detach()), nn.Parameter(m.fc.bias.detach())
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(F.conv2d(x, self.w1, self.b1, 1, 1))
+        x = F.conv2d(x, self.w2, self.b2, 1, 1, 1, 4)
+        return F.linear(x.mean((2, 3)), self.w3, self.b3)
+
+
+def test_functional_layers_get_the_contributions_of_their_modules() -> None:
+    torch.manual_seed(0)
+    m = Modules().eval()
+    x, y = torch.randn(6, 3, 6, 6), torch.tensor([0, 1, 2, 3, 0, 1])
+    from mdafx.ir import trace
+
+    gm_m, gm_f = trace(m, x[:1]), trace(Functional(m).eval(), x[:1])
+    assert weighted_layers(gm_m) == ["conv", "dw", "fc"]
+    assert weighted_layers(gm_f) == ["conv2d", "conv2d_1", "linear"]
+    a_m = class_contributions(gm_m, [(x, y)], NUM_CLASSES, progress=False, dense=True)
+    a_f = class_contributions(gm_f, [(x, y)], NUM_CLASSES, progress=False, dense=True)
+    for km, kf in zip(a_m, a_f):
+        assert torch.equal(a_m[km], a_f[kf]), (km, kf)
+    prof = build_profile(gm_f, [(x, y)], NUM_CLASSES, progress=False)
+    assert prof.layers == ["conv2d", "conv2d_1", "linear"] and prof.groups["conv2d_1"] == 4
+    prof.check_matches(gm_f)
+    with torch.no_grad():
+        gm_f.w2.mul_(2)
+    from mdafx.errors import ProfileMismatchError
+
+    with pytest.raises(ProfileMismatchError, match="conv2d_1"):
+        prof.check_matches(gm_f)
+
+
+class Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(torch.relu(self.conv(x)))
+
+
+def test_a_shared_module_sums_its_contributions_over_its_calls() -> None:
+    torch.manual_seed(1)
+    gm = torch.fx.symbolic_trace(Shared().double())
+    x, y = torch.randn(5, 2, 3, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    got = class_contributions(gm, [(x, y)], 2, progress=False, dense=True,
+                              dtype=torch.float64)["conv"]
+    with torch.no_grad():
+        h = torch.relu(gm.conv(x))
+    want = (per_class_sum(literal_contributions(gm.conv, x), y, 2)
+            + per_class_sum(literal_contributions(gm.conv, h), y, 2))
+    assert max_rel(got, want) < RTOL64

@@ -519,3 +519,67 @@ def test_locate_rejects_contributions_of_another_shape():
     gm = trace(ChainNet(), torch.randn(1, 3, 4, 4))
     with pytest.raises(PreconditionError, match="'c2'.*shape"):
         locate(gm, A)
+
+
+# ----------------------------------------------------------------------------- functional layers
+
+
+class ModuleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+
+class FunctionalNet(nn.Module):
+    def __init__(self, m: ModuleNet):
+        super().__init__()
+        self.w, self.b = nn.Parameter(m.conv.weight.detach()), nn.Parameter(m.conv.bias.detach())
+        self.lw = nn.Parameter(m.fc.weight.detach())
+
+    def forward(self, x):
+        return F.linear(F.relu(F.conv2d(x, self.w, self.b, padding=1)).mean((2, 3)), self.lw)
+
+
+def test_functional_layers_are_weighted_like_modules():
+    torch.manual_seed(0)
+    m = ModuleNet().eval()
+    x, y = torch.randn(8, 3, 5, 5), torch.arange(8) % 4
+    gm_m, gm_f = trace(m, x[:1]), trace(FunctionalNet(m).eval(), x[:1])
+    a_m = class_contributions(gm_m, [(x, y)], 4, progress=False)
+    a_f = class_contributions(gm_f, [(x, y)], 4, progress=False)
+    masks_m = locate(gm_m, a_m, cg=channel_groups(gm_m))
+    masks_f = locate(gm_f, a_f, cg=channel_groups(gm_f))
+    assert torch.equal(masks_m.masks["conv"], masks_f.masks["conv2d"])   # fc's (α, β) of linear
+    assert torch.equal(masks_m.masks["relu"], masks_f.masks["relu"])
+    assert not bool(masks_f.masks["conv2d"].all())  # the thresholds did select something
+
+
+def test_matmul_masks_map_rows_and_columns():
+    """Attention-style matmul: each operand gets the rows (columns) its output positions read."""
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.v = nn.Linear(4, 6), nn.Linear(4, 6)
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):
+            t = x.flatten(2).transpose(1, 2)                              # [B, N, 4]
+            q = self.q(t).reshape(t.shape[0], -1, 2, 3).transpose(1, 2)    # 2 heads of 3
+            v = self.v(t).reshape(t.shape[0], -1, 2, 3).transpose(1, 2)
+            o = ((q @ q.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(
+                t.shape[0], -1, 6)
+            return self.fc(o.mean(1))
+
+    torch.manual_seed(0)
+    m = Attn().eval()
+    x, y = torch.randn(6, 4, 3, 3), torch.arange(6) % 3
+    gm = trace(m, x[:1])
+    A = class_contributions(gm, [(x, y)], 3, progress=False)
+    masks = locate(gm, A, cg=channel_groups(gm))
+    # the mask reaches through both matmuls to the projections' outputs
+    assert masks.masks["q"].any() and masks.masks["v"].any()
