@@ -24,7 +24,8 @@ from .assembly import (Assembled, InputAdapter, assemble, calibrate, calibrate_j
                        guard_assembled)
 from .data import ArrayDataset, InputFormat, load_imagefolder, open_images, split_per_class
 from .decision_routes import Routes, routes
-from .deployment import ExportReport, export, export_onnx, onnx_latency, read_onnx_metadata
+from .deployment import (ExportReport, export, export_onnx, export_pt2, onnx_latency,
+                         read_onnx_metadata, read_pt2_metadata)
 from .diagnosis import LayerRow, accuracy_by_layer
 from .disassembly import (Component, channel_groups, cut, locate, prune, resolve_classes,
                           source_analyses)
@@ -33,7 +34,7 @@ from .evaluation import EvaluationReport, GuardReport, evaluate, guard, predict,
 from .inspection import InspectReport, inspect
 from .ir import count_macs, count_params, trace
 from .modelfile import load_model, save_model
-from .models import build_model, load_weights
+from .models import build_model, load_weights, pretrained, pretrained_card
 from .passes.locate import ChannelMasks, Thresholds
 from .passes.prune_channels import ChannelPlan, masked_model, plan_from_votes, plan_random
 from .passes.reestimate_norms import reestimate_batch_norms
@@ -54,7 +55,8 @@ __all__ = [
     "trace", "channel_groups", "profile", "build_profile", "locate", "cut", "prune",
     "resolve_classes", "source_analyses", "calibration_split", "calibrate", "calibrate_jointly",
     "guard_assembled", "search_thresholds",
-    "reestimate_batch_norms", "distill", "export_onnx", "onnx_latency", "read_onnx_metadata",
+    "reestimate_batch_norms", "distill", "export_onnx", "export_pt2", "onnx_latency",
+    "read_onnx_metadata", "read_pt2_metadata", "pretrained", "pretrained_card",
     "predict", "task_accuracy", "build_model", "load_weights", "count_params", "count_macs",
     "accuracy_by_layer", "LayerRow", "Budget", "Recovery", "Recipe", "RECIPES", "guard", "GuardReport", "Thresholds", "ChannelMasks", "ChannelPlan", "plan_from_votes", "plan_random",
     "masked_model", "InputFormat", "InputAdapter", "ArrayDataset", "load_imagefolder",

@@ -302,6 +302,18 @@ def test_export_prints_the_parity_report_and_latency(ws, pipeline):
     assert api.read_onnx_metadata(ws["dir"] / "assembled.onnx")["class_names"] == list(CLASSES)
 
 
+def test_export_pt2_is_a_torch_export_archive_that_reloads(ws, pipeline):
+    out = ok("export", "assembled.mdafx", "-o", "assembled.pt2")
+    assert "pt2 export" in out and "parity batch 3" in out and "torch.export" in out
+    program = torch.export.load(ws["dir"] / "assembled.pt2")
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), api.load(ws["dir"] / "assembled.mdafx")(x))
+    assert api.read_pt2_metadata(ws["dir"] / "assembled.pt2")["class_names"] == list(CLASSES)
+    expect_usage = call("export", "assembled.mdafx", "--format", "pt2", "--latency")
+    assert expect_usage[0] == cli.EXIT_USAGE and "go with ONNX" in expect_usage[2]
+
+
 def test_evaluate_matches_the_model(ws, pipeline):
     out = script_ok(pipeline["evaluate"])
     correct, total = accuracy_of(api.load(ws["dir"] / "assembled.mdafx").module, seed=2)

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "core": ["mdafx", "mdafx.errors", "mdafx.config", "mdafx.fileio", "mdafx.ir",
              "mdafx.channels", "mdafx.rules", "mdafx.passmanager", "mdafx.modelfile",
-             "mdafx.data", "mdafx.models", "mdafx.training"],
+             "mdafx.data", "mdafx.models", "mdafx.training", "mdafx.progress",
+             "mdafx.distributed"],
     "passes": ["mdafx.passes"],
     "instrumentation": ["mdafx.instrument", "mdafx.dump"],
     "workflows": ["mdafx.profiling", "mdafx.disassembly", "mdafx.search", "mdafx.recipes",
@@ -48,7 +49,8 @@ def _layer(module: str) -> str | None:
     best = None
     for layer, prefixes in LAYERS.items():
         for prefix in prefixes:
-            if module == prefix or module.startswith(prefix + "."):
+            # the package itself is core; its modules each need an entry of their own
+            if module == prefix or (prefix != "mdafx" and module.startswith(prefix + ".")):
                 if best is None or len(prefix) > len(best[1]):
                     best = (layer, prefix)
     return best[0] if best else None

@@ -15,7 +15,10 @@ selection pool of 45,000) and on a folder of symlinks to its first images for th
   sizes, so the growth of peak memory with the number of images is visible: the in-memory path
   holds every decoded image, the streamed one only the file list and the labels.
 
-Example (the CIFAR-10 ResNet-20 cached by tools/train_sources.py)::
+``--model NAME`` is the CIFAR-10 source cached by tools/train_sources.py
+(``$MDAFX_CACHE/sources/NAME.pt`` and ``.json``: its factory and kwargs go to the command as
+``--model package.module:callable --model-arg K=V ... --weights NAME.pt``), else the embedded
+source ``cifar10-NAME`` (no training needed), as tools/common.load_sources does. Example::
 
     python tools/bench_analyse.py --model resnet20 --sizes 10000,45000 --threads 1
 """
@@ -41,9 +44,37 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
+def _source(name: str) -> dict:
+    """How the command gets source ``name``: ``model`` (the --model spec), ``model_args``
+    (``[key, value]`` pairs for --model-arg), ``weights`` (a file or None) and ``source`` (what
+    the table says). The cached train_sources.py model if there is one, else the embedded
+    ``cifar10-<name>`` (``name`` may already be ``cifar10-<name>``)."""
+    from mdafx.models import PRETRAINED
+
+    sources = cache_root() / "sources"
+    pt, card = sources / f"{name}.pt", sources / f"{name}.json"
+    if pt.is_file() and card.is_file():
+        arch = json.loads(card.read_text())["architecture"]
+        module_name, factory = arch["factory"].rsplit(".", 1)
+        return {"model": f"{module_name}:{factory}",
+                "model_args": [[k, v] for k, v in arch["kwargs"].items()],
+                "weights": str(pt), "source": f"{name} (cached, {pt})"}
+    embedded = name if name in PRETRAINED else f"cifar10-{name}"
+    if embedded in PRETRAINED:
+        return {"model": embedded, "model_args": [], "weights": None,
+                "source": f"{embedded} (embedded)"}
+    raise SystemExit(f"{pt} (and {card}) not found and there is no embedded cifar10-{name}: "
+                     f"python tools/train_sources.py --models {name}")
+
+
 def _analyse_args(spec: dict) -> list[str]:
-    args = ["--json", "--threads", str(spec["threads"]), "analyse", "--model", spec["model"],
-            "--weights", spec["weights"], "--data", spec["folder"], "--holdout", str(HOLDOUT),
+    model = ["--model", spec["model"]]
+    for key, value in spec["model_args"]:
+        model += ["--model-arg", f"{key}={value!r}"]
+    if spec["weights"]:
+        model += ["--weights", spec["weights"]]
+    args = ["--json", "--threads", str(spec["threads"]), "analyse", *model,
+            "--data", spec["folder"], "--holdout", str(HOLDOUT),
             "--batch-size", str(spec["batch_size"]), "--workers", str(spec["workers"]),
             "-o", spec["output"], "--force"]
     return args + (["--resize", "32", "--crop", "32"] if spec["stream"] else [])
@@ -82,7 +113,8 @@ def measure(spec: dict) -> dict:
         fmt = InputFormat((32, 32), 3, CIFAR10_MEAN, CIFAR10_STD)
         ds = open_images(spec["folder"], fmt)
         pool = split_per_class(ds.labels.numpy(), [1 - HOLDOUT, HOLDOUT], seed=0)[0]
-        gm = build_source(spec["model"], 10, [], spec["weights"], fmt)
+        gm = build_source(spec["model"], 10, [tuple(a) for a in spec["model_args"]],
+                          spec["weights"], fmt)
         t0 = time.perf_counter()
         predict(gm, batches(ds, pool, spec["batch_size"]))
         seconds, rss = time.perf_counter() - t0, _rss_mb()
@@ -134,7 +166,9 @@ def _row(spec: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", help="folder containing cifar10/ (default: $MDAFX_DATA)")
-    ap.add_argument("--model", default="resnet20", help="cached source (tools/train_sources.py)")
+    ap.add_argument("--model", default="resnet20",
+                    help="source cached by tools/train_sources.py, else the embedded "
+                         "cifar10-NAME (default %(default)s)")
     ap.add_argument("--sizes", default="10000,45000",
                     help="selection pool sizes (at most 45000; default %(default)s)")
     ap.add_argument("--threads", type=int, default=1,
@@ -153,15 +187,12 @@ def main() -> None:
         return
 
     full = data_root(args.data) / "cifar10" / "train"
-    weights = cache_root() / "sources" / f"{args.model}.pt"
-    if not weights.is_file():
-        raise SystemExit(f"{weights} not found: python tools/train_sources.py --models "
-                         f"{args.model}")
+    source = _source(args.model)
     sizes = sorted(int(s) for s in args.sizes.split(","))
     with tempfile.TemporaryDirectory(prefix="bench_analyse-") as tmp:
         tmp = Path(tmp)
         folders = {n: full if n >= 45000 else _subset(full, n, tmp) for n in sizes}
-        base = {"model": args.model, "weights": str(weights), "batch_size": args.batch_size,
+        base = {**source, "batch_size": args.batch_size,
                 "workers": 0, "output": str(tmp / "profile.st"), "stream": False}
         # decode every folder once first, so no row pays for filling the .npz cache
         from mdafx.data import CIFAR10_MEAN, CIFAR10_STD, InputFormat, open_images
@@ -194,7 +225,7 @@ def main() -> None:
               f"{r['wall']:.1f}", f"{r['rss']:.0f}"] for r in rows]
     print("$ python tools/bench_analyse.py " + " ".join(sys.argv[1:]))
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    print(f"model {args.model}, CIFAR-10 train (holdout {HOLDOUT}), batch {args.batch_size}, "
+    print(f"model {source['source']}, CIFAR-10 train (holdout {HOLDOUT}), batch {args.batch_size}, "
           f"{os.cpu_count()} CPU cores (load average {load})")
     print(tabulate(table, headers=["run", "procs x threads", "pool images", "data",
                                    "seconds", "x floor", "wall s", "peak RSS MB"],

@@ -1,5 +1,6 @@
 """``mdafx export``: a component or assembled model file -> ONNX, verified before it lands
-(checker, strict shape inference, onnxruntime parity at batch 1 and 3)."""
+(checker, strict shape inference, onnxruntime parity at batch 1 and 3), or -> a
+``torch.export`` archive (``.pt2``, reloaded and compared at batch 1 and 3)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,11 @@ LATENCY_BATCHES = (1, 32)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_file", metavar="MODEL", help="component or assembled model file")
-    p.add_argument("-o", "--output", metavar="FILE", help="ONNX file (default: MODEL with .onnx)")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="output file (default: MODEL with the format's suffix)")
+    p.add_argument("--format", choices=("onnx", "pt2"),
+                   help="onnx, or pt2 (torch.export archive, for torch users; loading one runs "
+                        "pickle) (default: from the output's suffix, else onnx)")
     p.add_argument("--opset", type=common.positive_int, metavar="N",
                    help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
@@ -28,7 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model_file = Path(args.model_file)
-    output = Path(args.output) if args.output else model_file.with_suffix(".onnx")
+    fmt = args.format or ("pt2" if args.output and Path(args.output).suffix == ".pt2"
+                          else "onnx")
+    output = Path(args.output) if args.output else model_file.with_suffix(f".{fmt}")
+    if fmt == "pt2" and (args.opset is not None or args.latency):
+        raise common.UsageError("--opset and --latency go with ONNX, not --format pt2")
     common.require_files(model=model_file)
     common.check_outputs(args, [output], [model_file])
     import torch  # heavy: only when the command runs (`--help` stays light)
@@ -36,12 +45,12 @@ def run(args: argparse.Namespace) -> int:
     from mdafx import api
 
     threads = getattr(args, "threads", None) or torch.get_num_threads()
-    report, latency = api.export(api.load(model_file), output, opset=args.opset,
+    report, latency = api.export(api.load(model_file), output, format=fmt, opset=args.opset,
                                  check=not args.no_check, rtol=args.rtol, atol=args.atol,
                                  latency_batches=LATENCY_BATCHES if args.latency else (),
                                  threads=threads, overwrite=args.force)
     common.emit_json(args, {
-        "command": "export", "output": str(report.path), "opset": report.opset,
+        "command": "export", "format": fmt, "output": str(report.path), "opset": report.opset,
         "bytes": report.file_size, "exporter": report.exporter,
         "fallback_reason": report.fallback_reason,
         "parity": {str(b): {"max_abs_err": report.max_abs_err[b],
@@ -61,6 +70,6 @@ def run(args: argparse.Namespace) -> int:
     for batch, ms in latency.items():
         rows.append([f"latency batch {batch}",
                      f"{ms:.3f} ms (onnxruntime CPU, {threads} thread{'s' * (threads != 1)})"])
-    common.say(args, *common.table(rows, ["onnx export", ""]))
+    common.say(args, *common.table(rows, [f"{fmt} export", ""]))
     common.say(args, f"wrote {report.path}", final=True)
     return common.EXIT_OK
