@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import artifacts
-from .assembly import assemble, calibrate
+from .assembly import assemble, calibrate, calibrate_jointly
 from .data import ArrayDataset, ImageArrays, InputFormat, batches
 from .errors import DataError
 from .deployment import export_onnx, onnxruntime_logits
@@ -178,10 +178,15 @@ def demo(out: str | os.PathLike | None = None, *, seed: int = 0, epochs: int = 4
 
     calib = _dataset(splits["calib"], InputFormat.from_dict(components[0].metadata["input"]))
     results, _ = calibrate(components, calib)
+    mda_factors = [r.factors for r in results]
+    flat, offsets, images = calibrate_jointly(components, calib, init=mda_factors)
     variants = {"no scaling": assemble(components),
-                "calibrated": assemble(components, [r.factors for r in results])}
-    asm = variants["calibrated"]
-    asm.metadata["calibration"] = {"samples": len(calib)}
+                "MDA 2.1 scaling": assemble(components, mda_factors),
+                "calibrated jointly": assemble(
+                    components, list(flat.split([len(c.classes) for c in components])),
+                    offsets=offsets)}
+    asm = variants["calibrated jointly"]
+    asm.metadata["calibration"] = {"method": "joint", "images": images}
     asm_path, onnx_path = out / "assembled.mdafx", out / "assembled.onnx"
     artifacts.save(asm, asm_path, overwrite=True)
     report = export_onnx(asm.module, onnx_path, asm.input_format.example(),
@@ -212,7 +217,7 @@ def demo(out: str | os.PathLike | None = None, *, seed: int = 0, epochs: int = 4
         logits, _ = predict(variant.module, test_batches())
         rows.append([f"assembled, {label}", both, len(index), accuracy(logits, positions),
                      variant.params])
-    rows.append(["assembled, calibrated, onnxruntime", both, len(index),
+    rows.append(["assembled, calibrated jointly, onnxruntime", both, len(index),
                  accuracy(onnxruntime_logits(onnx_path, test_batches()), positions),
                  asm.params])
     return DemoReport(out, rows, str(report), sorted(out.iterdir()),
@@ -273,7 +278,6 @@ def demo_pretrained(data: str | os.PathLike, out: str | os.PathLike | None = Non
     and scores every model on the test images."""
     from tqdm.auto import tqdm
 
-    from .assembly import calibrate_jointly
     from .data import open_images
     from .models import build_source, pretrained_card
     from .profiling import analyse, calibration_split

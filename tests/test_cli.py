@@ -838,8 +838,13 @@ def test_demo_runs_end_to_end(ws, tmp_path):
     out_dir = tmp_path / "demo"
     out = ok("demo", "--out", out_dir, "--epochs", "1", "--train-per-class", "20", "--no-images")
     for row in ("component of source0_tiny_cnn", "component of source1_resnet_cifar",
-                "assembled, calibrated", "assembled, calibrated, onnxruntime"):
+                "assembled, MDA 2.1 scaling", "assembled, calibrated jointly",
+                "assembled, calibrated jointly, onnxruntime"):
         assert re.search(rf"{re.escape(row)}\s+\S+.*\d+\.\d%", out), (row, out)
+    joint, ort = (re.search(rf"{re.escape(r)}\s+6: both tasks\s+\d+\s+([\d.]+)%", out).group(1)
+                  for r in ("assembled, calibrated jointly ", "assembled, calibrated jointly, "
+                                                               "onnxruntime"))
+    assert joint == ort  # the exported file scores what the model does
     for name in ("assembled.mdafx", "assembled.onnx", "component0_disk-ring-square.mdafx",
                  "component1_plus-cross-tri.mdafx", "source0_tiny_cnn.pt",
                  "source1_resnet_cifar.profile.safetensors"):

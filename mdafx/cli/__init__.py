@@ -50,7 +50,7 @@ COMMANDS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
      "model (MDA 1.3-1.4)."),
     ("assemble", "assemble", (), "Assemble component files into one classifier (MDA 2)."),
     ("export", "export", (), "Export a model file to ONNX, verified with the ONNX checker and "
-     "onnxruntime parity at batch 1 and 3."),
+     "onnxruntime parity at batch 1 and 3, or to a torch.export archive (.pt2)."),
     ("evaluate", "evaluate", (), "Per-class and overall accuracy of a model file, or of "
      "--model/--weights, on an ImageFolder (folders matched to classes by name)."),
     ("finetune", "finetune", (), "Optional, explicit: fine-tune a component or assembled model "
