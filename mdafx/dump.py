@@ -231,27 +231,59 @@ def _colour(target: str) -> str:
     return f"{h:.3f} 0.300 0.950"
 
 
+def _blocks(nodes: list[fx.Node]) -> dict[str, str]:
+    """``node name -> block``: a layer call's block is its module path without the last atom
+    (``layer1.0.conv1`` -> ``layer1.0``); any other node joins the block of the node before it
+    when its first input is in that block (the residual ``add`` of ``layer1.0``)."""
+    out: dict[str, str] = {}
+    previous: str | None = None
+    for node in nodes:
+        block = None
+        if node.op == "call_module" and "." in str(node.target):
+            block = str(node.target).rsplit(".", 1)[0]
+        elif (node.op in ("call_function", "call_method") and previous is not None
+              and node.all_input_nodes and out.get(node.all_input_nodes[0].name) == previous):
+            block = previous
+        if block is not None:
+            out[node.name] = block
+        previous = block
+    return out
+
+
 def to_dot(gm: fx.GraphModule, view: View | None = None, name: str = "mdafx") -> str:
     """Graphviz DOT: one record per node (``name | target | in→out ch | group``).
 
     Fill colour hashes the target; nodes mdafx inserted have dashed borders; barriers have a
-    thick red border; an edge whose source lost channels is labelled ``-<dropped>``.
+    thick red border; an edge whose source lost channels is labelled ``-<dropped>`` (red when
+    any were dropped). Consecutive nodes of one block (:func:`_blocks`) are drawn in one
+    cluster box labelled with the block's module path, so a deep network reads block by block.
     """
     view = view or analyze(gm)
     rows = {r.name: r for r in _rows(view)}
     lines = [f'digraph "{_escape(name)}" {{',
-             "  rankdir=TB;",
+             "  rankdir=TB; newrank=true; ranksep=0.3; nodesep=0.25;",
              '  node [shape=record, style=filled, fontname="monospace", fontsize=10];',
              '  edge [fontname="monospace", fontsize=9];']
     if view.error:
         lines.append(f'  label="{_escape("shapes and groups as recorded: " + view.error)}";')
     nodes = list(view.gm.graph.nodes)
+    blocks = _blocks(nodes)
+    current = None
     for node in nodes:
+        block = blocks.get(node.name)
+        if block != current:  # nodes of one block are consecutive in graph order
+            if current is not None:
+                lines.append("  }")
+            if block is not None:
+                lines += [f'  subgraph "cluster_{_escape(block)}" {{',
+                          f'    label="{_escape(block)}"; style=rounded; color=gray60;']
+            current = block
         row = rows[node.name]
         ins = [rows[a.name].channels for a in node.all_input_nodes if a.name in rows]
         in_ch = ",".join(ins) if ins else "-"
-        label = "{" + "|".join(_escape(s) for s in (
-            row.name, row.target, f"{in_ch} → {row.channels}", row.group)) + "}"
+        # one row per node (fields side by side): a deep network is a third as tall
+        label = "|".join(_escape(s) for s in (
+            row.name, row.target, f"{in_ch} → {row.channels}", row.group))
         attrs = [f'label="{label}"', f'fillcolor="{_colour(row.op + ":" + row.target)}"']
         if row.inserted:
             attrs.append('style="filled,dashed"')
@@ -259,10 +291,14 @@ def to_dot(gm: fx.GraphModule, view: View | None = None, name: str = "mdafx") ->
             attrs += ['color="red"', "penwidth=2.5",
                       f'tooltip="{_escape("barrier: " + row.barrier)}"']
         lines.append(f'  "{node.name}" [{", ".join(attrs)}];')
+    if current is not None:
+        lines.append("  }")
     for node in nodes:
         for src in node.all_input_nodes:
             kept = rows[src.name].kept if src.name in rows else None
-            label = f' [label="-{kept[1] - kept[0]}"]' if kept is not None else ""
+            dropped = None if kept is None else kept[1] - kept[0]
+            label = (f' [label="-{dropped}", color=red, fontcolor=red]' if dropped
+                     else f' [label="-{dropped}"]' if dropped is not None else "")
             lines.append(f'  "{src.name}" -> "{node.name}"{label};')
     lines.append("}")
     return "\n".join(lines) + "\n"

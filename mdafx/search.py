@@ -265,7 +265,7 @@ def tradeoff_svg(results: Sequence[tuple[str, "SearchResult"]]) -> str:
     the share of the source's MACs (x) of every scored candidate (``<circle class="candidate">``,
     the chosen one ``class="candidate chosen"``), unscored candidates as ticks under the axis
     (``class="unscored"``), the accuracy floor ``source - max_acc_drop`` and the MACs ceiling as
-    dashed lines. Hand-written SVG: no plotting dependency."""
+    labelled dashed lines, and a legend. Hand-written SVG: no plotting dependency."""
     from html import escape
 
     w, h, left, right, top, gap = 560, 250, 56, 16, 34, 36
@@ -308,10 +308,21 @@ def tradeoff_svg(results: Sequence[tuple[str, "SearchResult"]]) -> str:
         if floor is not None:
             out.append(f'<line class="limit" data-limit="accuracy" x1="{left}" '
                        f'y1="{py(floor):.1f}" x2="{left + plot_w}" y2="{py(floor):.1f}"/>')
+            out.append(f'<text class="limit-label" x="{left + plot_w - 2}" '
+                       f'y="{py(floor) - 3:.1f}" text-anchor="end">accuracy floor: source '
+                       f'- {res.budget.max_acc_drop:g} pts</text>')
         if res.budget.max_macs_frac is not None:
             x = px(res.budget.max_macs_frac)
             out.append(f'<line class="limit" data-limit="macs" x1="{x:.1f}" y1="{py(y_lo):.1f}" '
                        f'x2="{x:.1f}" y2="{py(y_hi):.1f}"/>')
+            out.append(f'<text class="limit-label" x="{x + 3:.1f}" y="{py(y_hi) + 10:.1f}">'
+                       f'MACs ceiling {res.budget.max_macs_frac:.0%}</text>')
+        legend_x = w - right - 250
+        for i, (cls, radius, text) in enumerate((
+                ("candidate", 3.5, "scored candidate"), ("candidate chosen", 6, "chosen"))):
+            lx = legend_x + 125 * i
+            out.append(f'<circle class="{cls} legend" cx="{lx:.1f}" cy="{y0 + 12}" '
+                       f'r="{radius}"/><text x="{lx + 9:.1f}" y="{y0 + 16}">{text}</text>')
         for c in res.candidates:
             if c.same_as is not None:
                 continue

@@ -739,7 +739,7 @@ def test_disassemble_to_a_budget_on_calibration_images(ws, pipeline):
     ns = "{http://www.w3.org/2000/svg}"
     [panel] = [g for g in svg.iter(f"{ns}g") if g.get("class") == "search"]
     dots = [c.get("class") for c in panel.iter(f"{ns}circle")]
-    assert dots.count("candidate chosen") == 1
+    assert dots.count("candidate chosen") == 1 and "candidate chosen legend" in dots
     # what the search scored is what evaluate measures on the same images
     ev = ok("evaluate", "budget/cat-dog.mdafx", "--data", "data/calib")
     assert re.search(rf"overall\s+8\s+\d+\s+{cal['accuracy']:.2%}", ev), ev

@@ -121,8 +121,10 @@ def test_dot_is_a_well_formed_digraph():
     quoted = r'"(?:[^"\\]|\\.)*"'
     attr = rf"\w+=(?:{quoted}|[\w.]+)"
     node_re = re.compile(rf"^  ({quoted}) \[{attr}(?:, {attr})*\];$")
-    edge_re = re.compile(rf"^  ({quoted}) -> ({quoted})(?: \[{attr}\])?;$")
-    default_re = re.compile(rf"^  (?:node|edge) \[{attr}(?:, {attr})*\];$|^  rankdir=TB;$")
+    edge_re = re.compile(rf"^  ({quoted}) -> ({quoted})(?: \[{attr}(?:, {attr})*\])?;$")
+    default_re = re.compile(rf"^  (?:node|edge) \[{attr}(?:, {attr})*\];$|^  rankdir=TB; newrank=true; ranksep=0.3; nodesep=0.25;$"
+                            rf"|^  subgraph \"cluster_[^\"]+\" \{{$"
+                            rf"|^    label={quoted}; style=rounded; color=gray60;$|^  \}}$")
     declared, edges = set(), []
     for line in lines[1:-1]:
         if m := node_re.match(line):
@@ -135,7 +137,9 @@ def test_dot_is_a_well_formed_digraph():
     for label in re.findall(r'label="((?:[^"\\]|\\.)*)"', dot):   # record braces balance
         unescaped = re.sub(r"\\.", "", label)
         assert unescaped.count("{") == unescaped.count("}")
-    assert '"cat" -> "bn" [label="-5"];' in dot      # 5 of cat's 10 channels were dropped
+    # 5 of cat's 10 channels were dropped: a red edge
+    assert '"cat" -> "bn" [label="-5", color=red, fontcolor=red];' in dot
+    assert dot.count("subgraph") == dot.count("\n  }\n")  # every cluster is closed
 
 
 def test_inserted_nodes_are_dashed_and_noted():

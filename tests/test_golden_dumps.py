@@ -225,7 +225,13 @@ def test_resnet18_prune_dump(resnet18_dump):
     dot = (resnet18_dump / "01_prune-channels.dot").read_text()
     filecheck(dot, [
         r'CHECK: ^digraph "resnet18 01_prune-channels" \{$',
-        r'CHECK: ^  "conv1" \[label="\{conv1\|Conv2d\|- → \d+/64\|g0\}"',
+        r'CHECK: ^  "conv1" \[label="conv1\|Conv2d\|- → \d+/64\|g0"',
+        # a residual block is one cluster: its convs, norms and the add
+        r'CHECK: ^  subgraph "cluster_layer1.0" \{$',
+        r'CHECK-NEXT: ^    label="layer1.0"; style=rounded; color=gray60;$',
+        r'CHECK-NEXT: ^  "layer1_0_conv1" \[',
+        r'CHECK: ^  "add" \[',
+        r'CHECK: ^  \}$',
         r'CHECK: ^  "mdafx_select" \[.*style="filled,dashed"',
-        r'CHECK: ^  "conv1" -> "bn1" \[label="-\d+"\];$',
+        r'CHECK: ^  "conv1" -> "bn1" \[label="-\d+", color=red, fontcolor=red\];$',
     ])

@@ -229,7 +229,14 @@ def test_tradeoff_svg_draws_every_distinct_candidate():
     assert [g.get("data-title") for g in panels] == ["lazy", "sized"]
     for panel, res in zip(panels, (lazy, sized)):
         distinct = [c for c in res.candidates if c.same_as is None]
-        dots = [c.get("class") for c in panel.iter(f"{ns}circle")]
+        dots = [c.get("class") for c in panel.iter(f"{ns}circle")
+                if not c.get("class").endswith("legend")]
+        legend = [c.get("class") for c in panel.iter(f"{ns}circle")
+                  if c.get("class").endswith("legend")]
+        assert legend == ["candidate legend", "candidate chosen legend"]
+        labels = [t.text for t in panel.iter(f"{ns}text") if t.get("class") == "limit-label"]
+        assert labels == (["accuracy floor: source - 2 pts"] if res is lazy
+                          else ["MACs ceiling 50%"])
         ticks = [t for t in panel.iter(f"{ns}line") if t.get("class") == "unscored"]
         assert len(dots) == sum(c.accuracy is not None for c in distinct)
         assert len(ticks) == sum(c.accuracy is None for c in distinct)

@@ -3,8 +3,10 @@
 Every row runs in a fresh subprocess (``python tools/bench_analyse.py --measure ...``), which
 reports its time and the peak resident memory (``resource.getrusage(RUSAGE_SELF)``) of the
 process that did the work: itself, or under torchrun the largest rank (each rank measures
-itself; ``RUSAGE_CHILDREN`` cannot be used: importing torch already starts a 400 MB child). Rows, on the CIFAR-10 training folder (holdout 0.1, so 50,000 images give a
-selection pool of 45,000) and on a folder of symlinks to its first images for the smaller pool:
+itself; ``RUSAGE_CHILDREN`` cannot be used: importing torch already starts a 400 MB child).
+Rows, on the CIFAR-10 training folder (holdout 0.1, so 50,000 images give a selection pool of
+45,000) and on folders of symlinks to its first images for smaller pools
+(kept under ``$MDAFX_CACHE/bench_analyse/``, so their decoded ``.npz`` is reused):
 
 * ``inference``: the source model's plain forward passes over the selection pool, from memory
   (the floor: sample selection cannot be cheaper);
@@ -143,14 +145,21 @@ def rank_measure(spec: dict) -> None:
 
 def _subset(full: Path, pool: int, where: Path) -> Path:
     """A folder of symlinks to the first images of every class of ``full``, enough for a
-    selection pool of ``pool`` images after the holdout."""
+    selection pool of ``pool`` images after the holdout. ``where`` is a lasting folder (under
+    the cache), so that the decoded ``.npz`` of the subset, keyed by the folder's path, is
+    reused by the next run instead of left behind for a deleted temporary folder."""
     per_class = math.ceil(pool / (1 - HOLDOUT) / len(CIFAR10_CLASSES))
     out = where / f"train{pool}"
     for name in sorted(p.name for p in full.iterdir() if p.is_dir()):
         (out / name).mkdir(parents=True, exist_ok=True)
-        for f in sorted((full / name).iterdir())[:per_class]:
+        wanted = sorted((full / name).iterdir())[:per_class]
+        keep = {f.name for f in wanted}
+        for link in (out / name).iterdir():  # links of an earlier, different folder
+            if link.name not in keep or link.resolve() != (full / name / link.name).resolve():
+                link.unlink()
+        for f in wanted:
             link = out / name / f.name
-            if not link.exists():
+            if not link.is_symlink():
                 link.symlink_to(f)
     return out
 
@@ -191,7 +200,8 @@ def main() -> None:
     sizes = sorted(int(s) for s in args.sizes.split(","))
     with tempfile.TemporaryDirectory(prefix="bench_analyse-") as tmp:
         tmp = Path(tmp)
-        folders = {n: full if n >= 45000 else _subset(full, n, tmp) for n in sizes}
+        subsets = cache_root() / "bench_analyse" / "_".join(full.resolve().parts[1:])
+        folders = {n: full if n >= 45000 else _subset(full, n, subsets) for n in sizes}
         base = {**source, "batch_size": args.batch_size,
                 "workers": 0, "output": str(tmp / "profile.st"), "stream": False}
         # decode every folder once first, so no row pays for filling the .npz cache
