@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .distributed import Ranks, autocast, current, merge_ranked, on_device
+from .distributed import DistributedError, Ranks, autocast, current, merge_ranked, on_device
 from .errors import DataError, FormatError, PreconditionError, ProfileMismatchError
 from .fileio import atomic_output
 from .ir import eval_mode, module_device
@@ -515,6 +515,8 @@ def profile(gm: fx.GraphModule, dataset, class_names: Sequence[str] | None = Non
         raise DataError(f"no samples of class(es) {names} to profile")
     quota = ([per_class] * num_classes if per_class is not None
              else [default_per_class(int(n)) for n in counts])
+    if ranks.world > 1:
+        _check_same_data(ranks, dataset, labels, pool)
     with on_device(gm, device) as dev:
         pin = dev.type == "cuda"
         mine = ranks.shard(pool, batch_size)
@@ -532,6 +534,25 @@ def profile(gm: fx.GraphModule, dataset, class_names: Sequence[str] | None = Non
                                  total=_batch_count(len(picked), batch_size), ranks=ranks)
     prof.selected = {c: list(v) for c, v in chosen.indices.items()}
     return prof
+
+
+def _check_same_data(ranks: Ranks, dataset, labels: torch.Tensor, pool: torch.Tensor) -> None:
+    """Every rank indexes the same samples: ranks shard by position, so a rank whose folder
+    lists other files (a copy that differs on another machine) would silently profile other
+    images. Compared: the labels, the pool and, for a streamed folder, the relative file paths
+    (not sizes or times, which differ between faithful copies)."""
+    h = hashlib.sha256(labels.numpy().tobytes())
+    h.update(pool.numpy().tobytes())
+    for name in getattr(dataset, "files", ()):
+        h.update(bytes(name) + b"\0")
+    digests = ranks.gather((len(labels), h.hexdigest()))
+    if len(set(digests)) > 1:
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise DistributedError(
+            f"the ranks do not see the same data: rank(s) {differ} list other samples than "
+            f"rank 0 ({digests[0][0]} samples there, "
+            f"{', '.join(str(digests[r][0]) for r in differ)} on them); every rank must read "
+            "an identical copy of the folder")
 
 
 # --------------------------------------------------------------------------------------------

@@ -153,3 +153,24 @@ def test_a_failing_rank_fails_the_run_and_leaves_no_profile(folder, tmp_path):
     assert "zzz.png" in run.stderr
     assert not (folder / "never.st").exists()
     assert not list(folder.glob(".never.st.*"))  # no temporary file either
+
+
+class _OtherFolderOnRank1(Ranks):
+    """Rank 0 of two whose rank 1 reports a digest of other data (a differing copy)."""
+
+    def gather(self, obj):
+        return [obj, (obj[0] + 1, "0" * 64)]
+
+
+def test_ranks_that_see_different_folders_are_refused(folder):
+    fmt = api.InputFormat((16, 16), 3, (0.5,) * 3, (0.25,) * 3)
+    data = api.open_images(folder / "data", fmt, workers=0)
+    gm = api.trace(tiny_cnn(len(CLASSES)), fmt.example())
+    with pytest.raises(DistributedError, match=r"do not see the same data: rank\(s\) \[1\]"):
+        api.profile(gm, data, list(CLASSES), per_class=2, ranks=_OtherFolderOnRank1(0, 2))
+    # the same data on both ranks passes the check (then selection runs one shard here)
+    same = type("Same", (Ranks,), {"gather": lambda self, obj: [obj, obj]})(0, 2)
+    from mdafx.profiling import _check_same_data
+    from mdafx.data import labels_at
+    labels = labels_at(data)
+    _check_same_data(same, data, labels, torch.arange(len(labels)))
