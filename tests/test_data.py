@@ -16,6 +16,7 @@ from mdafx.data import (
     split_per_class,
 )
 from mdafx.errors import DataError, MdafxError
+from imagefolders import mixed_folder
 
 
 # --- split_per_class ------------------------------------------------------------------------
@@ -233,19 +234,6 @@ def test_dataset_rejects_bad_input():
 FMT16 = data.InputFormat((16, 16), 3, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 
 
-def _mixed_folder(root: Path, per_class: int = 10, classes=("ant", "bee", "cat")) -> Path:
-    """``per_class`` PNGs per class, every one of another size (17x23 .. 60x41)."""
-    rng = np.random.default_rng(1)
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            w, h = int(rng.integers(17, 61)), int(rng.integers(17, 61))
-            img = rng.integers(0, 100, (h, w, 3), dtype=np.uint8)
-            img[..., c] += 120
-            Image.fromarray(img).save(root / name / f"{i:03d}.png")
-    return root
-
-
 def test_default_cache_dir_follows_xdg_and_mdafx_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("MDAFX_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -299,7 +287,7 @@ def test_preprocess_validates_and_round_trips():
 
 def test_mixed_sizes_stream_with_a_resize_crop_and_labels_need_no_decoding(tmp_path,
                                                                           monkeypatch):
-    root = _mixed_folder(tmp_path / "mixed", per_class=4)
+    root = mixed_folder(tmp_path / "mixed", per_class=4)
     with pytest.raises(DataError, match=r"images are \d+x\d+ .*give a resize/crop"):
         data.open_images(root, FMT16)
 
@@ -321,7 +309,7 @@ def test_mixed_sizes_stream_with_a_resize_crop_and_labels_need_no_decoding(tmp_p
 
 
 def test_dataloader_batches_are_the_requested_indices_in_order(tmp_path):
-    root = _mixed_folder(tmp_path / "mixed", per_class=3)
+    root = mixed_folder(tmp_path / "mixed", per_class=3)
     ds = data.open_images(root, FMT16, transform=data.Preprocess(16, 16), workers=0)
     want = torch.stack([ds[i][0] for i in (8, 1, 4, 0, 7)])
     for workers in (0, 1):
@@ -335,7 +323,7 @@ def test_dataloader_batches_are_the_requested_indices_in_order(tmp_path):
 
 
 def test_a_bad_image_read_in_a_worker_is_the_same_one_line_error(tmp_path):
-    root = _mixed_folder(tmp_path / "mixed", per_class=2)
+    root = mixed_folder(tmp_path / "mixed", per_class=2)
     (root / "bee" / "001.png").write_bytes(b"not a png")
     ds = data.open_images(root, FMT16, transform=data.Preprocess(16, 16), workers=1)
     with pytest.raises(DataError) as e:

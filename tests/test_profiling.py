@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from mdafx.errors import FormatError, ProfileMismatchError
 from mdafx.passes.contributions import densify
 from mdafx.profiling import Profile, build_profile, default_per_class, select_confident_samples
+from imagefolders import mixed_folder
 
 NUM_CLASSES = 4
 
@@ -262,22 +263,6 @@ def test_profile_load_refuses_truncated_files(tmp_path) -> None:
 # folders of any size, devices, autocast, progress, exact merging
 
 
-def _mixed_folder(root, per_class: int = 10, classes=("ant", "bee", "cat")):
-    """``per_class`` PNGs per class, each of its own size (17..60 pixels a side)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            w, h = int(rng.integers(17, 61)), int(rng.integers(17, 61))
-            img = rng.integers(0, 100, (h, w, 3), dtype=np.uint8)
-            img[..., c] += 120
-            Image.fromarray(img).save(root / name / f"{i:03d}.png")
-    return root
-
-
 def _tiny(num_classes: int = 3, size: int = 16) -> torch.fx.GraphModule:
     from mdafx.api import trace
     from mdafx.models import tiny_cnn
@@ -289,7 +274,7 @@ def _tiny(num_classes: int = 3, size: int = 16) -> torch.fx.GraphModule:
 def test_mixed_size_folder_profiles_and_disassembles_streamed(tmp_path, monkeypatch) -> None:
     from mdafx import api, data
 
-    root = _mixed_folder(tmp_path / "mixed")
+    root = mixed_folder(tmp_path / "mixed")
     fmt = data.InputFormat((16, 16), 3, (0.5,) * 3, (0.25,) * 3)
 
     def never(*a, **k):

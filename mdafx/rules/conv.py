@@ -100,6 +100,18 @@ def _module_pruned(p: PruneContext, keep_in: torch.Tensor, keep_out: torch.Tenso
                                                                              type(p.module))
 
 
+def _install(p: PruneContext, conv: nn.Module, new: nn.Module, weight: torch.Tensor,
+             keep_out: torch.Tensor) -> None:
+    """Give the smaller layer ``new`` the kept ``weight`` and bias entries of ``conv`` and its
+    training mode, and put it in ``conv``'s place."""
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias[keep_out])
+    new.train(conv.training)
+    p.replace_module(new)
+
+
 def prune_conv(p: PruneContext) -> None:
     conv = p.module
     keep_in = along(p.kept_of(p.node.args[0]), 1, conv.in_channels)
@@ -120,12 +132,7 @@ def prune_conv(p: PruneContext) -> None:
     new = cls(in_channels, weight.shape[0], conv.kernel_size, conv.stride, conv.padding,
               conv.dilation, groups, conv.bias is not None, conv.padding_mode,
               device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias[keep_out])
-    new.train(conv.training)
-    p.replace_module(new)
+    _install(p, conv, new, weight, keep_out)
 
 
 def conv_layer(node: fx.Node, gm: fx.GraphModule) -> WeightedLayer | None:
@@ -227,12 +234,7 @@ def prune_conv_transpose(p: PruneContext) -> None:
     new = cls(weight.shape[0], weight.shape[1], conv.kernel_size, conv.stride, conv.padding,
               conv.output_padding, 1, conv.bias is not None, conv.dilation, conv.padding_mode,
               device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias[keep_out])
-    new.train(conv.training)
-    p.replace_module(new)
+    _install(p, conv, new, weight, keep_out)
 
 
 channel_rule(nn.ConvTranspose2d, mask=BY_ID, prune=prune_conv_transpose,
