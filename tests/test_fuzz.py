@@ -28,6 +28,8 @@ from PIL import Image
 from mdafx import api, cli
 from mdafx.models import tiny_cnn
 
+pytestmark = pytest.mark.slow  # a few minutes: outside the fast subset (README)
+
 MAX_EXAMPLES = int(os.environ.get("MDAFX_FUZZ_EXAMPLES", "25"))
 SETTINGS = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))

@@ -77,6 +77,24 @@ def build(name: str, sizes: list[int]):
     raise RuntimeError(f"no input size works: {type(last).__name__}: {str(last)[:120]}")
 
 
+def as_float32(module):
+    """A float32 copy of a float64 component, as deployed. ``.float()`` casts its parameters and
+    buffers; a graph traced with known sizes also holds the dtype it read from a tensor
+    (``x.to(v.dtype)``, ``zeros(..., dtype=x.dtype)``) as a literal, which the float32 model
+    would read as float32: those literals are cast too."""
+    import torch
+    import torch.fx as fx
+
+    out = copy.deepcopy(module).float()
+    if isinstance(out, fx.GraphModule):
+        cast = lambda a: torch.float32 if a is torch.float64 else a  # noqa: E731
+        for node in out.graph.nodes:
+            node.args = fx.node.map_aggregate(node.args, cast)
+            node.kwargs = fx.node.map_aggregate(node.kwargs, cast)
+        out.recompile()
+    return out
+
+
 def _err(got, want) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
 
@@ -110,6 +128,9 @@ def run_one(name: str, sizes: list[int], density: float, per_class: int) -> dict
         row["barriers"] = sum(c for _, c, _ in report.barriers)
         row["top barrier"] = (f"{report.barriers[0][0]}×{report.barriers[0][1]}: "
                               f"{report.barriers[0][2]}"[:70] if report.barriers else "-")
+        # what keeps channels without being a barrier (LayerNorm, softmax across channels, ...)
+        row["top kept by"] = (f"{report.freezes[0][0]}×{report.freezes[0][1]}"
+                              if report.freezes else "-")
         x = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(2),
                         dtype=example.dtype)
         stage = "identity"
@@ -137,7 +158,7 @@ def run_one(name: str, sizes: list[int], density: float, per_class: int) -> dict
         row["layers"] = len(prof.layers)
         stage = "onnx"
         with tempfile.TemporaryDirectory() as tmp:  # ONNX in float32, as deployed
-            export_onnx(copy.deepcopy(comp.module).float(), Path(tmp) / "c.onnx", example.float())
+            export_onnx(as_float32(comp.module), Path(tmp) / "c.onnx", example.float())
         row["onnx"] = "ok"
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -187,7 +208,7 @@ def _worker(name: str, args) -> dict:
 
 
 COLUMNS = ["family", "model", "input", "status", "prunable", "barriers", "top barrier",
-           "pruned err", "identity err", "MDA err", "onnx", "params", "s", "stage", "note"]
+           "top kept by", "pruned err", "identity err", "MDA err", "onnx", "params", "s", "stage", "note"]
 
 
 def _cell(row: dict, key: str) -> str:

@@ -6,14 +6,14 @@ drops exactly channel c of y, whatever ``f(0)`` is (the masked model zeroes y's 
 An L2 (any p-) normalisation is element-wise in this sense: a dropped channel is zero, which
 leaves the norm unchanged. PReLU's per-channel slope is coupled with the channels.
 
-N-ary ops with broadcasting (add/sub/mul/div/where of tensors, as in residual adds, SE gating,
-layer scale and position embeddings) mix the operands position by position, so the operands'
-channels at one output position must be kept or dropped together: the output gets fresh ids,
-coupled with each tensor operand's ids broadcast to the output. An operand of size 1 along a dim
-is shared by every channel there. A *constant* operand (all frozen: an attention mask, a fixed
-table, a frozen input) is not coupled position by position, which would freeze the other
-operands: it only forbids slicing the output along the dims where it has more than one entry
-(the output is coupled along them), so ``logits + mask`` keeps its heads prunable.
+N-ary ops with broadcasting (add/sub/mul/div/where/addcmul of tensors, as in residual adds, SE
+gating, layer scale and position embeddings) mix the operands position by position, so the
+operands' channels at one output position must be kept or dropped together: the output gets
+fresh ids, coupled with each tensor operand's ids broadcast to the output. An operand of size 1
+along a dim is shared by every channel there. A *constant* operand (all frozen: an attention
+mask, a fixed table, a frozen input) is not coupled position by position, which would freeze the
+other operands: it only forbids slicing the output along the dims where it has more than one
+entry (the output is coupled along them), so ``logits + mask`` keeps its heads prunable.
 
 Merged layout: unary ops run unchanged on the merged tensor; an element-wise op of two tensors
 first brings the second operand into the first one's layout (an ``index_select``).
@@ -95,7 +95,8 @@ NARY = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
     operator.pow, torch.add, torch.sub, torch.mul, torch.div, torch.pow, torch.where,
     torch.maximum, torch.minimum, "add", "sub", "mul", "div", "add_", "mul_", "pow",
-    "masked_fill", operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,
+    "masked_fill", torch.addcmul, "addcmul", operator.gt, operator.lt, operator.ge, operator.le,
+    operator.eq, operator.ne,
 )
 
 

@@ -224,7 +224,7 @@ FUNCTIONS: Mapping[str, Callable] = _one_name_each([
             "unsqueeze squeeze split chunk relu relu_ sigmoid tanh neg index_select mean sum "
             "amax clone softmax narrow max_pool2d exp abs sqrt rsqrt square erf clamp zeros_like "
             "ones_like prelu pow where maximum minimum bmm log_softmax unbind roll tile flip "
-            "movedim amin max min repeat_interleave norm einsum"),
+            "movedim amin max min repeat_interleave norm einsum addcmul"),
     # F.relu_ / F.conv2d / F.avg_pool1d / F.adaptive_avg_pool1d are the torch.* functions of the
     # same name (listed once, above or here).
     *_named("torch.nn.functional", F,
@@ -245,7 +245,7 @@ METHODS: frozenset[str] = frozenset("""
     add sub mul div neg matmul relu sigmoid tanh clone detach float type_as
     add_ mul_ relu_ sigmoid_ tanh_
     to exp abs sqrt rsqrt square clamp clamp_min clamp_max half bfloat16 erf pow masked_fill bmm
-    unbind roll tile flip movedim repeat_interleave norm
+    unbind roll tile flip movedim repeat_interleave norm addcmul
 """.split())
 
 GETATTR_ATTRIBUTES: frozenset[str] = frozenset({"shape", "dtype", "device", "ndim"})

@@ -1,5 +1,5 @@
 """Element-wise rules (mdafx/rules/elementwise.py): residual adds, gates, layer scale and
-position embeddings as parameters read as data, constant operands, PReLU, functional
+position embeddings as parameters read as data, addcmul, constant operands, PReLU, functional
 activations. Each case: pruned == masked at several densities."""
 from __future__ import annotations
 
@@ -107,7 +107,26 @@ class FrozenLogits(nn.Module):
         return torch.logcumsumexp(self.fc(self.a(x).mean((2, 3))), dim=1)
 
 
-MODULES = [Residual, LayerScale, Tokens, Activations, Unknown, FrozenLogits]
+class Addcmul(nn.Module):
+    """ResMLP's Affine and ConvNeXt-V2's GRN: ``torch.addcmul(beta, alpha, x)`` with per-channel
+    parameters, and the method form on the stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 8)
+        self.alpha = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.beta = nn.Parameter(torch.randn(8, 1, 1) * 0.1)
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.addcmul(self.beta, self.alpha, x)
+        y = x.addcmul(self.conv(y), y, value=0.5)
+        return self.fc(y.mean((2, 3)))
+
+
+MODULES = [Residual, LayerScale, Tokens, Activations, Unknown, FrozenLogits, Addcmul]
 
 
 @pytest.mark.parametrize("cls", MODULES, ids=lambda c: c.__name__)
@@ -133,6 +152,16 @@ def test_layer_scale_parameter_is_coupled_and_sliced():
     assert torch.equal(cg.roots("gamma").reshape(-1), cg.roots("conv").reshape(-1))
     _, _, _, pruned, _ = assert_exact(seeded(LayerScale), X, 0.5, classes=[0, 1])
     assert pruned.gamma.shape == (pruned.conv.out_channels,)
+
+
+def test_addcmul_couples_its_three_operands_and_slices_the_parameters():
+    gm, cg = _groups(Addcmul)
+    assert not cg.barriers and not bool((cg.roots("stem_2") == 0).any())
+    stem = cg.roots("stem_2").reshape(-1)
+    for name in ("alpha", "beta", "conv"):
+        assert torch.equal(cg.roots(name).reshape(-1), stem), name
+    _, _, _, pruned, _ = assert_exact(seeded(Addcmul), X, 0.5, classes=[0, 1])
+    assert pruned.alpha.shape == pruned.beta.shape == (pruned.conv.out_channels, 1, 1)
 
 
 def test_class_token_and_position_embedding_follow_the_stream():
