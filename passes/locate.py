@@ -164,6 +164,8 @@ def _or(a, b):
         return b
     if b is None:
         return a
+    if isinstance(a, tuple):  # nested tuples: element by element
+        return tuple(_or(x, y) for x, y in zip(a, b))
     return a | b
 
 
@@ -273,9 +275,12 @@ def _map_by_id(out_ids, out_mask, in_ids):
     if isinstance(in_ids, tuple):
         if isinstance(out_ids, tuple):  # e.g. passing a tuple through
             return tuple(_map_by_id(o, m, i) for o, m, i in zip(out_ids, out_mask, in_ids))
-        return tuple(_by_id(out_ids, out_mask, i) if out_mask is not None else None for i in in_ids)
+        # nested tuples (an LSTM's ``(out, (h, c))``) recurse
+        return tuple(_map_by_id(out_ids, out_mask, i) if out_mask is not None else None
+                     for i in in_ids)
     if isinstance(out_ids, tuple):
-        parts = [_by_id(o, m, in_ids) for o, m in zip(out_ids, out_mask) if m is not None]
+        parts = [p for p in (_map_by_id(o, m, in_ids) for o, m in zip(out_ids, out_mask)
+                             if m is not None) if p is not None]
         if not parts:
             return None
         acc = parts[0]

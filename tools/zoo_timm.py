@@ -208,7 +208,8 @@ def _worker(name: str, args) -> dict:
 
 
 COLUMNS = ["family", "model", "input", "status", "prunable", "barriers", "top barrier",
-           "top kept by", "pruned err", "identity err", "MDA err", "onnx", "params", "s", "stage", "note"]
+           "top kept by", "pruned err", "identity err", "MDA err", "onnx", "params", "s", "stage",
+           "note"]
 
 
 def _cell(row: dict, key: str) -> str:

@@ -257,13 +257,42 @@ def lookup(node: fx.Node, gm: fx.GraphModule) -> ChannelRule | None:
 
 
 def weighted_layer(node: fx.Node, gm: fx.GraphModule) -> WeightedLayer | None:
-    """The weighted layer ``node`` computes (its rule's ``layer``), or None."""
+    """The weighted layer ``node`` computes (its rule's ``layer``), or None. A layer whose
+    input does not depend on the model's input (Swin V2's position-bias MLP on a fixed table of
+    coordinates) is None too: it sees no sample, so it has no class evidence to profile."""
     if node.op not in ("call_module", "call_function"):
         return None
     rule = lookup(node, gm)
-    if rule is None or rule.layer is None:
+    if rule is None or rule.layer is None or not reads_the_input(node):
         return None
     return rule.layer(node, gm)
+
+
+def reads_the_input(node: fx.Node) -> bool:
+    """Whether ``node`` reads the values of the model's input (a placeholder among its
+    ancestors). Sizes read off a tensor (``x.shape``, ``x.size(2)``) carry no values: a tensor
+    built from them alone (XCiT's Fourier position encoding of an ``H × W`` grid) does not."""
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n.op == "placeholder":
+            return True
+        if n not in seen and not _reads_sizes_only(n):
+            seen.add(n)
+            stack.extend(a for a in n.all_input_nodes if a not in seen)
+    return False
+
+
+_SIZE_METHODS = frozenset({"size", "dim", "numel"})
+_SIZE_ATTRS = frozenset({"shape", "dtype", "device", "ndim"})
+
+
+def _reads_sizes_only(n: fx.Node) -> bool:
+    if n.op == "call_method":
+        return n.target in _SIZE_METHODS
+    return (n.op == "call_function" and n.target is getattr and len(n.args) > 1
+            and n.args[1] in _SIZE_ATTRS)
 
 
 def fetch(gm: fx.GraphModule, a: Any) -> Any:

@@ -12,7 +12,8 @@ the output projection) is kept or dropped whole, and the reshape constants (``nu
 rewritten by the reshape rule.
 
 ``einsum`` is the same with letters: a letter of an operand that the output lacks is contracted
-(one unit), the others combine position by position. ``softmax`` over a dim normalises across it: that dim is one unit per remaining position.
+(one unit), the others combine position by position. ``softmax`` (function, method or
+``nn.Softmax``) over a dim normalises across it: that dim is one unit per remaining position.
 
 ``F.scaled_dot_product_attention(q, k, v, attn_mask)`` is ``softmax(q kᵀ · scale + mask) v``:
 q's ``E`` and k's ``E`` and ``S`` dims, and v's ``S``, are units; the batch dims (heads) combine
@@ -24,6 +25,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from . import BY_ID, POSITIONAL, Barrier, RuleContext, channel_rule
@@ -77,12 +79,12 @@ def matmul_rule(ctx: RuleContext):
 
 
 @channel_rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax",
-              "log_softmax", mask=BY_ID)
+              "log_softmax", nn.Softmax, nn.LogSoftmax, mask=BY_ID)
 def softmax_rule(ctx: RuleContext):
     """Softmax mixes the positions along one dim: that dim is one unit; where it carries a
-    tensor's only channels they are all kept (reported)."""
+    tensor's only channels they are all kept (reported). ``nn.Softmax(dim)`` is the same op."""
     ids = ctx.ids_of(ctx.node_arg(0, "input"))
-    dim = ctx.arg(1, "dim")
+    dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim")
     if ids is None or not isinstance(dim, int):
         raise Barrier(f"{describe(ctx)} without a dim")
     dim %= ids.dim()
@@ -94,6 +96,8 @@ def softmax_rule(ctx: RuleContext):
 
 
 def describe(ctx: RuleContext) -> str:
+    if ctx.module is not None:
+        return type(ctx.module).__name__
     return getattr(ctx.node.target, "__name__", str(ctx.node.target))
 
 

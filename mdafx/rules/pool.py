@@ -86,6 +86,9 @@ def reduction_rule(ctx: RuleContext):
     if channel_dims and summing:  # exact: a dropped channel adds zero; a new tensor results
         ids = torch.zeros((1,) * ids.dim(), dtype=torch.int64)
     elif channel_dims:
+        if not bool((ctx.forest.find(ids) == 0).all()):  # e.g. an RMS norm's mean of x² over C
+            name = getattr(target, "__name__", str(target))
+            ctx.note(f"{name} over channels: keeps every channel it reduces")
         ctx.forest.freeze(ids)
     ctx.resolve(ids, [d for d in range(ids.dim()) if d not in dims])
     ids = compress(ids[tuple(slice(0, 1) if d in dims else slice(None)

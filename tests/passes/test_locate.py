@@ -583,3 +583,23 @@ def test_matmul_masks_map_rows_and_columns():
     masks = locate(gm, A, cg=channel_groups(gm))
     # the mask reaches through both matmuls to the projections' outputs
     assert masks.masks["q"].any() and masks.masks["v"].any()
+
+
+class _Recurrent(nn.Module):
+    """A conv feeding an LSTM (a barrier) whose output is the nested tuple ``(out, (h, c))``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.lstm, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.LSTM(8, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        out, (h, c) = self.lstm(self.conv(x).flatten(2).permute(2, 0, 1))
+        return self.fc(out.mean(0) + h[0])
+
+
+def test_locate_passes_nested_tuples_of_a_barrier_and_keeps_its_input():
+    g = torch.Generator().manual_seed(0)
+    A = {"conv": torch.rand(3, 8, 3, generator=g), "fc": torch.rand(3, 3, 6, generator=g)}
+    gm, cg, masks = run_locate(_Recurrent().eval(), torch.randn(1, 3, 4, 4), A)
+    assert "lstm" in cg.barriers
+    assert channel_mask(masks, "conv").all()  # the barrier's input keeps every channel

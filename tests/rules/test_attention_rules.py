@@ -17,13 +17,18 @@ HEADS, HEAD_DIM, WIDTH = 4, 3, 12
 
 
 class Attention(nn.Module):
-    def __init__(self, fused=False, rel_pos=False, einsum=False):
+    def __init__(self, fused=False, rel_pos=False, einsum=False, module=False, cpb=False):
         super().__init__()
-        self.fused, self.rel_pos, self.einsum = fused, rel_pos, einsum
+        self.fused, self.rel_pos, self.einsum, self.cpb = fused, rel_pos or cpb, einsum, cpb
         self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
         self.proj = nn.Linear(WIDTH, WIDTH)
         self.table = nn.Parameter(torch.randn(9, HEADS) * 0.1)
         self.register_buffer("index", torch.randint(0, 9, (16 * 16,)))
+        # Swin's nn.Softmax(dim=-1); Swin V2's continuous position bias: an MLP on a fixed
+        # table of coordinates (its input does not depend on the sample)
+        self.softmax = nn.Softmax(dim=-1) if module else None
+        self.register_buffer("coords", torch.randn(9, 2))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, HEADS))
 
     def forward(self, x):
         B, N, C = x.shape
@@ -37,9 +42,10 @@ class Attention(nn.Module):
         else:
             attn = (q * HEAD_DIM ** -0.5) @ k.transpose(-2, -1)
             if self.rel_pos:
-                bias = self.table[self.index].view(N, N, -1).permute(2, 0, 1)
+                table = self.cpb_mlp(self.coords) if self.cpb else self.table
+                bias = table[self.index].view(N, N, -1).permute(2, 0, 1)
                 attn = attn + bias.unsqueeze(0)
-            x = attn.softmax(dim=-1) @ v
+            x = (self.softmax(attn) if self.softmax is not None else attn.softmax(dim=-1)) @ v
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -90,6 +96,8 @@ CASES = {
     "fused": lambda: ViT(fused=True),
     "rel_pos": lambda: ViT(rel_pos=True),
     "einsum": lambda: ViT(einsum=True),
+    "softmax_module": lambda: ViT(module=True),
+    "cpb": lambda: ViT(cpb=True),
     "mha": lambda: TorchMHA(),
     "mha_weights": lambda: TorchMHA(need_weights=True),
 }
@@ -109,7 +117,7 @@ def _heads_of(roots: torch.Tensor) -> list[int]:
     return r[0, :, 0].tolist()
 
 
-@pytest.mark.parametrize("case", ["timm", "fused", "rel_pos", "einsum"])
+@pytest.mark.parametrize("case", ["timm", "fused", "rel_pos", "einsum", "softmax_module", "cpb"])
 def test_heads_are_whole_units(case):
     gm = trace(seeded(CASES[case]()), X)
     cg = channel_groups(gm)
@@ -147,3 +155,56 @@ def test_multihead_attention_is_traced_as_functional_ops():
     assert "mha" not in {n.target for n in gm.graph.nodes if n.op == "call_module"}
     cg = channel_groups(gm)
     assert not cg.barriers
+
+
+def test_a_layer_on_a_fixed_table_is_not_profiled_and_the_mda_path_is_exact():
+    """Swin V2's position-bias MLP sees no sample: it has no contributions (its inputs are
+    kept), and profile -> locate -> cut still equals the masked model of the task's plan."""
+    from mdafx.api import build_profile, cut, masked_model, source_analyses
+    from mdafx.passes.locate import Thresholds
+    from mdafx.passes.prune_channels import TaskPlan
+    from mdafx.rules import weighted_layer
+
+    model = seeded(CASES["cpb"]())
+    gm = trace(model, X)
+    layers = {str(n.target): weighted_layer(n, gm) for n in gm.graph.nodes
+              if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear)}
+    assert layers["block.attn.cpb_mlp.0"] is None and layers["block.attn.cpb_mlp.2"] is None
+    assert layers["block.attn.qkv"] is not None and layers["head"] is not None
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(10, *X.shape[1:], generator=g), torch.arange(5).repeat(2)
+    prof = build_profile(gm, [(images, labels)], 5, progress=False)
+    assert "block.attn.cpb_mlp.0" not in prof.layers
+    cg = channel_groups(gm)
+    am = source_analyses(gm, prof, cg)
+    comp = cut(gm, prof, [3, 1], am=am)
+    x = torch.randn(2, *X.shape[1:], generator=g)
+    with torch.no_grad():
+        want = masked_model(gm, am.get(TaskPlan([3, 1], Thresholds())), cg)(x)
+        torch.testing.assert_close(comp(x), want, rtol=1e-5, atol=1e-5)
+
+
+class SizeGrid(nn.Module):
+    """XCiT's position encoding: a conv on a grid built from the input's sizes only."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.pos = nn.Conv2d(2, 4, 1)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        y = self.stem(x)
+        h, w = y.shape[2], y.shape[3]
+        grid = torch.stack(torch.meshgrid(torch.arange(h) / h, torch.arange(w) / w,
+                                          indexing="ij")).unsqueeze(0)
+        return self.head((y + self.pos(grid)).mean((2, 3)))
+
+
+def test_a_layer_on_sizes_of_the_input_only_is_not_profiled():
+    from mdafx.rules import weighted_layer
+
+    gm = trace(seeded(SizeGrid()), X)
+    assert any(n.target == "size" or n.target is getattr for n in gm.graph.nodes)  # not ints
+    got = {n.target: weighted_layer(n, gm) for n in gm.graph.nodes if n.op == "call_module"}
+    assert got["pos"] is None and got["stem"] is not None and got["head"] is not None
