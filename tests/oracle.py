@@ -61,3 +61,9 @@ def cbr(i, o, **kw):
 
 
 DENSITIES = (1.0, 0.6, 0.25)
+
+
+def traced_groups(model_or_cls, example):
+    """``(gm, channel groups)`` of the seeded model (:func:`seeded`) traced on ``example``."""
+    gm = trace(seeded(model_or_cls), example)
+    return gm, channel_groups(gm)

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mdafx.api import channel_groups, trace
-from oracle import DENSITIES, assert_exact, cbr, seeded
+from oracle import DENSITIES, assert_exact, cbr, seeded, traced_groups
 
 X = torch.randn(1, 3, 8, 8)
 
@@ -191,8 +191,7 @@ def test_pruned_equals_masked(cls, density, seed):
 
 
 def _groups(model):
-    gm = trace(seeded(model), X)
-    return gm, channel_groups(gm)
+    return traced_groups(model, X)
 
 
 def test_depthwise_couples_in_and_out_grouped_keeps_whole_groups():

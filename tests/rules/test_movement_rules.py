@@ -8,8 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mdafx.api import channel_groups, trace
-from oracle import DENSITIES, assert_exact, cbr, seeded
+from oracle import DENSITIES, assert_exact, cbr, seeded, traced_groups
 
 X = torch.randn(1, 3, 8, 8)
 
@@ -81,9 +80,8 @@ def test_pruned_equals_masked(cls, density, seed):
     assert_exact(seeded(cls, seed), X, density, seed=seed, classes=[4, 0, 2])
 
 
-def _groups(cls):
-    gm = trace(seeded(cls), X)
-    return gm, channel_groups(gm)
+def _groups(model):
+    return traced_groups(model, X)
 
 
 def test_shuffle_couples_across_groups_only():
