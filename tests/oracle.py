@@ -67,3 +67,18 @@ def traced_groups(model_or_cls, example):
     """``(gm, channel groups)`` of the seeded model (:func:`seeded`) traced on ``example``."""
     gm = trace(seeded(model_or_cls), example)
     return gm, channel_groups(gm)
+
+
+def pruned_equals_masked_test(modules, example, classes=(4, 0, 2)):
+    """The per-family exactness table: a test, parametrised over ``modules`` (classes),
+    :data:`DENSITIES` and two seeds, that the pruned model equals the masked one
+    (:func:`assert_exact`). A rule test file binds it as ``test_pruned_equals_masked``."""
+    import pytest
+
+    @pytest.mark.parametrize("cls", modules, ids=lambda c: c.__name__)
+    @pytest.mark.parametrize("density", DENSITIES)
+    @pytest.mark.parametrize("seed", [0, 1])
+    def test(cls, density, seed):
+        assert_exact(seeded(cls, seed), example, density, seed=seed, classes=list(classes))
+
+    return test

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from oracle import DENSITIES, assert_exact, cbr, seeded, traced_groups
+from oracle import assert_exact, cbr, pruned_equals_masked_test, seeded, traced_groups
 
 X = torch.randn(1, 3, 8, 8)
 
@@ -73,11 +73,7 @@ class Windows(nn.Module):
 MODULES = [CatSplit, Shuffle, Windows]
 
 
-@pytest.mark.parametrize("cls", MODULES, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("density", DENSITIES)
-@pytest.mark.parametrize("seed", [0, 1])
-def test_pruned_equals_masked(cls, density, seed):
-    assert_exact(seeded(cls, seed), X, density, seed=seed, classes=[4, 0, 2])
+test_pruned_equals_masked = pruned_equals_masked_test(MODULES, X)
 
 
 def _groups(model):

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mdafx.api import channel_groups, trace
-from oracle import DENSITIES, assert_exact, cbr, seeded
+from oracle import cbr, pruned_equals_masked_test, seeded
 
 X = torch.randn(1, 3, 8, 8)
 
@@ -47,11 +47,7 @@ class MeanOverChannels(nn.Module):
 MODULES = [Pools, MeanOverChannels]
 
 
-@pytest.mark.parametrize("cls", MODULES, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("density", DENSITIES)
-@pytest.mark.parametrize("seed", [0, 1])
-def test_pruned_equals_masked(cls, density, seed):
-    assert_exact(seeded(cls, seed), X, density, seed=seed, classes=[4, 0, 2])
+test_pruned_equals_masked = pruned_equals_masked_test(MODULES, X)
 
 
 def test_sum_over_channels_keeps_them_mean_freezes_them():
