@@ -114,6 +114,14 @@ class ExportReport:
         return f"{self.path}: {opset}{self.file_size / 2**20:.2f} MiB, exporter {via}; {errs}"
 
 
+def _output_names(model: torch.nn.Module, example_input: torch.Tensor) -> list[str]:
+    """``output`` for one output, else ``output_0``, ``output_1``, ... (the model in eval mode
+    is run once on the example to count them)."""
+    with torch.no_grad():
+        n_outputs = len(_flat(model(example_input)))
+    return ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
+
+
 def export_onnx(
     model: torch.nn.Module,
     path: str | os.PathLike[str],
@@ -143,9 +151,7 @@ def export_onnx(
     props = _metadata_props(metadata or {})
     check_outputs([path], overwrite=overwrite)
     with eval_mode(model):
-        with torch.no_grad():
-            n_outputs = len(_flat(model(example_input)))
-        output_names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
+        output_names = _output_names(model, example_input)
         proto, exporter, reason = _to_proto(model, example_input, opset, output_names)
         onnx.helper.set_model_props(proto, {**_existing_props(proto), **props})
         _verify_proto(proto, path)
@@ -403,9 +409,7 @@ def export_pt2(model: torch.nn.Module, path: str | os.PathLike[str],
     props = _metadata_props(metadata or {})
     check_outputs([path], overwrite=overwrite)
     with eval_mode(model):
-        with torch.no_grad():
-            n_outputs = len(_flat(model(example_input)))
-        names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
+        names = _output_names(model, example_input)
         program = export_program(model, example_input)
         extra = {PT2_METADATA: json.dumps({k: json.loads(v) for k, v in props.items()},
                                           sort_keys=True)}

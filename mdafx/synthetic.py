@@ -194,16 +194,8 @@ def demo(out: str | os.PathLike | None = None, *, seed: int = 0, epochs: int = 4
 
     test, rows = splits["test"], []
     for (name, model, fmt, seconds), comp in zip(sources, components):
-        ds = _dataset(test, fmt)
-        logits, labels = predict(model, batches(ds, None, 256))
-        rows.append([f"{name} ({seconds:.1f} s training)", "all 10", len(labels),
-                     accuracy(logits, labels), count_params(model)])
-        index, positions = _matched(ds, comp.class_names)
-        rows.append([f"{name} on its task", ",".join(comp.class_names), len(index),
-                     task_accuracy(logits[index], labels[index], comp.classes), None])
-        comp_logits, _ = predict(comp.module, batches(ds, index, 256))
-        rows.append([f"component of {name}", ",".join(comp.class_names), len(index),
-                     accuracy(comp_logits, positions), comp.params])
+        rows += _source_rows(name, f"{name} ({seconds:.1f} s training)", model, comp,
+                             _dataset(test, fmt))
     shared = _dataset(test, asm.input_format)
     index, positions = _matched(shared, asm.class_names)
     union = [DEMO_CLASSES.index(n) for n in asm.class_names]
@@ -222,6 +214,20 @@ def demo(out: str | os.PathLike | None = None, *, seed: int = 0, epochs: int = 4
                  asm.params])
     return DemoReport(out, rows, str(report), sorted(out.iterdir()),
                       time.perf_counter() - started)
+
+
+def _source_rows(name: str, label: str, model, comp, test) -> list[list]:
+    """The demo table's rows of one source: on all classes, on its task's logits only, and its
+    component on the same images."""
+    logits, labels = predict(model, batches(test, None, 256))
+    index, positions = _matched(test, comp.class_names)
+    task = ",".join(comp.class_names)
+    comp_logits, _ = predict(comp.module, batches(test, index, 256))
+    return [[label, "all 10", len(labels), accuracy(logits, labels), count_params(model)],
+            [f"{name} on its task", task, len(index),
+             task_accuracy(logits[index], labels[index], comp.classes), None],
+            [f"component of {name}", task, len(index), accuracy(comp_logits, positions),
+             comp.params]]
 
 
 # ------------------------------------------------------------------------- on CIFAR-10 images
@@ -340,15 +346,7 @@ def _score_pretrained(sources, components, asm, onnx_path: Path, test_dir: Path)
 
     rows = []
     for (spec, gm, fmt), comp in zip(sources, components):
-        ds = open_images(test_dir, fmt)
-        logits, labels = predict(gm, batches(ds, None, 256))
-        rows.append([spec, "all 10", len(labels), accuracy(logits, labels), count_params(gm)])
-        index, positions = _matched(ds, comp.class_names)
-        rows.append([f"{spec} on its task", ",".join(comp.class_names), len(index),
-                     task_accuracy(logits[index], labels[index], comp.classes), None])
-        comp_logits, _ = predict(comp.module, batches(ds, index, 256))
-        rows.append([f"component of {spec}", ",".join(comp.class_names), len(index),
-                     accuracy(comp_logits, positions), comp.params])
+        rows += _source_rows(spec, spec, gm, comp, open_images(test_dir, fmt))
     shared = open_images(test_dir, asm.input_format)
     index, positions = _matched(shared, asm.class_names)
     folders = list(shared.class_names)

@@ -100,15 +100,15 @@ def _module_pruned(p: PruneContext, keep_in: torch.Tensor, keep_out: torch.Tenso
                                                                              type(p.module))
 
 
-def _install(p: PruneContext, conv: nn.Module, new: nn.Module, weight: torch.Tensor,
+def _install(p: PruneContext, layer: nn.Module, new: nn.Module, weight: torch.Tensor,
              keep_out: torch.Tensor) -> None:
-    """Give the smaller layer ``new`` the kept ``weight`` and bias entries of ``conv`` and its
-    training mode, and put it in ``conv``'s place."""
+    """Give the smaller layer ``new`` the kept ``weight`` and bias entries of ``layer`` (a
+    conv, transposed conv or linear) and its training mode, and put it in ``layer``'s place."""
     with torch.no_grad():
         new.weight.copy_(weight)
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias[keep_out])
-    new.train(conv.training)
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias[keep_out])
+    new.train(layer.training)
     p.replace_module(new)
 
 
@@ -255,12 +255,7 @@ def prune_linear(p: PruneContext) -> None:
     weight = lin.weight[keep_out][:, keep_in]
     new = nn.Linear(weight.shape[1], weight.shape[0], lin.bias is not None,
                     device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if lin.bias is not None:
-            new.bias.copy_(lin.bias[keep_out])
-    new.train(lin.training)
-    p.replace_module(new)
+    _install(p, lin, new, weight, keep_out)
 
 
 def linear_layer(node: fx.Node, gm: fx.GraphModule) -> WeightedLayer | None:
