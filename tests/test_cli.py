@@ -834,6 +834,23 @@ def test_finetune_an_assembled_model_with_one_teacher_per_component(ws, pipeline
 
 # ----------------------------------------------------------------------------- demo
 
+@pytest.mark.data
+def test_demo_on_cifar10_uses_the_embedded_sources(ws, tmp_path):
+    root = os.environ.get("MDAFX_DATA")
+    if not root or not (Path(root) / "cifar10" / "train").is_dir():
+        pytest.skip("set MDAFX_DATA to the folder holding cifar10/ (.ci/run does)")
+    out_dir = tmp_path / "demo"
+    out = ok("demo", "--data", Path(root) / "cifar10", "--train-per-class", "20",
+             "--test-per-class", "10", "--out", out_dir)
+    joint, ort = (re.search(rf"^{re.escape(r)}\s+4: both tasks\s+\d+\s+([\d.]+)%", out, re.M)
+                  .group(1) for r in ("assembled, calibrated", "assembled, calibrated, "
+                                                                 "onnxruntime"))
+    assert joint == ort, out
+    for row in ("component of cifar10-vgg", "component of cifar10-resnet20"):
+        assert re.search(rf"{re.escape(row)}\s+\S+.*\d+\.\d%", out), (row, out)
+    asm = api.load(out_dir / "assembled.mdafx")
+    assert len(asm.class_names) == 4 and (out_dir / "assembled.onnx").is_file()
+
 def test_demo_runs_end_to_end(ws, tmp_path):
     out_dir = tmp_path / "demo"
     out = ok("demo", "--out", out_dir, "--epochs", "1", "--train-per-class", "20", "--no-images")
