@@ -66,6 +66,7 @@ FORMAT_NAME = "mdafx-model"
 FORMAT_VERSION = 2
 RESERVED_METADATA_KEYS = ("format_version", "mdafx_version")
 MAX_HEADER_BYTES = 100 * 2**20       # safetensors' own limit
+_ALIGNMENT = 64                      # bytes: what torch's CPU allocator guarantees
 DEFAULT_MAX_BYTES = 8 * 2**30        # total tensor bytes; raise it with load_model(max_bytes=)
 MAX_INPUT_ELEMENTS = 2**26           # C·H·W of the declared input (shapes are propagated on it)
 MAX_INPUT_DIM = 65536
@@ -797,8 +798,11 @@ def _load_tensors(path: Path, meta: Mapping[str, str],
                 raise _Invalid(f"tensor {name!r} holds NaN or infinite values")
             # NOTE: safetensors may hand out views packed back to back (unaligned); BLAS picks
             # its kernels by alignment, so such a weight computes a different last bit than the
-            # saved one. A fresh (64-byte aligned) copy makes the round trip bit-exact.
-            tensors[name] = t.clone(memory_format=torch.contiguous_format)
+            # saved one. A fresh copy (torch aligns to 64 bytes) makes the round trip
+            # bit-exact; aligned views are kept as they are (no second copy of the model).
+            if t.data_ptr() % _ALIGNMENT:
+                t = t.clone(memory_format=torch.contiguous_format)
+            tensors[name] = t
     return tensors
 
 
