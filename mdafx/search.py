@@ -166,6 +166,12 @@ class Recovery:
       images when ``flip``: label-preserving for natural images, it doubles the rows of the
       least squares), at most ``max_fit_images``; candidates are scored on the rest, images
       the fit never saw, and the chosen candidate is refitted on all of them.
+    * ``negatives``: with reconstruction, also fit on calibration images of the *other*
+      classes, ``negatives`` of them per image of the task (drawn at random, seeded). The
+      component then reproduces the source's task logits off the task too: low where the
+      source is not confident, which is what an assembled model compares across components
+      (a component fitted on its own classes only answers confidently on any image). Those
+      images are never scored: the task's accuracy is measured on its own classes.
     """
 
     norms: bool = False
@@ -174,11 +180,15 @@ class Recovery:
     flip: bool = True
     score_share: float = 1 / 3
     max_fit_images: int = 4096
+    negatives: float = 0.0
+    through_sums: bool = True
 
     def describe(self) -> str:
+        extras = ([f"{self.negatives:g} other-class image(s) per task image"]
+                  if self.negatives else []) + (["flips"] if self.flip else [])
         steps = (["norms re-estimated"] if self.norms else []) + (
-            [f"layers reconstructed (ridge {self.ridge:g}{', flips' if self.flip else ''})"]
-            if self.reconstruct else [])
+            [f"layers reconstructed (ridge {self.ridge:g}"
+             + "".join(f", {e}" for e in extras) + ")"] if self.reconstruct else [])
         return ", ".join(steps) or "none"
 
 
@@ -423,7 +433,8 @@ def _recover(gm: fx.GraphModule, comp: Component, plan, cg, recovery: Recovery,
         comp.metadata["norms_reestimated_on"] = int(len(norm_x))
     if recovery.reconstruct and fit_x is not None:
         passes.append(ReconstructLayers(gm, kept_channels(gm, plan, cg), fit_x,
-                                        ridge=recovery.ridge))
+                                        ridge=recovery.ridge,
+                                        through_sums=recovery.through_sums))
         comp.metadata["reconstructed_on"] = int(len(fit_x))
     if passes:
         run_pipeline(passes, comp.module, name=name)
@@ -515,6 +526,13 @@ def _search(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
     else:
         fit_pos, score_pos = [], list(range(len(task_idx)))
     x_score, targets = x_all[score_pos], all_targets[score_pos]
+    others = [i for i, keep in zip(calib_indices, in_task.tolist()) if not keep]
+    x_others = None
+    if recovery.reconstruct and recovery.negatives > 0 and others:
+        wanted = min(len(others), round(recovery.negatives * len(task_idx)))
+        pick = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed + 1))
+        x_others = load_images(calib_dataset, [others[i] for i in sorted(pick[:wanted].tolist())],
+                               batch_size)
 
     def fitting(positions: list[int]) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
@@ -523,6 +541,8 @@ def _search(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
         if len(keep) > cap:
             keep = [keep[i] for i in torch.randperm(len(keep), generator=g)[:cap].tolist()]
         x = x_all[keep]
+        if x_others is not None:
+            x = torch.cat([x, x_others[:round(recovery.negatives * len(keep))]])
         return torch.cat([x, x.flip(-1)]) if recovery.flip else x
 
     fit_x = fitting(fit_pos) if recovery.reconstruct else None

@@ -21,6 +21,17 @@ products in float32, their sum in float64) and solved in float64. Shapes, module
 are unchanged: only weights, biases
 and running means of existing layers change.
 
+Residual sums (``through_sums``): where a layer's output reaches a residual sum ``s = a + r``
+only through its own batch norm (or directly), matching the layer's own source output leaves
+the error the other operand ``r`` already carries (the shortcut sees pruned, refitted inputs
+too). Such a layer is instead fitted to what makes the *sum* match the source's sum::
+
+    target = BN⁻¹(s_source − r_component),     BN⁻¹(t) = (t − β)·√(σ² + ε)/γ + μ
+
+per channel (a channel whose γ is zero keeps the layer's own target). Of the operands that
+qualify, the layer with the most weights is refitted this way (the 3x3 conv of a ResNet block,
+not its 1x1 shortcut); the fit happens when the sum is reached, both operands computed.
+
 Targets come from ``source``, a traced source graph whose nodes carry the same names as the
 component's (PruneChannels keeps names), and ``kept``: per weighted node name, the source output
 channels the component kept, in the component's order.
@@ -34,6 +45,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -44,10 +57,11 @@ from mdafx.ir import eval_mode, module_device
 from mdafx.passes.channel_groups import ChannelGroups
 from mdafx.passmanager import AnalysisManager, Pass
 
-__all__ = ["ReconstructLayers", "kept_channels", "weighted_nodes"]
+__all__ = ["ReconstructLayers", "kept_channels", "residual_tails", "weighted_nodes"]
 
 ROW_CHUNK = 1 << 16      # rows of X per accumulation step (bounds the unfolded temporaries)
 MAX_ROWS = 1 << 18       # rows of X per layer that enter the normal equations
+SUMS = (operator.add, operator.iadd, torch.add, "add", "add_")   # a + b, no alpha
 
 
 def weighted_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -99,6 +113,52 @@ def _rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int
     return x.reshape(-1, x.shape[-1])[::step], y.reshape(-1, y.shape[-1])[::step]
 
 
+def _single_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def residual_tails(gm: fx.GraphModule, names: set[str]
+                   ) -> dict[str, tuple[str, str | None, int]]:
+    """Per residual sum node of ``gm``: ``(layer, norm or None, operand position)`` of the
+    weighted layer in ``names`` refitted against the sum (module docstring)."""
+    out = {}
+    for n in gm.graph.nodes:
+        if n.target not in SUMS or n.kwargs or len(n.args) != 2 \
+                or not all(isinstance(a, fx.Node) for a in n.args):
+            continue
+        best = None
+        for pos, a in enumerate(n.args):
+            if _single_user(a) is not n or n.args[1 - pos] is a:
+                continue
+            layer, norm = a, None
+            if _norm_module(gm, a) is not None and isinstance(a.args[0], fx.Node):
+                layer, norm = a.args[0], a
+            if layer.op != "call_module" or layer.name not in names \
+                    or _single_user(layer) is not (norm or n):
+                continue
+            size = gm.get_submodule(layer.target).weight.numel()
+            if best is None or size > best[0]:
+                best = (size, layer.name, None if norm is None else norm.name, pos)
+        if best is not None:
+            out[n.name] = best[1:]
+    return out
+
+
+def _inverse_norm(bn: nn.modules.batchnorm._BatchNorm, t: torch.Tensor,
+                  fallback: torch.Tensor) -> torch.Tensor:
+    """``BN⁻¹(t)`` per channel (dim 1) in eval mode; ``fallback`` where γ is zero."""
+    shape = (1, -1) + (1,) * (t.dim() - 2)
+    c = t.shape[1]
+    gamma = bn.weight.detach() if bn.weight is not None else t.new_ones(c)
+    beta = bn.bias.detach() if bn.bias is not None else t.new_zeros(c)
+    std = (bn.running_var + bn.eps).sqrt()
+    ok = gamma.abs() > 1e-12
+    z = (t - beta.view(shape)) * (std / torch.where(ok, gamma, 1.0)).view(shape) \
+        + bn.running_mean.view(shape)
+    return torch.where(ok.view(shape), z, fallback)
+
+
 class _Normal:
     """Accumulates ``XᵀX`` and ``XᵀY`` per group (with a ones column for the intercept)."""
 
@@ -139,14 +199,19 @@ class _Normal:
         return torch.linalg.solve(self.gram + lam * eye, self.cross + lam * prior)
 
 
-def _bn_reader(gm: fx.GraphModule, node: fx.Node) -> nn.modules.batchnorm._BatchNorm | None:
-    """The BatchNorm that is the only reader of ``node``, if there is one."""
-    users = list(node.users)
-    if len(users) == 1 and users[0].op == "call_module":
-        m = gm.get_submodule(users[0].target)
+def _norm_module(gm: fx.GraphModule, node: fx.Node) -> nn.modules.batchnorm._BatchNorm | None:
+    """The BatchNorm (with running statistics) that ``node`` calls, if it calls one."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
             return m
     return None
+
+
+def _bn_reader(gm: fx.GraphModule, node: fx.Node) -> nn.modules.batchnorm._BatchNorm | None:
+    """The BatchNorm that is the only reader of ``node``, if there is one."""
+    user = _single_user(node)
+    return None if user is None else _norm_module(gm, user)
 
 
 class _Refitter(fx.Interpreter):
@@ -154,20 +219,44 @@ class _Refitter(fx.Interpreter):
     input before computing its output with the new weights."""
 
     def __init__(self, gm: fx.GraphModule, targets: Mapping[str, torch.Tensor], ridge: float,
-                 chunk: int, max_rows: int = MAX_ROWS) -> None:
+                 chunk: int, max_rows: int = MAX_ROWS,
+                 sums: Mapping[str, tuple[str, str | None, int]] | None = None,
+                 sum_targets: Mapping[str, torch.Tensor] | None = None) -> None:
         super().__init__(gm)
         self.targets, self.ridge, self.chunk, self.max_rows = targets, ridge, chunk, max_rows
+        self.sums, self.sum_targets = dict(sums or {}), dict(sum_targets or {})
+        self.deferred = {layer: None for layer, _, _ in self.sums.values()}
         self.refitted: list[str] = []
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.op == "call_module" and n.name in self.targets:
+        if n.op == "call_module" and n.name in self.deferred:
+            self.deferred[n.name] = self.env[n.args[0]]       # refitted at its sum
+        elif n.op == "call_module" and n.name in self.targets:
             x = self.env[n.args[0]]
-            self._refit(n, self.module.get_submodule(n.target), x)
+            self._refit(n, self.module.get_submodule(n.target), x, self.targets[n.name])
+        elif n.name in self.sums:
+            self._refit_at_sum(n)
         return super().run_node(n)
 
     @torch.no_grad()
-    def _refit(self, node: fx.Node, layer: nn.Module, x: torch.Tensor) -> None:
-        y = self.targets[node.name]
+    def _refit_at_sum(self, n: fx.Node) -> None:
+        """Refit the sum's tail layer so that ``tail + other`` matches the source's sum, then
+        recompute the tail operand with the new weights (module docstring)."""
+        layer_name, norm_name, pos = self.sums[n.name]
+        nodes = {m.name: m for m in (n.args[pos], n.args[pos].args[0])}
+        layer_node = nodes[layer_name]
+        layer = self.module.get_submodule(layer_node.target)
+        x = self.deferred[layer_name]
+        target = self.sum_targets[n.name] - self.env[n.args[1 - pos]]
+        if norm_name is not None:
+            norm = self.module.get_submodule(nodes[norm_name].target)
+            target = _inverse_norm(norm, target, self.targets[layer_name])
+        self._refit(layer_node, layer, x, target)
+        out = layer(x)
+        self.env[n.args[pos]] = out if norm_name is None else norm(out)
+
+    @torch.no_grad()
+    def _refit(self, node: fx.Node, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
         out_ch = layer.weight.shape[0]
         if y.shape[1 if isinstance(layer, nn.Conv2d) else -1] != out_ch:
@@ -211,15 +300,21 @@ class ReconstructLayers(Pass):
 
     def __init__(self, source: fx.GraphModule, kept: Mapping[str, torch.Tensor],
                  images: torch.Tensor, *, ridge: float = 1e-1, chunk: int = 64,
-                 max_rows: int = MAX_ROWS, layers: set[str] | None = None) -> None:
+                 max_rows: int = MAX_ROWS, layers: set[str] | None = None,
+                 through_sums: bool = True) -> None:
         self.source, self.kept, self.images = source, dict(kept), images
         self.ridge, self.chunk, self.layers, self.max_rows = ridge, chunk, layers, max_rows
+        self.through_sums = through_sums
         self.refitted: list[str] = []
 
-    def _targets(self, gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-        """The source's outputs of the component's weighted layers, on the kept channels."""
+    def _targets(self, gm: fx.GraphModule, sums: Mapping[str, tuple[str, str | None, int]]
+                 ) -> dict[str, torch.Tensor]:
+        """The source's outputs of the component's weighted layers and of ``sums``, on the
+        kept channels (a sum's are its tail layer's)."""
         names = [n.name for n in weighted_nodes(gm)
                  if n.name in self.kept and (self.layers is None or n.name in self.layers)]
+        channels_of = {n: n for n in names} | {s: layer for s, (layer, _, _) in sums.items()}
+        names += list(sums)
         src_nodes = {n.name: n for n in self.source.graph.nodes}
         missing = [n for n in names if n not in src_nodes]
         if missing:
@@ -228,7 +323,7 @@ class ReconstructLayers(Pass):
         captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
 
         def keep(name: str, out: torch.Tensor) -> torch.Tensor:
-            index = self.kept[name]
+            index = self.kept[channels_of[name]]
             dim = 1 if out.dim() == 4 else -1
             return out.index_select(dim, index)
 
@@ -246,10 +341,15 @@ class ReconstructLayers(Pass):
         return {n: torch.cat(v) for n, v in captured.items()}
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> bool:
-        targets = self._targets(gm)
-        if not targets:
+        layers = {n.name for n in weighted_nodes(gm)
+                  if n.name in self.kept and (self.layers is None or n.name in self.layers)}
+        sums = residual_tails(gm, layers) if self.through_sums else {}
+        captured = self._targets(gm, sums)
+        if not captured:
             return False
-        refitter = _Refitter(gm, targets, self.ridge, self.chunk, self.max_rows)
+        sum_targets = {s: captured.pop(s) for s in sums}
+        refitter = _Refitter(gm, captured, self.ridge, self.chunk, self.max_rows, sums,
+                             sum_targets)
         with eval_mode(gm), torch.no_grad():
             refitter.run(self.images.to(module_device(gm)))
         self.refitted = refitter.refitted

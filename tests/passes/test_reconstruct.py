@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from mdafx.api import channel_groups, plan_from_votes, plan_random, prune, trace
 from mdafx.instrument import run_pipeline
-from mdafx.passes.reconstruct import ReconstructLayers, kept_channels
+from mdafx.passes.reconstruct import ReconstructLayers, kept_channels, residual_tails
 
 
 class Net(nn.Module):
@@ -85,3 +85,86 @@ def test_reconstruction_refuses_a_graph_that_is_not_its_source():
     with pytest.raises(Exception, match="not the component's source"):
         run_pipeline([ReconstructLayers(other, kept, torch.randn(8, 3, 8, 8))], comp,
                      instruments=[])
+
+
+class Block(nn.Module):
+    """A ResNet BasicBlock with a 1x1 conv-bn shortcut, and a tap that reads conv2 twice."""
+
+    def __init__(self, tap: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.short = nn.Conv2d(3, 8, 1, bias=False)
+        self.bn_short = nn.BatchNorm2d(8)
+        self.tap = tap
+
+    def forward(self, x):
+        h = self.conv2(self.bn1(self.conv1(x)).relu())
+        out = self.bn2(h) + self.bn_short(self.short(x))
+        return out + h if self.tap else out
+
+
+@pytest.mark.parametrize("model, expected", [
+    (Net(), {"add": ("c3", "b3", 0)}),                        # conv-bn + identity
+    (Block(), {"add": ("conv2", "bn2", 0)}),                  # the 3x3, not the 1x1 shortcut
+    (Block(tap=True), {"add": ("short", "bn_short", 1)}),     # conv2 has a second reader
+])
+def test_residual_tails_pick_the_largest_layer_that_only_reaches_the_sum(model, expected):
+    gm = trace(model.eval(), torch.zeros(1, 3, 8, 8))
+    names = {n.name for n in gm.graph.nodes if n.op == "call_module"}
+    assert residual_tails(gm, names) == expected
+
+
+class Deeper(nn.Module):
+    """A residual block whose shortcut already carries an error: its input went through a
+    layer that lost input channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 12, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(12)
+        self.c2 = nn.Conv2d(12, 12, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(12)
+        self.c3 = nn.Conv2d(12, 12, 3, padding=1, bias=False)
+        self.b3 = nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = self.b2(self.c2(self.b1(self.c1(x)).relu())).relu()
+        h = (self.b3(self.c3(h)) + h).relu()
+        return self.fc(nn.functional.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def _sum_error(gm, comp, kept, x):
+    """Squared error of the component's residual sum against the source's on kept channels."""
+    from mdafx.ir import eval_mode
+
+    outs = {}
+    for name, module in (("src", gm), ("comp", comp)):
+        class Grab(torch.fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if n.name == "add":
+                    outs[name] = out
+                return out
+        with eval_mode(module), torch.no_grad():
+            Grab(module).run(x)
+    return float((outs["comp"] - outs["src"][:, kept["c3"]]).pow(2).mean())
+
+
+def test_fitting_through_the_sum_matches_the_sum_better_than_the_layer_alone():
+    torch.manual_seed(0)
+    gm = trace(Deeper().eval(), torch.zeros(1, 3, 8, 8))
+    cg = channel_groups(gm)
+    plan = plan_random(cg, 0.5, seed=0, classes=[1, 2])
+    comp, kept = prune(gm, plan, cg=cg), kept_channels(gm, plan, cg)
+    x = torch.randn(256, 3, 8, 8)
+    errors = {}
+    for through in (False, True):
+        fitted = copy.deepcopy(comp)
+        run_pipeline([ReconstructLayers(gm, kept, x, ridge=1e-6, through_sums=through)],
+                     fitted, instruments=[])
+        errors[through] = _sum_error(gm, fitted, kept, x)
+    assert errors[True] < 0.98 * errors[False]   # the least-squares optimum of the sum
