@@ -6,7 +6,8 @@ code's chain walk), whether the thresholds are searched against a :class:`~mdafx
 and which recovery runs on the component (:class:`~mdafx.search.Recovery`: norm re-estimation,
 closed-form layer reconstruction). ``RECIPES`` names the ones mdafx measures (README, "Components
 that keep their accuracy"); ``"mda"`` is the method exactly as published, ``"reference"`` the
-authors' code's masks, and ``"default"`` the best measured recipe.
+authors' code's masks, ``"default"`` the best measured recipe for a component on its own, and
+``"assemblable"`` the best measured for components that are assembled afterwards.
 
 Recipes with a budget or recovery need calibration images ``(dataset, indices)``: a split of the
 training data the profile did not select from (``mdafx.profiling.calibration_split``), never the
@@ -64,6 +65,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("default", "the most accurate thresholds within 50% of the source's MACs, every "
            "candidate refitted in closed form", budget=GOAL,
            recovery=Recovery(reconstruct=True)),
+    Recipe("assemblable", "the default, refitted also on as many images of the other classes: "
+           "its logits stay the source's off the task, so components assemble",
+           budget=GOAL, recovery=Recovery(reconstruct=True, negatives=1.0)),
 )}
 
 

@@ -1,6 +1,8 @@
 """mdafx/recipes.py and the guard rails (mdafx/evaluation.guard) on a tiny trained model."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -38,6 +40,25 @@ def test_reconstruction_recovers_what_mda_loses_on_calibration_images():
     g_plain = guard(plain, gm, (test, range(len(test))))
     g_rebuilt = guard(rebuilt, gm, (test, range(len(test))))
     assert g_rebuilt.accuracy > g_plain.accuracy   # held-out images the fit never saw
+
+
+def test_negatives_make_the_component_follow_the_source_off_its_task():
+    """``assemblable`` also fits on the other classes' images: there its logits are closer to
+    the source's task logits than the default's (same thresholds, same task images)."""
+    from mdafx.evaluation import logits_of
+    from mdafx.search import load_images
+
+    gm, prof, train, _, calib, test = setup()
+    others = [i for i in range(len(test)) if int(test.labels[i]) not in TASK]
+    x = load_images(test, others, 64)
+    target = logits_of(gm, x)[:, TASK]
+    error = {}
+    for name in ("default", "assemblable"):
+        recipe = dataclasses.replace(RECIPES[name], budget=None)   # the given thresholds
+        comp = disassemble(gm, prof, TASK, recipe=recipe, calibration=(train, calib),
+                           thresholds=Thresholds().scaled(2.0))
+        error[name] = float((logits_of(comp.module, x) - target).pow(2).mean())
+    assert error["assemblable"] < 0.8 * error["default"]
 
 
 def test_bisect_finds_what_the_scan_finds_on_a_monotone_trade_off():

@@ -18,10 +18,12 @@ Tables (markdown copy in ``--out``):
 2. where MDA's accuracy goes (``mdafx.diagnosis``): its plan applied one layer at a time;
 3. the default recipe over every ``--seeds`` split seed: mean and standard deviation of the
    delta per task;
-4. assembly: components of the default recipe from both sources, assembled without
-   calibration, with MDA's parameter scaling, and with the joint calibration
+4. assembly: components of the ``default`` and ``assemblable`` recipes from both sources,
+   assembled without calibration, with MDA's parameter scaling, and with the joint calibration
    (``calibrate_jointly``), against the weighted source baseline (each source on its own task's
-   test images, predicting over its task's logits).
+   test images, predicting over its task's logits) and against the better of the two sources
+   predicting over all the assembled classes' logits (what one source gives on the same
+   problem).
 """
 from __future__ import annotations
 
@@ -42,7 +44,9 @@ from mdafx.evaluation import predict, task_accuracy  # noqa: E402
 from mdafx.passes.channel_groups import ChannelGroups  # noqa: E402
 from mdafx.passes.prune_channels import TaskPlan  # noqa: E402
 
-RECIPE_ORDER = ("mda", "reference", "mda+norms", "mda+reconstruct", "searched+norms", "default")
+RECIPE_ORDER = ("mda", "reference", "mda+norms", "mda+reconstruct", "searched+norms", "default",
+                "assemblable")
+ASSEMBLY_RECIPES = ("default", "assemblable")
 ASSEMBLIES = ((("vgg", ("cat", "dog")), ("resnet20", ("airplane", "ship"))),
               (("vgg", common.FIVE_A), ("resnet20", common.FIVE_B)))
 
@@ -137,37 +141,47 @@ def diagnosis_table(src: Source, task) -> str:
 def assembly_rows(sources: dict, made: dict, log) -> list[list]:
     out = []
     for parts in ASSEMBLIES:
-        comps = [made[(name, tuple(task), "default")] for name, task in parts]
-        calib_src = sources[parts[0][0]]
-        ds = calib_src.train_ds
-        calib = api.ArrayDataset(ds.images.numpy()[calib_src.calib],
-                                 ds.labels.numpy()[calib_src.calib],
-                                 class_names=calib_src.names)
-        results, _ = api.calibrate(comps, calib)
-        mda = [r.factors for r in results]
-        t0 = time.perf_counter()
-        joint, offsets, _ = api.calibrate_jointly(comps, calib, init=mda)
-        joint_s = time.perf_counter() - t0
-        sizes = [len(c.classes) for c in comps]
-        variants = {"none": api.assemble(comps), "MDA scaling": api.assemble(comps, mda),
-                    "joint": api.assemble(comps, list(joint.split(sizes)), offsets=offsets)}
-        classes = [calib_src.names.index(n) for n in variants["none"].class_names]
-        test_ds = calib_src.test_ds
-        idx = common.indices_of(test_ds.labels.numpy(), classes)
-        base_hits, base_n = 0.0, 0
-        for name, task in parts:
-            acc, n = sources[name].source_acc(sources[name].classes(task))
-            base_hits, base_n = base_hits + acc * n, base_n + n
-        baseline = base_hits / base_n
-        label = " + ".join(f"{n}{common.task_label(t)}" for n, t in parts)
-        for variant, asm in variants.items():
-            logits, labels = predict(asm.module, test_ds.batches(500, idx))
-            pos = torch.as_tensor([classes.index(int(y)) for y in labels])
-            acc = float((logits.argmax(1) == pos).float().mean())
-            out.append([label, len(classes), variant, f"{acc:.2%}", f"{baseline:.2%}",
-                        f"{100 * (acc - baseline):+.2f}", f"{asm.params:,}",
-                        f"{joint_s:.1f}" if variant == "joint" else "-"])
-            log(f"[assembly] {label} {variant}: {acc:.2%} vs baseline {baseline:.2%}")
+        names = [c for _, task in parts for c in task]
+        single = max(sources[n].source_acc(sources[n].classes(names))[0] for n in sources)
+        for recipe in ASSEMBLY_RECIPES:
+            comps = [made[(name, tuple(task), recipe)] for name, task in parts]
+            out += _assembled(sources, parts, comps, recipe, single, log)
+    return out
+
+
+def _assembled(sources, parts, comps, recipe, single, log) -> list[list]:
+    calib_src = sources[parts[0][0]]
+    ds = calib_src.train_ds
+    calib = api.ArrayDataset(ds.images.numpy()[calib_src.calib],
+                             ds.labels.numpy()[calib_src.calib], class_names=calib_src.names)
+    results, _ = api.calibrate(comps, calib)
+    mda = [r.factors for r in results]
+    t0 = time.perf_counter()
+    joint, offsets, _ = api.calibrate_jointly(comps, calib, init=mda)
+    joint_s = time.perf_counter() - t0
+    sizes = [len(c.classes) for c in comps]
+    variants = {"none": api.assemble(comps), "MDA scaling": api.assemble(comps, mda),
+                "joint": api.assemble(comps, list(joint.split(sizes)), offsets=offsets)}
+    classes = [calib_src.names.index(n) for n in variants["none"].class_names]
+    test_ds = calib_src.test_ds
+    idx = common.indices_of(test_ds.labels.numpy(), classes)
+    base_hits, base_n = 0.0, 0
+    for name, task in parts:
+        acc, n = sources[name].source_acc(sources[name].classes(task))
+        base_hits, base_n = base_hits + acc * n, base_n + n
+    baseline = base_hits / base_n
+    label = " + ".join(f"{n}{common.task_label(t)}" for n, t in parts)
+    out = []
+    for variant, asm in variants.items():
+        logits, labels = predict(asm.module, test_ds.batches(500, idx))
+        pos = torch.as_tensor([classes.index(int(y)) for y in labels])
+        acc = float((logits.argmax(1) == pos).float().mean())
+        out.append([label, len(classes), recipe, variant, f"{acc:.2%}", f"{baseline:.2%}",
+                    f"{100 * (acc - baseline):+.2f}", f"{single:.2%}",
+                    f"{100 * (acc - single):+.2f}", f"{asm.params:,}",
+                    f"{joint_s:.1f}" if variant == "joint" else "-"])
+        log(f"[assembly] {label} {recipe} {variant}: {acc:.2%} vs baseline {baseline:.2%}, "
+            f"one source {single:.2%}")
     return out
 
 
@@ -207,15 +221,16 @@ def main(argv=None) -> int:
         parts.append(f"### {name}: where MDA's accuracy goes, {{cat, dog}} on calibration "
                      f"images\n\n" + diagnosis_table(src, ("cat", "dog")))
     # assembly before the seed study: it uses the seed-0 components of both sources
-    if not args.no_assembly and "default" in recipes and len(sources) == 2:
+    if not args.no_assembly and len(sources) == 2:
         for name, task in sum(ASSEMBLIES, ()):
-            if (name, tuple(task), "default") not in made:
-                made[(name, tuple(task), "default")] = make(sources[name], task, "default")[0]
+            for recipe in ASSEMBLY_RECIPES:
+                if (name, tuple(task), recipe) not in made:
+                    made[(name, tuple(task), recipe)] = make(sources[name], task, recipe)[0]
         rows = assembly_rows(sources, made, log)
         parts.append("## Assembly\n\n" + tabulate(
-            rows, headers=["assembled", "classes", "calibration", "test acc", "baseline",
-                           "delta pts", "params", "fit s"], tablefmt="github",
-            disable_numparse=True))
+            rows, headers=["assembled", "classes", "components", "calibration", "test acc",
+                           "baseline", "delta pts", "one source", "delta pts", "params",
+                           "fit s"], tablefmt="github", disable_numparse=True))
     if len(seeds) > 1:
         stab = []
         two = [t for t in tasks if len(t) == 2]
