@@ -527,7 +527,7 @@ def _search(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
         fit_pos, score_pos = [], list(range(len(task_idx)))
     x_score, targets = x_all[score_pos], all_targets[score_pos]
     others = [i for i, keep in zip(calib_indices, in_task.tolist()) if not keep]
-    x_others = None
+    x_others = None           # the other classes' images the fit also uses (Recovery.negatives)
     if recovery.reconstruct and recovery.negatives > 0 and others:
         wanted = min(len(others), round(recovery.negatives * len(task_idx)))
         pick = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed + 1))

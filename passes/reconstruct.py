@@ -42,10 +42,9 @@ in float64 on the component's device.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Any
-
-import operator
 
 import torch
 import torch.fx as fx
@@ -243,17 +242,17 @@ class _Refitter(fx.Interpreter):
         """Refit the sum's tail layer so that ``tail + other`` matches the source's sum, then
         recompute the tail operand with the new weights (module docstring)."""
         layer_name, norm_name, pos = self.sums[n.name]
-        nodes = {m.name: m for m in (n.args[pos], n.args[pos].args[0])}
-        layer_node = nodes[layer_name]
+        operand = n.args[pos]                       # the layer, or its norm
+        layer_node = operand if norm_name is None else operand.args[0]
         layer = self.module.get_submodule(layer_node.target)
         x = self.deferred[layer_name]
         target = self.sum_targets[n.name] - self.env[n.args[1 - pos]]
         if norm_name is not None:
-            norm = self.module.get_submodule(nodes[norm_name].target)
+            norm = self.module.get_submodule(operand.target)
             target = _inverse_norm(norm, target, self.targets[layer_name])
         self._refit(layer_node, layer, x, target)
         out = layer(x)
-        self.env[n.args[pos]] = out if norm_name is None else norm(out)
+        self.env[operand] = out if norm_name is None else norm(out)
 
     @torch.no_grad()
     def _refit(self, node: fx.Node, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -307,14 +306,12 @@ class ReconstructLayers(Pass):
         self.through_sums = through_sums
         self.refitted: list[str] = []
 
-    def _targets(self, gm: fx.GraphModule, sums: Mapping[str, tuple[str, str | None, int]]
+    def _targets(self, layers: list[str], sums: Mapping[str, tuple[str, str | None, int]]
                  ) -> dict[str, torch.Tensor]:
-        """The source's outputs of the component's weighted layers and of ``sums``, on the
-        kept channels (a sum's are its tail layer's)."""
-        names = [n.name for n in weighted_nodes(gm)
-                 if n.name in self.kept and (self.layers is None or n.name in self.layers)]
-        channels_of = {n: n for n in names} | {s: layer for s, (layer, _, _) in sums.items()}
-        names += list(sums)
+        """The source's outputs of ``layers`` and of ``sums``, on the kept channels (a sum's
+        are its tail layer's)."""
+        channels_of = {n: n for n in layers} | {s: layer for s, (layer, _, _) in sums.items()}
+        names = [*layers, *sums]
         src_nodes = {n.name: n for n in self.source.graph.nodes}
         missing = [n for n in names if n not in src_nodes]
         if missing:
@@ -341,10 +338,10 @@ class ReconstructLayers(Pass):
         return {n: torch.cat(v) for n, v in captured.items()}
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> bool:
-        layers = {n.name for n in weighted_nodes(gm)
-                  if n.name in self.kept and (self.layers is None or n.name in self.layers)}
-        sums = residual_tails(gm, layers) if self.through_sums else {}
-        captured = self._targets(gm, sums)
+        layers = [n.name for n in weighted_nodes(gm)
+                  if n.name in self.kept and (self.layers is None or n.name in self.layers)]
+        sums = residual_tails(gm, set(layers)) if self.through_sums else {}
+        captured = self._targets(layers, sums)
         if not captured:
             return False
         sum_targets = {s: captured.pop(s) for s in sums}
