@@ -48,7 +48,8 @@ class Recipe:
 
 
 GOAL = Budget(max_macs_frac=0.5)
-"""The default budget: the most accurate component within half the source's MACs (the target
+"""The default budget: the best component within half the source's MACs (the largest candidate
+unless a smaller one scores significantly higher, ``mdafx.search``; the target
 is to be within 1 point of the source there; ``--max-drop`` asks for the smallest instead)."""
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
@@ -60,9 +61,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            recovery=Recovery(norms=True)),
     Recipe("mda+reconstruct", "MDA's thresholds, every layer refitted in closed form",
            recovery=Recovery(reconstruct=True)),
-    Recipe("searched+norms", "the most accurate thresholds within 50% of the source's MACs, "
+    Recipe("searched+norms", "the best thresholds within 50% of the source's MACs, "
            "norms re-estimated", budget=GOAL, recovery=Recovery(norms=True)),
-    Recipe("default", "the most accurate thresholds within 50% of the source's MACs, every "
+    Recipe("default", "the best thresholds within 50% of the source's MACs, every "
            "candidate refitted in closed form", budget=GOAL,
            recovery=Recovery(reconstruct=True)),
     Recipe("assemblable", "the default, refitted also on as many images of the other classes: "

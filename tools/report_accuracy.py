@@ -1,6 +1,7 @@
 """Components and assembled models that keep their accuracy: every recipe on the CIFAR-10 sources.
 
     python tools/report_accuracy.py [--models vgg,resnet20] [--recipes mda,...,default]
+                                    [--tasks N | --task-numbers 4,5]
                                     [--seeds 0,1,2,3,4] [--threads 2] [--out .cache/report.md]
 
 For each cached source (tools/train_sources.py) and split seed, the CIFAR-10 *training* split is
@@ -192,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--recipes", default=",".join(RECIPE_ORDER))
     ap.add_argument("--tasks", type=int, default=len(common.TASKS),
                     help="the first N of the five tasks (default all)")
+    ap.add_argument("--task-numbers", default=None,
+                    help="instead of --tasks: which of the five tasks, 1-based (e.g. 4,5)")
     ap.add_argument("--seeds", default="0,1,2,3,4",
                     help="split seeds of the stability table (default recipe, 2-class tasks)")
     ap.add_argument("--no-assembly", action="store_true")
@@ -203,6 +206,11 @@ def main(argv=None) -> int:
     recipes = [r for r in args.recipes.split(",") if r]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     tasks = common.TASKS[:args.tasks]
+    if args.task_numbers:
+        numbers = [int(n) for n in args.task_numbers.split(",") if n]
+        if not all(1 <= n <= len(common.TASKS) for n in numbers):
+            ap.error(f"--task-numbers: each in 1..{len(common.TASKS)}, got {args.task_numbers}")
+        tasks = tuple(common.TASKS[n - 1] for n in numbers)
     models = common.load_sources(names, common.cache_root() / "sources")
     train, train_ds, test_ds = common.load_cifar(common.data_root(args.data))
 

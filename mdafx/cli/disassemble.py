@@ -1,11 +1,12 @@
 """``mdafx disassemble``: a profiled model and tasks -> one component file per task.
 
-By a recipe (``--recipe``, ``mdafx.recipes.RECIPES``): ``default`` searches the most accurate
-thresholds within 50% of the source's MACs, every candidate refitted in closed form on the
-profile's calibration split (``--max-drop`` asks for the smallest component within that many
+By a recipe (``--recipe``, ``mdafx.recipes.RECIPES``): ``default`` searches the
+thresholds for the best component within 50% of the source's MACs (the largest candidate unless
+a smaller one scores significantly higher, ``mdafx.search``), every candidate refitted in closed
+form on the profile's calibration split (``--max-drop`` asks for the smallest component within that many
 points instead); ``mda`` is the published method at fixed
-thresholds. Tasks are independent: a budget one task cannot meet gives that task its most
-accurate candidate with a ``warning:`` line, unless ``--strict``. Every component calibrated
+thresholds. Tasks are independent: a budget one task cannot meet gives that task its best
+candidate with a ``warning:`` line, unless ``--strict``. Every component calibrated
 on images is scored per class next to its source; a class it never predicts, or an accuracy far
 below the source's, is a loud warning (an error with ``--strict``).
 """
@@ -51,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="at most this share of the source's multiply-accumulates")
     g.add_argument("--strict", action="store_true",
                    help="a budget a task cannot meet is an error and no component is written "
-                        "(default: write its most accurate candidate with a warning)")
+                        "(default: write its best candidate with a warning)")
     g.add_argument("--reestimate-norms", action="store_true",
                    help="also re-estimate BatchNorm statistics of each component on "
                         "calibration images of every class (forward passes only)")
