@@ -49,8 +49,8 @@ class Recipe:
 
 GOAL = Budget(max_macs_frac=0.5)
 """The default budget: the best component within half the source's MACs (the largest candidate
-unless a smaller one scores significantly higher, ``mdafx.search``; the target
-is to be within 1 point of the source there; ``--max-drop`` asks for the smallest instead)."""
+unless a smaller one scores significantly higher, ``mdafx.search``; the target is to be within
+1 point of the source there; ``--max-drop`` asks for the smallest instead)."""
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("mda", "MDA as published: the thresholds given (default α/β), no recovery"),

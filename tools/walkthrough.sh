@@ -22,8 +22,9 @@ mdafx analyse --model cifar10-resnet20 --data "$DATA/train" --per-class "$PER_CL
 
 # 2. Disassemble: a {cat, dog} component of the VGG and an {airplane, ship} component of the
 #    ResNet-20. The default recipe searches MDA's thresholds for the best component within 50%
-#    of the source's MACs (the largest, unless a smaller one scores significantly higher), refitting each candidate's layers in closed form on the
-#    calibration split; the per-class table warns about a class the component never predicts.
+#    of the source's MACs (the largest, unless a smaller one scores significantly higher),
+#    refitting each candidate's layers in closed form on the calibration split; the per-class
+#    table warns about a class the component never predicts.
 mdafx disassemble --model cifar10-vgg --profile vgg.profile --task cat,dog -o vgg-cat-dog.mdafx
 mdafx disassemble --model cifar10-resnet20 --profile resnet20.profile --task airplane,ship \
     -o resnet20-airplane-ship.mdafx

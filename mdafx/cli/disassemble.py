@@ -1,14 +1,14 @@
 """``mdafx disassemble``: a profiled model and tasks -> one component file per task.
 
-By a recipe (``--recipe``, ``mdafx.recipes.RECIPES``): ``default`` searches the
-thresholds for the best component within 50% of the source's MACs (the largest candidate unless
-a smaller one scores significantly higher, ``mdafx.search``), every candidate refitted in closed
-form on the profile's calibration split (``--max-drop`` asks for the smallest component within that many
-points instead); ``mda`` is the published method at fixed
-thresholds. Tasks are independent: a budget one task cannot meet gives that task its best
-candidate with a ``warning:`` line, unless ``--strict``. Every component calibrated
-on images is scored per class next to its source; a class it never predicts, or an accuracy far
-below the source's, is a loud warning (an error with ``--strict``).
+By a recipe (``--recipe``, ``mdafx.recipes.RECIPES``): ``default`` searches the thresholds for
+the best component within 50% of the source's MACs (the largest candidate unless a smaller one
+scores significantly higher, ``mdafx.search``), every candidate refitted in closed form on the
+profile's calibration split (``--max-drop`` asks for the smallest component within that many
+points instead); ``mda`` is the published method at fixed thresholds. Tasks are independent:
+a budget one task cannot meet gives that task its best candidate with a ``warning:`` line,
+unless ``--strict``. Every component calibrated on images is scored per class next to its
+source; a class it never predicts, or an accuracy far below the source's, is a loud warning
+(an error with ``--strict``).
 """
 from __future__ import annotations
 
