@@ -11,7 +11,8 @@ authors' code's masks, ``"default"`` the best measured recipe for a component on
 
 Recipes with a budget or recovery need calibration images ``(dataset, indices)``: a split of the
 training data the profile did not select from (``mdafx.profiling.calibration_split``), never the
-test split.
+test split. As on the CLI, ``disassemble`` defaults to ``"default"`` and, given no calibration
+images, reads the split ``analyse`` held out of the profiled folder.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from .errors import PreconditionError
 from .ir import count_macs
 from .passes.locate import Thresholds
 from .passes.reference_plan import ReferencePlan
-from .profiling import Profile
+from .profiling import Profile, calibration_split
 from .search import Budget, Recovery, search_thresholds
 
 __all__ = ["RECIPES", "Recipe", "disassemble", "first_per_class"]
@@ -72,6 +73,19 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 )}
 
 
+def _held_out_split(profile: Profile, recipe: Recipe) -> tuple[Any, list[int]]:
+    """The calibration split ``analyse`` held out of the profiled folder, or an error that says
+    how to give images instead."""
+    if not profile.record.get("calibration") or not profile.record.get("data"):
+        raise PreconditionError(
+            f"recipe {recipe.name!r} needs calibration images (dataset, indices): the profile "
+            "holds no held-out split of a folder (analysed from an in-memory dataset or with "
+            "holdout 0); pass calibration=(dataset, indices) disjoint from the profiled samples, "
+            "or recipe='mda' for the published method without images")
+    dataset, indices, _ = calibration_split(profile)
+    return dataset, indices
+
+
 def first_per_class(dataset, indices: Sequence[int], per_class: int) -> list[int]:
     """The first ``per_class`` of ``indices`` of every class, in their order."""
     labels = labels_at(dataset, indices).tolist()
@@ -85,7 +99,7 @@ def first_per_class(dataset, indices: Sequence[int], per_class: int) -> list[int
 
 
 def disassemble(gm: fx.GraphModule, profile: Profile, task: Sequence[Any], *,
-                recipe: str | Recipe = "mda", thresholds: Thresholds = Thresholds(),
+                recipe: str | Recipe = "default", thresholds: Thresholds = Thresholds(),
                 budget: Budget | None = None, calibration: tuple[Any, Sequence[int]] | None = None,
                 norm_images: int = 50, source: str = "model", am=None,
                 progress: bool = False) -> Component:
@@ -93,7 +107,9 @@ def disassemble(gm: fx.GraphModule, profile: Profile, task: Sequence[Any], *,
     ``thresholds`` are the base of its thresholds (searched recipes multiply them), ``budget``
     replaces the recipe's. Its metadata records the recipe, params, MACs and, when calibration
     images were used, its and the source's accuracy on them; with a search, ``component.search``
-    is the explored trade-off (``SearchResult``)."""
+    is the explored trade-off (``SearchResult``). ``calibration=None`` with a recipe that needs
+    images: the split ``analyse`` held out (``calibration_split(profile)``), as ``mdafx
+    disassemble`` does without ``--calibrate``."""
     if isinstance(recipe, str):
         if recipe not in RECIPES:
             raise PreconditionError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
@@ -108,10 +124,7 @@ def disassemble(gm: fx.GraphModule, profile: Profile, task: Sequence[Any], *,
         comp = cut(gm, profile, task, thresholds=thresholds, source=source, am=am,
                    plan=am.get(ReferencePlan(classes, thresholds)))
     elif recipe.needs_calibration:
-        if calibration is None:
-            raise PreconditionError(f"recipe {recipe.name!r} needs calibration images "
-                                    "(dataset, indices)")
-        dataset, indices = calibration
+        dataset, indices = calibration or _held_out_split(profile, recipe)
         norm_idx = first_per_class(dataset, indices, norm_images) if recipe.recovery.norms \
             else None
         res = search_thresholds(

@@ -55,3 +55,29 @@ def test_readme_walkthrough_runs_as_written(tmp_path):
     assert asm.class_names == ["cat", "dog", "airplane", "ship"]
     assert (out / "assembled.onnx").is_file() and any((out / "dumps").iterdir())
     assert "onnxruntime" in run.stdout and "wrote" in run.stdout
+
+
+def _readme_python_api() -> str:
+    """The code block of the README's "Python API" section."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Python API\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_python_api_runs_as_written(tmp_path, monkeypatch):
+    """The README's API block, in a folder holding the small cifar10/ copy; only the number of
+    profiled samples per class is scaled down (50 -> 4) to fit TRAIN images per class."""
+    cifar = _cifar()
+    _subset(cifar / "train", tmp_path / "cifar10" / "train", TRAIN)
+    _subset(cifar / "test", tmp_path / "cifar10" / "test", TEST)
+    code = _readme_python_api()
+    assert "per_class=50" in code
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code.replace("per_class=50", "per_class=4"), "README.md", "exec"), namespace)
+    comp, asm = namespace["comp"], namespace["asm"]
+    other = namespace["other"]  # no recipe, no images: the CLI's default and the held-out split
+    assert comp.metadata["recipe"]["name"] == other.metadata["recipe"]["name"] == "default"
+    assert other.metadata["calibration"]["images"] > 0
+    assert asm.class_names == ["cat", "dog", "airplane", "ship"]
+    assert (tmp_path / "vgg-cat-dog.mdafx").is_file() and (tmp_path / "assembled.onnx").is_file()
