@@ -16,6 +16,7 @@ import torch
 from mdafx.api import trace
 from mdafx.data import ArrayDataset, split_per_class
 from mdafx.models import tiny_cnn
+from mdafx import search
 from mdafx.search import Recovery, DEFAULT_SCALES, Budget, search_thresholds, tradeoff_svg
 from mdafx.training import train_classifier
 from mdafx.profiling import build_profile
@@ -222,6 +223,31 @@ def test_size_budget_picks_within_it():
     assert fitting, res.table()
     assert res.met and res.candidate.macs_frac <= 0.5
     assert_largest_unless_beaten(res, fitting)
+
+
+def test_a_size_limit_between_grid_steps_is_bisected():
+    """Where the (conv, linear) grid crosses the MACs limit, REFINE_STEPS more conv multipliers
+    between the two neighbours are cut, and the choice can only get closer to the limit."""
+    gm, prof, train, _, calib, _ = setup()
+    grid = tuple((c, lin) for lin in (0.0, 1.0) for c in SCALES)
+    coarse = search_thresholds(gm, prof, TASK, train, calib, Budget(), scales=grid)  # no size limit
+    assert len(coarse.candidates) == len(grid)
+    fracs = sorted({c.macs_frac for c in coarse.candidates})
+    limit = (fracs[len(fracs) // 2 - 1] + fracs[len(fracs) // 2]) / 2   # between two grid steps
+    budget = Budget(max_macs_frac=limit)
+    res = search_thresholds(gm, prof, TASK, train, calib, budget, scales=grid)
+    refined = res.candidates[len(grid):]
+    edges = [search._budget_edges(res.candidates[:len(grid)], budget, lin) for lin in (0.0, 1.0)]
+    assert len(refined) == search.REFINE_STEPS * sum(map(len, edges)) > 0, res.table()
+    for c in refined:  # strictly between the neighbouring grid multipliers of its edge
+        (inside, outside), = search._budget_edges(res.candidates[:len(grid)], budget, c.scale[1])
+        assert min(inside, outside) < c.scale[0] < max(inside, outside)
+    best_grid = max(c.macs_frac for c in res.candidates[:len(grid)] if c.macs_frac <= limit)
+    best_all = max(c.macs_frac for c in res.candidates if c.macs_frac <= limit)
+    assert best_all >= best_grid and res.candidate.macs_frac <= limit
+    assert_largest_unless_beaten(res, [c for c in res.candidates if c.macs_frac <= limit])
+    plain = search_thresholds(gm, prof, TASK, train, calib, budget, scales=SCALES)  # one multiplier
+    assert len(plain.candidates) == len(SCALES)
 
 
 def test_identical_plans_are_scored_once():
