@@ -11,7 +11,9 @@ output; for the head, the source's logits of the task's classes), on the same im
 
 a ridge regression pulled towards the pruned weight ``W₀`` (``d`` columns of ``X``; ρ = ``ridge``).
 Neighbouring output positions of a conv are nearly the same equation, so at most ``max_rows``
-rows enter each layer's normal equations (every s-th row, s = ⌈rows / max_rows⌉).
+rows enter each layer's normal equations (every s-th row, s = ⌈rows / max_rows⌉), and only those
+rows of the source's outputs are kept as targets: their memory is bounded by ``max_rows`` per
+layer, not by the number of calibration images.
 For a convolution ``X`` is the unfolded input (one row per output position, one column per input
 channel × kernel tap) and the problem splits by group, so grouped and depthwise convs stay what
 they are. The intercept ``b`` goes into the layer's own bias, or, for a bias-free layer read only
@@ -44,7 +46,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -82,10 +84,20 @@ def kept_channels(source: fx.GraphModule, plan, cg) -> dict[str, torch.Tensor]:
     return out
 
 
-def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, step: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def _sampled(y: torch.Tensor, step: int, channels_first: bool) -> torch.Tensor:
+    """Every ``step``-th row of ``y`` laid out as rows of channels, ``[P, C]``: a conv's output
+    positions (image-major, then row, then column) or a linear layer's tokens. The same rows as
+    :func:`_conv_rows` samples from the layer's input, for the same chunk of images."""
+    if not channels_first:
+        return y.reshape(-1, y.shape[-1])[::step].clone()   # not a view of the whole chunk
+    flat = y.flatten(2)                                       # [N, C, H·W]
+    pos = torch.arange(0, flat.shape[0] * flat.shape[2], step, device=y.device)
+    return flat[pos // flat.shape[2], :, pos % flat.shape[2]]
+
+
+def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, step: int) -> torch.Tensor:
     """Every ``step``-th output position of ``x`` unfolded as the conv sees it,
-    ``[P, C·kh·kw]`` (channel-major columns, as the weight is laid out), and its target row.
+    ``[P, C·kh·kw]`` (channel-major columns, as the weight is laid out).
 
     Patches are a strided view of the padded input (no im2col of all positions): only the
     sampled rows are copied."""
@@ -101,15 +113,33 @@ def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, step: int
     pos = torch.arange(0, n * ho * wo, step, device=x.device)
     b, rest = pos // (ho * wo), pos % (ho * wo)
     rows = patches[b, :, rest // wo, rest % wo]               # [P, C, kh, kw]
-    return rows.reshape(len(pos), -1), y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])[pos]
+    return rows.reshape(len(pos), -1)
 
 
-def _rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(X, Y)`` as row matrices (every ``step``-th row): conv positions or linear tokens."""
+def _input_rows(layer: nn.Module, x: torch.Tensor, step: int) -> torch.Tensor:
+    """``X`` as a row matrix (every ``step``-th row): conv positions or linear tokens."""
     if isinstance(layer, nn.Conv2d):
-        return _conv_rows(layer, x, y, step)
-    return x.reshape(-1, x.shape[-1])[::step], y.reshape(-1, y.shape[-1])[::step]
+        return _conv_rows(layer, x, step)
+    return x.reshape(-1, x.shape[-1])[::step]
+
+
+class _Rows(NamedTuple):
+    """A layer's (or sum's) target, only the rows that enter the normal equations: every
+    ``step``-th row of each chunk of ``chunk`` images (:func:`_sampled`)."""
+
+    rows: torch.Tensor        # [P, C]
+    step: int
+    chunk: int
+
+    def of(self, y: torch.Tensor, channels_first: bool) -> torch.Tensor:
+        """The same rows of ``y``, an output over all the images (``[N, ...]``)."""
+        return torch.cat([_sampled(y[s:s + self.chunk], self.step, channels_first)
+                          for s in range(0, y.shape[0], self.chunk)])
+
+
+def _step(images: int, per_image: int, max_rows: int) -> int:
+    """The row stride that keeps at most about ``max_rows`` rows of ``images`` images."""
+    return max(1, -(-images * per_image // max_rows))
 
 
 def _single_user(node: fx.Node) -> fx.Node | None:
@@ -217,19 +247,19 @@ class _Refitter(fx.Interpreter):
     """Runs the component on all calibration images; at each weighted layer, refits it on its
     input before computing its output with the new weights."""
 
-    def __init__(self, gm: fx.GraphModule, targets: Mapping[str, torch.Tensor], ridge: float,
-                 chunk: int, max_rows: int = MAX_ROWS,
+    def __init__(self, gm: fx.GraphModule, targets: Mapping[str, _Rows], ridge: float,
                  sums: Mapping[str, tuple[str, str | None, int]] | None = None,
-                 sum_targets: Mapping[str, torch.Tensor] | None = None) -> None:
+                 sum_targets: Mapping[str, _Rows] | None = None) -> None:
         super().__init__(gm)
-        self.targets, self.ridge, self.chunk, self.max_rows = targets, ridge, chunk, max_rows
+        self.targets, self.ridge = targets, ridge
         self.sums, self.sum_targets = dict(sums or {}), dict(sum_targets or {})
-        self.deferred = {layer: None for layer, _, _ in self.sums.values()}
+        self.deferred = {layer for layer, _, _ in self.sums.values()}
+        self.pending: dict[str, torch.Tensor] = {}   # a deferred layer's input, until its sum
         self.refitted: list[str] = []
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op == "call_module" and n.name in self.deferred:
-            self.deferred[n.name] = self.env[n.args[0]]       # refitted at its sum
+            self.pending[n.name] = self.env[n.args[0]]       # refitted at its sum
         elif n.op == "call_module" and n.name in self.targets:
             x = self.env[n.args[0]]
             self._refit(n, self.module.get_submodule(n.target), x, self.targets[n.name])
@@ -245,33 +275,37 @@ class _Refitter(fx.Interpreter):
         operand = n.args[pos]                       # the layer, or its norm
         layer_node = operand if norm_name is None else operand.args[0]
         layer = self.module.get_submodule(layer_node.target)
-        x = self.deferred[layer_name]
-        target = self.sum_targets[n.name] - self.env[n.args[1 - pos]]
+        x = self.pending.pop(layer_name)
+        wanted = self.sum_targets[n.name]
+        channels_first = isinstance(layer, nn.Conv2d)
+        rows = wanted.rows - wanted.of(self.env[n.args[1 - pos]], channels_first)
         if norm_name is not None:
             norm = self.module.get_submodule(operand.target)
-            target = _inverse_norm(norm, target, self.targets[layer_name])
-        self._refit(layer_node, layer, x, target)
+            rows = _inverse_norm(norm, rows, self.targets[layer_name].rows)
+        self._refit(layer_node, layer, x, wanted._replace(rows=rows))
         out = layer(x)
         self.env[operand] = out if norm_name is None else norm(out)
 
     @torch.no_grad()
-    def _refit(self, node: fx.Node, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _refit(self, node: fx.Node, layer: nn.Module, x: torch.Tensor, y: _Rows) -> None:
         groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
         out_ch = layer.weight.shape[0]
-        if y.shape[1 if isinstance(layer, nn.Conv2d) else -1] != out_ch:
+        if y.rows.shape[1] != out_ch:
             raise PreconditionError(f"reconstruct: target of {node.format_node()} has "
-                                    f"{tuple(y.shape)}, the layer {out_ch} outputs")
+                                    f"{y.rows.shape[1]} channels, the layer {out_ch} outputs")
         bn = None if layer.bias is not None else _bn_reader(self.module, node)
         intercept = layer.bias is not None or bn is not None
         w = layer.weight.detach()
         cols = w[0].numel()
         normal = _Normal(groups, cols, out_ch // groups, intercept, w.device)
-        per_image = y[0].numel() // out_ch               # output positions (or tokens) per image
-        step = max(1, -(-x.shape[0] * per_image // self.max_rows))
-        for start in range(0, x.shape[0], self.chunk):
-            xs, ys = _rows(layer, x[start:start + self.chunk], y[start:start + self.chunk],
-                           step)
-            normal.add(xs, ys)
+        offset = 0
+        for start in range(0, x.shape[0], y.chunk):
+            xs = _input_rows(layer, x[start:start + y.chunk], y.step)
+            normal.add(xs, y.rows[offset:offset + xs.shape[0]].to(xs.device))
+            offset += xs.shape[0]
+        if offset != y.rows.shape[0]:
+            raise PreconditionError(f"reconstruct: {node.format_node()} sees {offset} rows, its "
+                                    f"target has {y.rows.shape[0]}: not the same images")
         w0 = w.reshape(groups, out_ch // groups, cols).transpose(1, 2)     # [g, cols, outs]
         b0 = None if layer.bias is None else layer.bias.detach().reshape(groups, -1)
         sol = normal.solve(w0, b0, self.ridge)
@@ -286,6 +320,34 @@ class _Refitter(fx.Interpreter):
             else:
                 bn.running_mean.sub_(b)
         self.refitted.append(node.name)
+
+
+class _Capture(fx.Interpreter):
+    """Runs the source a chunk of images at a time and keeps, per node in ``kept``, the sampled
+    rows (:func:`_sampled`) of its output's kept channels.
+
+    A module-level class on purpose: a class defined in a function forms a reference cycle with
+    its closure, which would keep the captured tensors alive until the cyclic collector runs."""
+
+    def __init__(self, gm: fx.GraphModule, kept: Mapping[str, torch.Tensor],
+                 channels_first: Mapping[str, bool], images: int, max_rows: int) -> None:
+        super().__init__(gm)
+        self.kept, self.channels_first = kept, channels_first
+        self.images, self.max_rows = images, max_rows
+        self.captured: dict[str, list[torch.Tensor]] = {n: [] for n in kept}
+        self.steps: dict[str, int] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.kept:
+            first = self.channels_first[n.name]
+            dim = 1 if first else -1
+            y = out.index_select(dim, self.kept[n.name].to(out.device))
+            if n.name not in self.steps:
+                self.steps[n.name] = _step(self.images, y[0].numel() // y.shape[dim],
+                                           self.max_rows)
+            self.captured[n.name].append(_sampled(y, self.steps[n.name], first))
+        return out
 
 
 class ReconstructLayers(Pass):
@@ -307,9 +369,10 @@ class ReconstructLayers(Pass):
         self.refitted: list[str] = []
 
     def _targets(self, layers: list[str], sums: Mapping[str, tuple[str, str | None, int]]
-                 ) -> dict[str, torch.Tensor]:
-        """The source's outputs of ``layers`` and of ``sums``, on the kept channels (a sum's
-        are its tail layer's)."""
+                 ) -> dict[str, _Rows]:
+        """The source's outputs of ``layers`` and of ``sums`` on the kept channels (a sum's are
+        its tail layer's), only the rows that enter the normal equations: memory is bounded by
+        ``max_rows`` per layer, not by the number of images."""
         channels_of = {n: n for n in layers} | {s: layer for s, (layer, _, _) in sums.items()}
         names = [*layers, *sums]
         src_nodes = {n.name: n for n in self.source.graph.nodes}
@@ -317,25 +380,16 @@ class ReconstructLayers(Pass):
         if missing:
             raise PreconditionError(f"reconstruct: the source has no node {missing[0]!r}: "
                                     "not the component's source")
-        captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-
-        def keep(name: str, out: torch.Tensor) -> torch.Tensor:
-            index = self.kept[channels_of[name]]
-            dim = 1 if out.dim() == 4 else -1
-            return out.index_select(dim, index)
-
-        class Capture(fx.Interpreter):
-            def run_node(self, n: fx.Node) -> Any:
-                out = super().run_node(n)
-                if n.name in captured:
-                    captured[n.name].append(keep(n.name, out))
-                return out
-
+        conv = {n: isinstance(self.source.get_submodule(src_nodes[channels_of[n]].target),
+                              nn.Conv2d) for n in names}
+        capture = _Capture(self.source, {n: self.kept[channels_of[n]] for n in names}, conv,
+                           len(self.images), self.max_rows)
         device = module_device(self.source)
         with eval_mode(self.source), torch.no_grad():
             for start in range(0, len(self.images), self.chunk):
-                Capture(self.source).run(self.images[start:start + self.chunk].to(device))
-        return {n: torch.cat(v) for n, v in captured.items()}
+                capture.run(self.images[start:start + self.chunk].to(device))
+        captured, steps = capture.captured, capture.steps
+        return {n: _Rows(torch.cat(v), steps[n], self.chunk) for n, v in captured.items()}
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> bool:
         layers = [n.name for n in weighted_nodes(gm)
@@ -345,8 +399,7 @@ class ReconstructLayers(Pass):
         if not captured:
             return False
         sum_targets = {s: captured.pop(s) for s in sums}
-        refitter = _Refitter(gm, captured, self.ridge, self.chunk, self.max_rows, sums,
-                             sum_targets)
+        refitter = _Refitter(gm, captured, self.ridge, sums, sum_targets)
         with eval_mode(gm), torch.no_grad():
             refitter.run(self.images.to(module_device(gm)))
         self.refitted = refitter.refitted

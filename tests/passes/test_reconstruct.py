@@ -168,3 +168,22 @@ def test_fitting_through_the_sum_matches_the_sum_better_than_the_layer_alone():
                      fitted, instruments=[])
         errors[through] = _sum_error(gm, fitted, kept, x)
     assert errors[True] < 0.98 * errors[False]   # the least-squares optimum of the sum
+
+
+@pytest.mark.parametrize("images", [64, 512])
+def test_targets_keep_only_the_rows_that_enter_the_fit(images):
+    """The source's outputs are stored as at most about ``max_rows`` rows per layer (plus one
+    per chunk, where a chunk's first row is sampled), however many images calibrate: memory is
+    bounded by the fit, not by the data. The fit still reduces the error."""
+    gm, comp, kept = _setup()
+    x = torch.randn(images, 3, 8, 8)
+    p = ReconstructLayers(gm, kept, x, ridge=1e-3, max_rows=300, chunk=32)
+    targets = p._targets(["c1", "c2", "c3", "fc"], {})
+    chunks = -(-images // 32)
+    for name, t in targets.items():
+        assert t.rows.shape[0] <= 300 + chunks, name
+        assert t.rows.shape[1] == len(kept[name])
+        assert t.rows.is_contiguous() and t.rows.untyped_storage().nbytes() == t.rows.nbytes
+    before = _error(gm, comp, x)
+    run_pipeline([p], comp, instruments=[])
+    assert _error(gm, comp, x) < before
