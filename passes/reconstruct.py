@@ -84,15 +84,24 @@ def kept_channels(source: fx.GraphModule, plan, cg) -> dict[str, torch.Tensor]:
     return out
 
 
+def _positions(images: int, per_image: int, step: int, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ``step``-th output position of ``images`` images with ``per_image`` positions each
+    (image-major, then row, then column), as (image, position within the image). The one
+    sampling both a conv's input rows (:func:`_conv_rows`) and its targets (:func:`_sampled`)
+    use, so that they are the same rows."""
+    pos = torch.arange(0, images * per_image, step, device=device)
+    return pos // per_image, pos % per_image
+
+
 def _sampled(y: torch.Tensor, step: int, channels_first: bool) -> torch.Tensor:
     """Every ``step``-th row of ``y`` laid out as rows of channels, ``[P, C]``: a conv's output
-    positions (image-major, then row, then column) or a linear layer's tokens. The same rows as
-    :func:`_conv_rows` samples from the layer's input, for the same chunk of images."""
+    positions or a linear layer's tokens (compact copies, not views of the whole chunk)."""
     if not channels_first:
-        return y.reshape(-1, y.shape[-1])[::step].clone()   # not a view of the whole chunk
+        return y.reshape(-1, y.shape[-1])[::step].clone()
     flat = y.flatten(2)                                       # [N, C, H·W]
-    pos = torch.arange(0, flat.shape[0] * flat.shape[2], step, device=y.device)
-    return flat[pos // flat.shape[2], :, pos % flat.shape[2]]
+    image, within = _positions(flat.shape[0], flat.shape[2], step, y.device)
+    return flat[image, :, within]
 
 
 def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, step: int) -> torch.Tensor:
@@ -110,10 +119,9 @@ def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, step: int) -> torch.Tensor:
     patches = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
     patches = patches[..., ::dh, ::dw]                        # [N, C, Ho, Wo, kh, kw]
     n, c, ho, wo = patches.shape[:4]
-    pos = torch.arange(0, n * ho * wo, step, device=x.device)
-    b, rest = pos // (ho * wo), pos % (ho * wo)
-    rows = patches[b, :, rest // wo, rest % wo]               # [P, C, kh, kw]
-    return rows.reshape(len(pos), -1)
+    image, within = _positions(n, ho * wo, step, x.device)
+    rows = patches[image, :, within // wo, within % wo]       # [P, C, kh, kw]
+    return rows.reshape(len(image), -1)
 
 
 def _input_rows(layer: nn.Module, x: torch.Tensor, step: int) -> torch.Tensor:
@@ -388,8 +396,8 @@ class ReconstructLayers(Pass):
         with eval_mode(self.source), torch.no_grad():
             for start in range(0, len(self.images), self.chunk):
                 capture.run(self.images[start:start + self.chunk].to(device))
-        captured, steps = capture.captured, capture.steps
-        return {n: _Rows(torch.cat(v), steps[n], self.chunk) for n, v in captured.items()}
+        return {n: _Rows(torch.cat(v), capture.steps[n], self.chunk)
+                for n, v in capture.captured.items()}
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> bool:
         layers = [n.name for n in weighted_nodes(gm)
