@@ -377,8 +377,7 @@ def scaled_thresholds(base: Thresholds, scale: Scale) -> Thresholds:
     """``base`` times one global ``scale``, or times ``(conv_scale, linear_scale)``."""
     if isinstance(scale, tuple):
         sc, sl = (float(v) for v in scale)
-        return Thresholds(base.conv_alpha * sc, base.conv_beta * sc,
-                          base.linear_alpha * sl, base.linear_beta * sl)
+        return base.scaled_by(sc, sl)
     return base.scaled(float(scale))
 
 

@@ -37,7 +37,8 @@ analysis manager per thresholds; nothing is written into the graph.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -56,16 +57,33 @@ LOCATE_CHUNK_BYTES: int = 16 * 2**20
 
 @dataclass(frozen=True)
 class Thresholds:
-    """α (relative contribution) and β (input-channel score) per layer type; MDA's defaults."""
+    """α (relative contribution) and β (input-channel score) per layer type; MDA's defaults.
+
+    ``cost_exponent`` γ (0 = MDA as published) makes the conv thresholds of each layer ℓ grow with
+    what one of its input channels costs (:func:`channel_costs`)::
+
+        α_ℓ = α_conv · (c_ℓ / G)^γ,   β_ℓ = β_conv · (c_ℓ / G)^γ
+
+    with ``c_ℓ`` = MACs per input channel of ℓ and ``G`` their geometric mean over the model's
+    conv layers (so γ moves thresholds between layers; the multipliers' geometric mean stays 1).
+    A channel of a high-resolution layer costs several times one of a late layer, and MDA's
+    per-layer min-max treats them alike; see :data:`mdafx.recipes.COST_EXPONENT` for what γ
+    measured."""
 
     conv_alpha: float = 0.3
     conv_beta: float = 0.2
     linear_alpha: float = 0.4
     linear_beta: float = 0.3
+    cost_exponent: float = 0.0
 
     def scaled(self, factor: float) -> "Thresholds":
-        return Thresholds(self.conv_alpha * factor, self.conv_beta * factor,
-                          self.linear_alpha * factor, self.linear_beta * factor)
+        return self.scaled_by(factor, factor)
+
+    def scaled_by(self, conv: float, linear: float) -> "Thresholds":
+        """The conv thresholds times ``conv``, the linear ones times ``linear``."""
+        return replace(self, conv_alpha=self.conv_alpha * conv, conv_beta=self.conv_beta * conv,
+                       linear_alpha=self.linear_alpha * linear,
+                       linear_beta=self.linear_beta * linear)
 
     def for_module(self, module: nn.Module) -> tuple[float, float]:
         return self.for_kind("linear" if isinstance(module, nn.Linear) else "conv")
@@ -202,6 +220,34 @@ def _reduce_to(mask_1d: torch.Tensor, in_ids: torch.Tensor, axis: int) -> torch.
     return mask_1d.reshape(K, *shape).expand(K, *in_ids.shape).clone()
 
 
+def channel_costs(gm: fx.GraphModule) -> dict[str, int]:
+    """``c_ℓ`` per conv layer key: the multiply-accumulates one of its input channels costs per
+    image, ``(O / g) · Πk · P`` for a weight ``[O, I/g, *k]`` and ``P`` output positions (from the
+    node's ``tensor_meta``; a layer without one is left out)."""
+    costs = {}
+    for node in gm.graph.nodes:
+        rule = lookup(node, gm) if node.op in ("call_module", "call_function") else None
+        if rule is None or rule.mask != WEIGHTED:
+            continue
+        layer = weighted_layer(node, gm)
+        meta = node.meta.get("tensor_meta")
+        if layer is None or layer.kind != "conv" or not hasattr(meta, "shape"):
+            continue
+        w = layer.weight.shape
+        costs[layer.key] = (int(w[0]) // layer.groups * math.prod(int(k) for k in w[2:])
+                            * math.prod(int(d) for d in meta.shape[2:]))
+    return costs
+
+
+def cost_multipliers(gm: fx.GraphModule, exponent: float) -> dict[str, float]:
+    """``(c_ℓ / G)^γ`` per conv layer key (:class:`Thresholds`); empty for γ = 0."""
+    costs = {k: c for k, c in channel_costs(gm).items() if c > 0} if exponent else {}
+    if not costs:
+        return {}
+    log_mean = sum(math.log(c) for c in costs.values()) / len(costs)
+    return {k: math.exp(exponent * (math.log(c) - log_mean)) for k, c in costs.items()}
+
+
 def locate_masks(gm: fx.GraphModule, cg: ChannelGraph,
            contributions: dict[str, torch.Tensor | FactoredContribution],
            thresholds: Thresholds = Thresholds(), *,
@@ -220,6 +266,7 @@ def locate_masks(gm: fx.GraphModule, cg: ChannelGraph,
         raise PreconditionError(f"the model output {out_name!r} is not [batch, {K}] logits")
     masks: dict[str, object] = {out_name: torch.eye(K, dtype=torch.bool).reshape(K, 1, K)}
     kept_barriers = []
+    multipliers = cost_multipliers(gm, thresholds.cost_exponent)
     for node in reversed(gm.graph.nodes):
         if node.op in ("output", "placeholder", "get_attr"):
             continue
@@ -246,6 +293,9 @@ def locate_masks(gm: fx.GraphModule, cg: ChannelGraph,
                 in_mask = _full(in_ids, K)
             else:
                 alpha, beta = thresholds.for_kind(layer.kind)
+                if layer.kind == "conv":
+                    m = multipliers.get(layer.key, 1.0)
+                    alpha, beta = alpha * m, beta * m
                 want = (K, layer.weight.shape[0], layer.weight.shape[1])
                 if tuple(A.shape) != want:
                     raise PreconditionError(

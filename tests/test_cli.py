@@ -520,6 +520,17 @@ def test_numeric_class_names_are_names(ws, tmp_path):
     expect_error(r"unknown class '0'.*write #0", *base, "--task", "0,1", "-o", tmp_path / "x")
 
 
+def test_cost_exponent_flag_replaces_the_recipes(ws, pipeline, tmp_path):
+    base = ["disassemble", *MODEL, "--profile", PROFILE, "--task", "cat,dog"]
+    ok(*base, "--recipe", "mda", "--cost-exponent", "0.5", "-o", tmp_path / "aware.mdafx")
+    meta = api.load(tmp_path / "aware.mdafx").metadata
+    assert meta["recipe"]["cost_exponent"] == 0.5 and meta["thresholds"]["cost_exponent"] == 0.5
+    code, _, err = call(*base, "--recipe", "reference", "--cost-exponent", "0.5",
+                        "-o", tmp_path / "ref.mdafx")
+    assert code == cli.EXIT_USAGE and "--cost-exponent: the reference recipe" in err, err
+    assert not (tmp_path / "ref.mdafx").exists()
+
+
 @pytest.mark.parametrize("task, pattern", [
     ("cat,zebra", r"unknown class 'zebra'; known classes: cat, dog, frog"),
     ("#0,#7", r"class index 7 out of range 0\.\.2"),

@@ -87,3 +87,17 @@ def test_guard_rails_fire_on_a_degenerate_component():
     healthy = guard(cut(gm, prof, TASK, thresholds=Thresholds().scaled(0.1)), gm,
                     (train, calib))
     assert healthy.warnings == [] and len(healthy.per_class) == 2
+
+
+def test_the_recipe_sets_the_cost_exponent_and_the_caller_can_replace_it():
+    gm, prof, train, _, calib, _ = setup()
+    aware = disassemble(gm, prof, TASK, recipe="cost-aware", calibration=(train, calib))
+    assert aware.metadata["recipe"]["cost_exponent"] == RECIPES["cost-aware"].cost_exponent > 0
+    assert aware.metadata["thresholds"]["cost_exponent"] == RECIPES["cost-aware"].cost_exponent
+    plain = disassemble(gm, prof, TASK, recipe="mda", thresholds=Thresholds(cost_exponent=1.0))
+    assert plain.metadata["recipe"]["cost_exponent"] == 0.0   # "mda" is the method as published
+    assert plain.metadata["thresholds"] == dataclasses.asdict(Thresholds())
+    ours = disassemble(gm, prof, TASK, recipe="mda", cost_exponent=1.0)
+    assert ours.metadata["recipe"]["cost_exponent"] == 1.0
+    with pytest.raises(PreconditionError, match="reference"):
+        disassemble(gm, prof, TASK, recipe="reference", cost_exponent=0.5)

@@ -46,7 +46,7 @@ from mdafx.passes.channel_groups import ChannelGroups  # noqa: E402
 from mdafx.passes.prune_channels import TaskPlan  # noqa: E402
 
 RECIPE_ORDER = ("mda", "reference", "mda+norms", "mda+reconstruct", "searched+norms", "default",
-                "assemblable")
+                "cost-aware", "assemblable")
 ASSEMBLY_RECIPES = ("default", "assemblable")
 ASSEMBLIES = ((("vgg", ("cat", "dog")), ("resnet20", ("airplane", "ship"))),
               (("vgg", common.FIVE_A), ("resnet20", common.FIVE_B)))
@@ -110,7 +110,10 @@ def recipe_rows(src: Source, tasks, recipes, log) -> tuple[list[dict], dict]:
                    "goal": acc >= s_acc - 0.01 - 1e-9 and macs <= 0.5 + 1e-9,
                    "cost": None if res is None else res.cost_ratio,
                    "scored": None if res is None else res.scored,
-                   "met": None if res is None else res.met}
+                   "met": None if res is None else res.met,
+                   # the chosen candidate on the calibration images the fit did not use
+                   "calib": None if res is None else
+                   100 * (res.candidate.accuracy - res.source_accuracy)}
             rows.append(row)
             made[(tuple(task), recipe)] = comp
             log(f"[{src.name} seed {src.seed}] {row['task']} {recipe}: {acc:.2%} "
@@ -121,10 +124,11 @@ def recipe_rows(src: Source, tasks, recipes, log) -> tuple[list[dict], dict]:
 def recipe_table(rows) -> str:
     body = [[r["task"], r["recipe"], f"{r['acc']:.2%}", f"{r['delta']:+.2f}",
              f"{r['params']:.1%}", f"{r['macs']:.1%}", f"{r['seconds']:.0f}",
+             "-" if r["calib"] is None else f"{r['calib']:+.2f}",
              "-" if r["cost"] is None else f"{r['cost']:.1f}x ({r['scored']})",
              "yes" if r["goal"] else "no"] for r in rows]
     return tabulate(body, headers=["task", "recipe", "test acc", "delta pts", "params", "MACs",
-                                   "seconds", "search cost (scored)", "goal"],
+                                   "seconds", "calib delta", "search cost (scored)", "goal"],
                     tablefmt="github", disable_numparse=True)
 
 

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how components are made: default (searched thresholds + layer "
                         "reconstruction, needs calibration images), mda (as published), "
                         "reference (the authors' code's masks), mda+norms, mda+reconstruct, "
-                        "searched+norms (default: default)")
+                        "searched+norms, assemblable, cost-aware (default: default)")
     common.add_thresholds(p)
     g = p.add_argument_group(
         "budget and calibration (training-free)",
@@ -53,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strict", action="store_true",
                    help="a budget a task cannot meet is an error and no component is written "
                         "(default: write its best candidate with a warning)")
+    g.add_argument("--cost-exponent", type=common.non_negative, metavar="G",
+                   help="conv thresholds times (MACs per input channel / their geometric "
+                        "mean)^G, so channels of costly high-resolution layers go first "
+                        "(default: the recipe's; 0 = MDA as published; cost-aware: 0.5)")
     g.add_argument("--reestimate-norms", action="store_true",
                    help="also re-estimate BatchNorm statistics of each component on "
                         "calibration images of every class (forward passes only)")
@@ -100,6 +104,11 @@ def _recipe(args):
 
         recipe = dataclasses.replace(recipe, budget=Budget(args.max_drop, args.max_params,
                                                            args.max_macs))
+    if args.cost_exponent is not None:
+        if recipe.locate == "reference" and args.cost_exponent:
+            raise common.UsageError("--cost-exponent: the reference recipe reproduces the "
+                                    "authors' masks and takes none")
+        recipe = dataclasses.replace(recipe, cost_exponent=args.cost_exponent)
     return recipe
 
 

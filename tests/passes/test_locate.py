@@ -603,3 +603,56 @@ def test_locate_passes_nested_tuples_of_a_barrier_and_keeps_its_input():
     gm, cg, masks = run_locate(_Recurrent().eval(), torch.randn(1, 3, 4, 4), A)
     assert "lstm" in cg.barriers
     assert channel_mask(masks, "conv").all()  # the barrier's input keeps every channel
+
+
+# ----------------------------------------------------------------------------- cost exponent
+
+class TwoResolutions(nn.Module):
+    """c1 at 8x8, c2 at 4x4 (stride 2): one input channel of c1 costs 4*9*64 = 2304 MACs, one
+    of c2 6*9*16 = 864."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.c2(F.relu(self.c1(x)))), 1).flatten(1))
+
+
+def test_channel_costs_and_multipliers_by_hand():
+    from mdafx.passes.locate import channel_costs, cost_multipliers
+
+    gm = trace(TwoResolutions(), torch.randn(1, 3, 8, 8))
+    assert channel_costs(gm) == {"c1": 2304, "c2": 864}
+    assert cost_multipliers(gm, 0.0) == {}
+    m = cost_multipliers(gm, 1.0)       # (c / sqrt(2304 * 864))^1, geometric mean 1
+    assert m["c1"] == pytest.approx((2304 / 864) ** 0.5) and m["c2"] == pytest.approx(
+        (864 / 2304) ** 0.5)
+    assert cost_multipliers(gm, 0.5)["c1"] == pytest.approx((2304 / 864) ** 0.25)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
+def test_cost_exponent_scales_each_conv_layers_thresholds(gamma):
+    """A conv's input mask is the dense rule at α·m, β·m of that layer (m from its channel
+    cost), given the output mask the walk reached; linear layers keep α, β."""
+    from mdafx.passes.locate import cost_multipliers
+
+    torch.manual_seed(0)
+    K = 2
+    A = {"c1": torch.rand(K, 4, 3, 3, 3).sum((3, 4)), "c2": torch.rand(K, 6, 4),
+         "fc": torch.rand(K, 2, 6)}
+    t = Thresholds(0.5, 0.4, 0.4, 0.3, cost_exponent=gamma)
+    gm, cg, masks = run_locate(TwoResolutions(), torch.randn(1, 3, 8, 8), A, t)
+    m = cost_multipliers(gm, gamma)
+    mult = m.get("c2", 1.0)           # (c1's input is the image: every channel is kept)
+    want = weighted_input_mask(A["c2"], channel_mask(masks, "c2"), 1,
+                               t.conv_alpha * mult, t.conv_beta * mult)
+    assert torch.equal(channel_mask(masks, "relu"), want), gamma
+    want_fc = weighted_input_mask(A["fc"], torch.eye(K, dtype=torch.bool), 1, 0.4, 0.3)
+    assert torch.equal(channel_mask(masks, "flatten"), want_fc)
+    if gamma:   # the exponent changes what c2 keeps here (this test would pass vacuously else)
+        _, _, plain = run_locate(TwoResolutions(), torch.randn(1, 3, 8, 8), A,
+                                 Thresholds(0.5, 0.4, 0.4, 0.3))
+        assert not torch.equal(channel_mask(masks, "relu"), channel_mask(plain, "relu"))
