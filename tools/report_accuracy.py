@@ -107,7 +107,9 @@ def recipe_rows(src: Source, tasks, recipes, log) -> tuple[list[dict], dict]:
             row = {"model": src.name, "task": common.task_label(task), "recipe": recipe,
                    "n": n, "source": s_acc, "acc": acc, "delta": 100 * (acc - s_acc),
                    "params": comp.params / src.params, "macs": macs, "seconds": seconds,
-                   "goal": acc >= s_acc - 0.01 - 1e-9 and macs <= 0.5 + 1e-9,
+                   # both accuracies are float32 means (0.937 is 0.93699998): a slack of 1e-6,
+                   # far below one test image (5e-4 of 2000), keeps an exact -1.00 within 1 point
+                   "goal": acc >= s_acc - 0.01 - 1e-6 and macs <= 0.5 + 1e-9,
                    "cost": None if res is None else res.cost_ratio,
                    "scored": None if res is None else res.scored,
                    "met": None if res is None else res.met,
