@@ -118,11 +118,11 @@ def disassemble(gm: fx.GraphModule, profile: Profile, task: Sequence[Any], *,
     """The component of ``task`` made by ``recipe`` (a name in :data:`RECIPES` or a Recipe);
     ``thresholds`` are the base of its thresholds (searched recipes multiply them), ``budget``
     replaces the recipe's, and so does ``cost_exponent`` (γ of :class:`Thresholds`: the recipe
-    sets it, whatever ``thresholds`` holds). Its metadata records the recipe, params, MACs and, when calibration
-    images were used, its and the source's accuracy on them; with a search, ``component.search``
-    is the explored trade-off (``SearchResult``). ``calibration=None`` with a recipe that needs
-    images: the split ``analyse`` held out (``calibration_split(profile)``), as ``mdafx
-    disassemble`` does without ``--calibrate``."""
+    sets it, whatever ``thresholds`` holds). Its metadata records the recipe, params, MACs and,
+    when calibration images were used, its and the source's accuracy on them; with a search,
+    ``component.search`` is the explored trade-off (``SearchResult``). ``calibration=None``
+    with a recipe that needs images: the split ``analyse`` held out
+    (``calibration_split(profile)``), as ``mdafx disassemble`` does without ``--calibrate``."""
     if isinstance(recipe, str):
         if recipe not in RECIPES:
             raise PreconditionError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")

@@ -11,10 +11,11 @@ masks are propagated backwards over the graph, from ``M^c = onehot(c)`` on the l
       N^c[i]   = Σ_o M^c[o] · B^c[o,i]
       M'^c[i]  = 1[minmax_i(N^c)[i] > β]         (the mask of the layer's input tensor)
 
-  with ``minmax(v) = (v − min v)/(max v − min v + ε)``, ε = 1e-5. A constant vector has no spread
-  to normalise: mdafx defines its min-max as 1 where it is positive and 0 elsewhere (the formula
-  would give 0 everywhere and silently drop, e.g., every input of a depthwise conv, whose output
-  channel sees exactly one input).
+  with ``minmax(v) = (v − min v)/(max v − min v + ε)``, ε = 1e-5 (with a cost exponent γ > 0,
+  a conv layer's α and β are first multiplied by its cost factor, :class:`Thresholds`). A
+  constant vector has no spread to normalise: mdafx defines its min-max as 1 where it is
+  positive and 0 elsewhere (the formula would give 0 everywhere and silently drop, e.g., every
+  input of a depthwise conv, whose output channel sees exactly one input).
 * ops that move channels (rules with ``mask=BY_ID``: activations, BN, pooling, view/flatten, cat,
   split, permute, ...): an input position matters for class c iff some output position holding the
   same channel id does (so a flattened feature's channel matters if any of its features does,
@@ -59,8 +60,8 @@ LOCATE_CHUNK_BYTES: int = 16 * 2**20
 class Thresholds:
     """α (relative contribution) and β (input-channel score) per layer type; MDA's defaults.
 
-    ``cost_exponent`` γ (0 = MDA as published) makes the conv thresholds of each layer ℓ grow with
-    what one of its input channels costs (:func:`channel_costs`)::
+    ``cost_exponent`` γ (0 = MDA as published) makes the conv thresholds of each layer ℓ grow
+    with what one of its input channels costs (:func:`channel_costs`)::
 
         α_ℓ = α_conv · (c_ℓ / G)^γ,   β_ℓ = β_conv · (c_ℓ / G)^γ
 
@@ -222,8 +223,8 @@ def _reduce_to(mask_1d: torch.Tensor, in_ids: torch.Tensor, axis: int) -> torch.
 
 def channel_costs(gm: fx.GraphModule) -> dict[str, int]:
     """``c_ℓ`` per conv layer key: the multiply-accumulates one of its input channels costs per
-    image, ``(O / g) · Πk · P`` for a weight ``[O, I/g, *k]`` and ``P`` output positions (from the
-    node's ``tensor_meta``; a layer without one is left out)."""
+    image, ``(O / g) · Πk · P`` for a weight ``[O, I/g, *k]`` and ``P`` output positions (from
+    the node's ``tensor_meta``; a layer without one is left out)."""
     costs = {}
     for node in gm.graph.nodes:
         rule = lookup(node, gm) if node.op in ("call_module", "call_function") else None
