@@ -43,6 +43,7 @@ class Recipe:
     budget: Budget | None = None        # None: the given thresholds
     recovery: Recovery = Recovery()
     cost_exponent: float = 0.0          # γ of Thresholds: conv thresholds grow with channel cost
+    cost_exponents: tuple[float, ...] = ()  # γ values searched instead (:func:`disassemble`)
 
     @property
     def needs_calibration(self) -> bool:
@@ -81,6 +82,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("cost-aware", "the default with conv thresholds growing with what a channel costs "
            "(cost exponent 0.5): high-resolution layers give up channels first",
            budget=GOAL, recovery=Recovery(reconstruct=True), cost_exponent=COST_EXPONENT),
+    Recipe("cost-searched", "the default and cost-aware searches both, on the same calibration "
+           "images: the more accurate choice wins (ties: more MACs)",
+           budget=GOAL, recovery=Recovery(reconstruct=True),
+           cost_exponents=(0.0, COST_EXPONENT)),
 )}
 
 
@@ -109,6 +114,18 @@ def first_per_class(dataset, indices: Sequence[int], per_class: int) -> list[int
     return out
 
 
+def _most_accurate(results: list) -> Any:
+    """Of searches run on the same task, calibration split and seed (so scored on the same
+    images), the one whose choice is more accurate there; ties: more MACs, then the first. With
+    an accuracy budget, the smaller of those that met it, else the more accurate."""
+    if len(results) == 1:
+        return results[0]
+    if results[0].budget.max_acc_drop is not None:
+        return min(results, key=lambda r: (0, r.candidate.macs) if r.met
+                   else (1, -r.candidate.accuracy))
+    return max(results, key=lambda r: (r.candidate.accuracy, r.candidate.macs))
+
+
 def disassemble(gm: fx.GraphModule, profile: Profile, task: Sequence[Any], *,
                 recipe: str | Recipe = "default", thresholds: Thresholds = Thresholds(),
                 budget: Budget | None = None, cost_exponent: float | None = None,
@@ -130,10 +147,14 @@ def disassemble(gm: fx.GraphModule, profile: Profile, task: Sequence[Any], *,
     if budget is not None:
         recipe = dataclasses.replace(recipe, budget=budget)
     if cost_exponent is not None:
-        recipe = dataclasses.replace(recipe, cost_exponent=float(cost_exponent))
-    if recipe.cost_exponent and recipe.locate == "reference":
+        recipe = dataclasses.replace(recipe, cost_exponent=float(cost_exponent),
+                                     cost_exponents=())
+    if (recipe.cost_exponent or recipe.cost_exponents) and recipe.locate == "reference":
         raise PreconditionError("the reference recipe reproduces the authors' masks: it takes "
                                 "no cost exponent")
+    if recipe.cost_exponents and not recipe.needs_calibration:
+        raise PreconditionError(f"recipe {recipe.name}: choosing among cost exponents needs "
+                                "calibration images (a budget or a recovery step)")
     thresholds = dataclasses.replace(thresholds, cost_exponent=recipe.cost_exponent)
     am = am or source_analyses(gm, profile)
     if recipe.locate == "reference":
@@ -146,11 +167,13 @@ def disassemble(gm: fx.GraphModule, profile: Profile, task: Sequence[Any], *,
         dataset, indices = calibration or _held_out_split(profile, recipe)
         norm_idx = first_per_class(dataset, indices, norm_images) if recipe.recovery.norms \
             else None
-        res = search_thresholds(
+        exponents = recipe.cost_exponents or (recipe.cost_exponent,)
+        res = _most_accurate([search_thresholds(
             gm, profile, task, dataset, indices, recipe.budget or Budget(max_acc_drop=100.0),
             recovery=recipe.recovery, norm_indices=norm_idx,
-            scales=None if recipe.budget is not None else (1.0,), base=thresholds,
-            source=source, progress=progress, am=am)
+            scales=None if recipe.budget is not None else (1.0,),
+            base=dataclasses.replace(thresholds, cost_exponent=float(g)),
+            source=source, progress=progress, am=am) for g in exponents])
         comp = res.component
         comp.metadata["calibration"] = {"images": res.calib_images,
                                         "accuracy": res.candidate.accuracy,
@@ -164,6 +187,7 @@ def disassemble(gm: fx.GraphModule, profile: Profile, task: Sequence[Any], *,
         comp = cut(gm, profile, task, thresholds=thresholds, source=source, am=am)
     comp.metadata.update(recipe={"name": recipe.name, "locate": recipe.locate,
                                  "cost_exponent": recipe.cost_exponent,
+                                 "cost_exponents": list(recipe.cost_exponents),
                                  "budget": None if recipe.budget is None else
                                  vars(recipe.budget).copy(),
                                  "recovery": vars(recipe.recovery).copy()},

@@ -101,3 +101,20 @@ def test_the_recipe_sets_the_cost_exponent_and_the_caller_can_replace_it():
     assert ours.metadata["recipe"]["cost_exponent"] == 1.0
     with pytest.raises(PreconditionError, match="reference"):
         disassemble(gm, prof, TASK, recipe="reference", cost_exponent=0.5)
+
+
+def test_cost_searched_takes_the_more_accurate_of_both_searches():
+    """Both searches score on the same calibration images; the winner is the more accurate
+    (ties: more MACs), and its γ is what the component's thresholds record."""
+    gm, prof, train, _, calib, _ = setup()
+    both = {name: disassemble(gm, prof, TASK, recipe=name, calibration=(train, calib))
+            for name in ("default", "cost-aware", "cost-searched")}
+    acc = {n: c.metadata["calibration"]["accuracy"] for n, c in both.items()}
+    macs = {n: c.metadata["macs"] for n, c in both.items()}
+    want = max(("default", "cost-aware"), key=lambda n: (acc[n], macs[n]))
+    assert (acc["cost-searched"], macs["cost-searched"]) == (acc[want], macs[want])
+    assert both["cost-searched"].metadata["thresholds"]["cost_exponent"] == \
+        both[want].metadata["thresholds"]["cost_exponent"]
+    with pytest.raises(PreconditionError, match="calibration images"):
+        disassemble(gm, prof, TASK, recipe=dataclasses.replace(
+            RECIPES["cost-searched"], budget=None, recovery=Recovery()))

@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how components are made: default (searched thresholds + layer "
                         "reconstruction, needs calibration images), mda (as published), "
                         "reference (the authors' code's masks), mda+norms, mda+reconstruct, "
-                        "searched+norms, assemblable, cost-aware (default: default)")
+                        "searched+norms, assemblable, cost-aware, cost-searched "
+                        "(default: default)")
     common.add_thresholds(p)
     g = p.add_argument_group(
         "budget and calibration (training-free)",
