@@ -45,6 +45,18 @@ class Recipe:
     cost_exponent: float = 0.0          # γ of Thresholds: conv thresholds grow with channel cost
     cost_exponents: tuple[float, ...] = ()  # γ values searched instead (:func:`disassemble`)
 
+    def __post_init__(self) -> None:
+        if (self.cost_exponent or self.cost_exponents) and self.locate == "reference":
+            raise PreconditionError("the reference recipe reproduces the authors' masks: it "
+                                    "takes no cost exponent")
+        if self.cost_exponents and not self.needs_calibration:
+            raise PreconditionError(f"recipe {self.name}: choosing among cost exponents needs "
+                                    "calibration images (a budget or a recovery step)")
+
+    def with_cost_exponent(self, exponent: float) -> "Recipe":
+        """This recipe at one fixed γ (no γ searched)."""
+        return dataclasses.replace(self, cost_exponent=float(exponent), cost_exponents=())
+
     @property
     def needs_calibration(self) -> bool:
         return self.budget is not None or self.recovery != Recovery()
@@ -147,14 +159,7 @@ def disassemble(gm: fx.GraphModule, profile: Profile, task: Sequence[Any], *,
     if budget is not None:
         recipe = dataclasses.replace(recipe, budget=budget)
     if cost_exponent is not None:
-        recipe = dataclasses.replace(recipe, cost_exponent=float(cost_exponent),
-                                     cost_exponents=())
-    if (recipe.cost_exponent or recipe.cost_exponents) and recipe.locate == "reference":
-        raise PreconditionError("the reference recipe reproduces the authors' masks: it takes "
-                                "no cost exponent")
-    if recipe.cost_exponents and not recipe.needs_calibration:
-        raise PreconditionError(f"recipe {recipe.name}: choosing among cost exponents needs "
-                                "calibration images (a budget or a recovery step)")
+        recipe = recipe.with_cost_exponent(cost_exponent)
     thresholds = dataclasses.replace(thresholds, cost_exponent=recipe.cost_exponent)
     am = am or source_analyses(gm, profile)
     if recipe.locate == "reference":

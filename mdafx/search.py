@@ -53,8 +53,9 @@ constraint (by MACs, then parameters); with only size budgets it is the largest 
 within them unless a smaller one is significantly more accurate on the same images (a paired
 test, :func:`significantly_better`: differences of a few images are noise, and the larger
 component is the safer bet on new images); candidates within :data:`EQUALLY_LARGE` of the
-largest's MACs fraction count as equally large, and the most accurate of them is "the largest". When no candidate meets the budget, the same rule
-picks the one returned, with ``met=False`` and a message saying so.
+largest's MACs fraction count as equally large, and the most accurate of them is "the largest".
+When no candidate meets the budget, the same rule picks the one returned, with ``met=False`` and
+a message saying so.
 
 Norm re-estimation (``reestimate=True``, passes/reestimate_norms.py) uses images of *every*
 class the caller passes (by default all of ``calib_indices``), not only the task's: the
@@ -812,7 +813,7 @@ def _largest_unless_beaten(ids: Sequence[int], candidates: list[Candidate],
     are summed over ``ranks``, so every rank makes the same choice."""
     order = sorted(ids, key=lambda i: (candidates[i].macs, candidates[i].params, i))
     top = candidates[order[-1]].macs_frac
-    band = [i for i in order if candidates[i].macs_frac >= top - EQUALLY_LARGE]
+    band = {i for i in order if candidates[i].macs_frac >= top - EQUALLY_LARGE}
     reference = max(band, key=lambda i: (candidates[i].accuracy, candidates[i].macs,
                                          candidates[i].params, i))
     beaten = []

@@ -224,25 +224,26 @@ def _reduce_to(mask_1d: torch.Tensor, in_ids: torch.Tensor, axis: int) -> torch.
 def channel_costs(gm: fx.GraphModule) -> dict[str, int]:
     """``c_ℓ`` per conv layer key: the multiply-accumulates one of its input channels costs per
     image, ``(O / g) · Πk · P`` for a weight ``[O, I/g, *k]`` and ``P`` output positions (from
-    the node's ``tensor_meta``; a layer without one is left out)."""
-    costs = {}
+    the node's ``tensor_meta``; a layer without one is left out), summed over the nodes that
+    call the layer (as its contributions are)."""
+    costs: dict[str, int] = {}
     for node in gm.graph.nodes:
-        rule = lookup(node, gm) if node.op in ("call_module", "call_function") else None
-        if rule is None or rule.mask != WEIGHTED:
-            continue
         layer = weighted_layer(node, gm)
         meta = node.meta.get("tensor_meta")
         if layer is None or layer.kind != "conv" or not hasattr(meta, "shape"):
             continue
         w = layer.weight.shape
-        costs[layer.key] = (int(w[0]) // layer.groups * math.prod(int(k) for k in w[2:])
-                            * math.prod(int(d) for d in meta.shape[2:]))
+        costs[layer.key] = costs.get(layer.key, 0) + (
+            int(w[0]) // layer.groups * math.prod(int(k) for k in w[2:])
+            * math.prod(int(d) for d in meta.shape[2:]))
     return costs
 
 
 def cost_multipliers(gm: fx.GraphModule, exponent: float) -> dict[str, float]:
     """``(c_ℓ / G)^γ`` per conv layer key (:class:`Thresholds`); empty for γ = 0."""
-    costs = {k: c for k, c in channel_costs(gm).items() if c > 0} if exponent else {}
+    if not exponent:
+        return {}
+    costs = {k: c for k, c in channel_costs(gm).items() if c > 0}
     if not costs:
         return {}
     log_mean = sum(math.log(c) for c in costs.values()) / len(costs)
@@ -294,9 +295,8 @@ def locate_masks(gm: fx.GraphModule, cg: ChannelGraph,
                 in_mask = _full(in_ids, K)
             else:
                 alpha, beta = thresholds.for_kind(layer.kind)
-                if layer.kind == "conv":
-                    m = multipliers.get(layer.key, 1.0)
-                    alpha, beta = alpha * m, beta * m
+                m = multipliers.get(layer.key, 1.0)          # conv layers only, 1 for γ = 0
+                alpha, beta = alpha * m, beta * m
                 want = (K, layer.weight.shape[0], layer.weight.shape[1])
                 if tuple(A.shape) != want:
                     raise PreconditionError(

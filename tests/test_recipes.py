@@ -118,3 +118,22 @@ def test_cost_searched_takes_the_more_accurate_of_both_searches():
     with pytest.raises(PreconditionError, match="calibration images"):
         disassemble(gm, prof, TASK, recipe=dataclasses.replace(
             RECIPES["cost-searched"], budget=None, recovery=Recovery()))
+
+
+def test_most_accurate_of_searches_by_hand():
+    """Size budget: the more accurate choice, ties to more MACs; accuracy budget: the smallest
+    that met it, else the most accurate; a fixed γ replaces the searched ones."""
+    from types import SimpleNamespace as NS
+
+    from mdafx.recipes import _most_accurate
+
+    def res(acc, macs, met=True, drop=None):
+        return NS(candidate=NS(accuracy=acc, macs=macs), met=met,
+                  budget=Budget(max_acc_drop=drop, max_macs_frac=0.5))
+
+    a, b = res(0.90, 10), res(0.90, 12)
+    assert _most_accurate([a, b]) is b and _most_accurate([res(0.91, 10), b]).candidate.macs == 10
+    small, big, unmet = res(0.80, 5, drop=1.0), res(0.95, 9, drop=1.0), res(0.99, 3, False, 1.0)
+    assert _most_accurate([big, unmet, small]) is small
+    assert _most_accurate([res(0.7, 3, False, 1.0), unmet]) is unmet
+    assert RECIPES["cost-searched"].with_cost_exponent(0.5).cost_exponents == ()

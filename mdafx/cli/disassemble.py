@@ -106,10 +106,12 @@ def _recipe(args):
         recipe = dataclasses.replace(recipe, budget=Budget(args.max_drop, args.max_params,
                                                            args.max_macs))
     if args.cost_exponent is not None:
-        if recipe.locate == "reference" and args.cost_exponent:
-            raise common.UsageError("--cost-exponent: the reference recipe reproduces the "
-                                    "authors' masks and takes none")
-        recipe = dataclasses.replace(recipe, cost_exponent=args.cost_exponent)
+        from mdafx.errors import PreconditionError
+
+        try:
+            recipe = recipe.with_cost_exponent(args.cost_exponent)
+        except PreconditionError as e:
+            raise common.UsageError(f"--cost-exponent: {e}") from None
     return recipe
 
 
