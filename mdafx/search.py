@@ -218,6 +218,7 @@ class Candidate:
     macs_frac: float
     channels_kept: int
     accuracy: float | None = None   # task accuracy on the calibration images, 0..1
+    loss: float | None = None       # mean cross-entropy (nats) of the task logits there
     acc_drop: float | None = None   # source accuracy - accuracy, in percentage points
     meets: bool | None = None       # None: not scored (it could not have been chosen)
     same_as: int | None = None      # index of an earlier candidate with the same kept channels
@@ -566,21 +567,25 @@ def _search(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
     mine = ranks.shard(range(len(x_score)), batch_size)
 
     hits: dict[int, torch.Tensor] = {}  # candidate -> its right answers on this rank's images
+    losses: dict[int, float] = {}       # candidate -> its mean cross-entropy on x_score
 
     def task_accuracy(module: torch.nn.Module, what: str, logit_index=None,
                       record: int | None = None) -> float:
-        def local() -> torch.Tensor:
+        def local() -> tuple[torch.Tensor, torch.Tensor]:
             x = x_score if ranks.world == 1 else x_score[mine]
             logits = logits_of(module, x, batch_size, what=what)
             if logit_index is not None and len(logits):
                 logits = logits[:, logit_index]
             if not len(logits):  # an empty shard
-                return torch.zeros(0, dtype=torch.bool)
-            return logits.argmax(1) == (targets if ranks.world == 1 else targets[mine])
+                return torch.zeros(0, dtype=torch.bool), torch.zeros((), dtype=torch.float64)
+            y = targets if ranks.world == 1 else targets[mine]
+            nll = torch.nn.functional.cross_entropy(logits.double(), y, reduction="sum")
+            return logits.argmax(1) == y, nll
 
-        right = ranks.step(f"scoring {what}", local)
+        right, nll = ranks.step(f"scoring {what}", local)
         if record is not None:
             hits[record] = right
+            losses[record] = float(ranks.sum(nll)) / len(x_score)
         return int(ranks.sum(right.sum())) / len(x_score)
 
     t0 = time.perf_counter()
@@ -658,6 +663,7 @@ def _search(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
         _recover(gm, comp, plans[i], cg, recovery, norm_x, fit_x, batch_size, seed,
                  f"{source}-search-{i}")
         c.accuracy = task_accuracy(comp.module, "a candidate component", record=i)
+        c.loss = losses[i]
         c.acc_drop = 100.0 * (source_acc - c.accuracy)
         c.meets = budget.meets(c.acc_drop, c.params_frac, c.macs_frac)
         scored += 1
@@ -705,6 +711,7 @@ def _search(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
         if c.same_as is not None and candidates[c.same_as].accuracy is not None:
             first = candidates[c.same_as]
             c.accuracy, c.acc_drop, c.meets = first.accuracy, first.acc_drop, first.meets
+            c.loss = first.loss
 
     scored_ids = [i for i in distinct if candidates[i].accuracy is not None]
     meeting = [i for i in scored_ids if candidates[i].meets]

@@ -54,7 +54,8 @@ def test_negatives_make_the_component_follow_the_source_off_its_task():
     target = logits_of(gm, x)[:, TASK]
     error = {}
     for name in ("default", "assemblable"):
-        recipe = dataclasses.replace(RECIPES[name], budget=None)   # the given thresholds
+        # the given thresholds, one γ: the two differ by the negatives only
+        recipe = dataclasses.replace(RECIPES[name], budget=None).with_cost_exponent(0.0)
         comp = disassemble(gm, prof, TASK, recipe=recipe, calibration=(train, calib),
                            thresholds=Thresholds().scaled(2.0))
         error[name] = float((logits_of(comp.module, x) - target).pow(2).mean())
@@ -103,37 +104,42 @@ def test_the_recipe_sets_the_cost_exponent_and_the_caller_can_replace_it():
         disassemble(gm, prof, TASK, recipe="reference", cost_exponent=0.5)
 
 
-def test_cost_searched_takes_the_more_accurate_of_both_searches():
+def test_default_takes_the_more_accurate_of_both_searches():
     """Both searches score on the same calibration images; the winner is the more accurate
-    (ties: more MACs), and its γ is what the component's thresholds record."""
+    (ties: the lower loss there), and its γ is what the component's thresholds record."""
     gm, prof, train, _, calib, _ = setup()
     both = {name: disassemble(gm, prof, TASK, recipe=name, calibration=(train, calib))
-            for name in ("default", "cost-aware", "cost-searched")}
-    acc = {n: c.metadata["calibration"]["accuracy"] for n, c in both.items()}
-    macs = {n: c.metadata["macs"] for n, c in both.items()}
-    want = max(("default", "cost-aware"), key=lambda n: (acc[n], macs[n]))
-    assert (acc["cost-searched"], macs["cost-searched"]) == (acc[want], macs[want])
-    assert both["cost-searched"].metadata["thresholds"]["cost_exponent"] == \
+            for name in ("searched+reconstruct", "cost-aware", "default")}
+    seen = {n: c.metadata["calibration"] for n, c in both.items()}
+    want = max(("searched+reconstruct", "cost-aware"),
+               key=lambda n: (seen[n]["accuracy"], -seen[n]["loss"]))
+    assert seen["default"] == seen[want]
+    assert both["default"].metadata["macs"] == both[want].metadata["macs"]
+    assert both["default"].metadata["thresholds"]["cost_exponent"] == \
         both[want].metadata["thresholds"]["cost_exponent"]
     with pytest.raises(PreconditionError, match="calibration images"):
         disassemble(gm, prof, TASK, recipe=dataclasses.replace(
-            RECIPES["cost-searched"], budget=None, recovery=Recovery()))
+            RECIPES["default"], budget=None, recovery=Recovery()))
 
 
 def test_most_accurate_of_searches_by_hand():
-    """Size budget: the more accurate choice, ties to more MACs; accuracy budget: the smallest
-    that met it, else the most accurate; a fixed γ replaces the searched ones."""
+    """Size budget: the more accurate choice, ties to the lower calibration loss, then more
+    MACs; accuracy budget: the smallest that met it, else the most accurate; a fixed γ
+    replaces the searched ones."""
     from types import SimpleNamespace as NS
 
     from mdafx.recipes import _most_accurate
 
-    def res(acc, macs, met=True, drop=None):
-        return NS(candidate=NS(accuracy=acc, macs=macs), met=met,
+    def res(acc, macs, met=True, drop=None, loss=0.3):
+        return NS(candidate=NS(accuracy=acc, macs=macs, loss=loss), met=met,
                   budget=Budget(max_acc_drop=drop, max_macs_frac=0.5))
 
     a, b = res(0.90, 10), res(0.90, 12)
     assert _most_accurate([a, b]) is b and _most_accurate([res(0.91, 10), b]).candidate.macs == 10
+    sure = res(0.90, 10, loss=0.2)
+    assert _most_accurate([b, sure]) is sure and _most_accurate([sure, b]) is sure
+    assert _most_accurate([res(0.89, 12, loss=0.01), sure]) is sure   # accuracy first
     small, big, unmet = res(0.80, 5, drop=1.0), res(0.95, 9, drop=1.0), res(0.99, 3, False, 1.0)
     assert _most_accurate([big, unmet, small]) is small
     assert _most_accurate([res(0.7, 3, False, 1.0), unmet]) is unmet
-    assert RECIPES["cost-searched"].with_cost_exponent(0.5).cost_exponents == ()
+    assert RECIPES["default"].with_cost_exponent(0.5).cost_exponents == ()

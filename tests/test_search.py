@@ -119,8 +119,14 @@ def test_meets_accuracy_budget_on_calibration():
     x, y = next(iter(train.batches(len(idx), idx)))
     pos = torch.tensor([TASK.index(int(v)) for v in y])
     with torch.no_grad():
-        acc = float((res.component.module(x).argmax(1) == pos).float().mean())
+        logits = res.component.module(x)
+    acc = float((logits.argmax(1) == pos).float().mean())
     assert acc == pytest.approx(res.candidate.accuracy)
+    # ... and its loss: the mean cross-entropy of the task logits (the fit and score images
+    # are the same here: no reconstruction)
+    loss = float(torch.nn.functional.cross_entropy(logits.double(), pos))
+    assert res.candidate.loss == pytest.approx(loss, rel=1e-5)
+    assert all((c.loss is None) == (c.accuracy is None) for c in res.candidates)
     assert res.calib_images == len(idx)
     assert res.component.classes == TASK
     assert res.component.metadata["search"]["met"] is True

@@ -45,8 +45,8 @@ from mdafx.evaluation import predict, task_accuracy  # noqa: E402
 from mdafx.passes.channel_groups import ChannelGroups  # noqa: E402
 from mdafx.passes.prune_channels import TaskPlan  # noqa: E402
 
-RECIPE_ORDER = ("mda", "reference", "mda+norms", "mda+reconstruct", "searched+norms", "default",
-                "cost-aware", "cost-searched", "assemblable")
+RECIPE_ORDER = ("mda", "reference", "mda+norms", "mda+reconstruct", "searched+norms",
+                "searched+reconstruct", "cost-aware", "default", "assemblable")
 ASSEMBLY_RECIPES = ("default", "assemblable")
 ASSEMBLIES = ((("vgg", ("cat", "dog")), ("resnet20", ("airplane", "ship"))),
               (("vgg", common.FIVE_A), ("resnet20", common.FIVE_B)))

@@ -4,7 +4,9 @@ By a recipe (``--recipe``, ``mdafx.recipes.RECIPES``): ``default`` searches the 
 the best component within 50% of the source's MACs (the largest candidate unless a smaller one
 scores significantly higher, ``mdafx.search``), every candidate refitted in closed form on the
 profile's calibration split (``--max-drop`` asks for the smallest component within that many
-points instead); ``mda`` is the published method at fixed thresholds. Tasks are independent:
+points instead), once with MDA's per-layer thresholds and once cost-aware (``--cost-exponent``),
+keeping the more accurate on calibration images; ``mda`` is the published method at fixed
+thresholds. Tasks are independent:
 a budget one task cannot meet gives that task its best candidate with a ``warning:`` line,
 unless ``--strict``. Every component calibrated on images is scored per class next to its
 source; a class it never predicts, or an accuracy far below the source's, is a loud warning
@@ -57,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cost-exponent", type=common.non_negative, metavar="G",
                    help="conv thresholds times (MACs per input channel / their geometric "
                         "mean)^G, so channels of costly high-resolution layers go first "
-                        "(default: the recipe's; 0 = MDA as published; cost-aware: 0.5)")
+                        "(default: the recipe's; 0 = MDA as published; cost-aware: 0.5; "
+                        "default: the better of 0 and 0.5 on calibration images)")
     g.add_argument("--reestimate-norms", action="store_true",
                    help="also re-estimate BatchNorm statistics of each component on "
                         "calibration images of every class (forward passes only)")
