@@ -164,6 +164,9 @@ def test_report_accuracy_rows(cifar_subset, sources, monkeypatch, tmp_path):
         assert r["delta"] == pytest.approx(100 * (r["acc"] - r["source"]))
         assert r["goal"] == (r["delta"] >= -1.0 - 1e-7 and r["macs"] <= 0.5 + 1e-9)
     assert rows[-1]["cost"] > 0 and rows[-1]["scored"] >= 1       # the default searches
+    gamma = {r["recipe"]: r["gamma"] for r in rows}               # the γ each component used
+    assert gamma["mda"] == gamma["searched+reconstruct"] == 0.0 and gamma["cost-aware"] == 0.5
+    assert gamma["default"] in (0.0, 0.5) and gamma["reference"] == 0.0
     assert "{cat, dog}" in ra.recipe_table(rows)
     weighted = [n for n in src.gm.graph.nodes if n.op == "call_module" and isinstance(
         src.gm.get_submodule(n.target), (torch.nn.Conv2d, torch.nn.Linear))]
