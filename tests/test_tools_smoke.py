@@ -173,3 +173,30 @@ def test_report_accuracy_rows(cifar_subset, sources, monkeypatch, tmp_path):
     diag = ra.diagnosis_table(src, ("cat", "dog")).splitlines()
     assert len(diag) == 2 + len(weighted)                         # header, rule, one per layer
     assert [line.split("|")[1].strip() for line in diag[2:]] == [n.name for n in weighted]
+
+
+def test_report_accuracy_assembly_rows(cifar_subset, sources, monkeypatch, tmp_path):
+    """The assembly table: three calibrations per recipe and per assembly, plus the same rows
+    for components cut at zero thresholds (CEILING), which keep at least as many params."""
+    train_ds, sel, cal, test_ds, names = cifar_subset
+    monkeypatch.setenv("MDAFX_CACHE", str(tmp_path))
+
+    class Split:
+        labels = train_ds.labels.numpy()
+        class_names = names
+
+    monkeypatch.setattr(common, "split_train", lambda labels, frac, seed: (sel, cal))
+    monkeypatch.setattr(ra, "ASSEMBLY_RECIPES", ("mda",))
+    monkeypatch.setattr(ra, "ASSEMBLIES", ((("vgg_t", ("cat", "dog")),
+                                            ("res_t", ("airplane", "ship"))),))
+    srcs = {n: ra.Source(n, m, Split, train_ds, test_ds, seed=0, per_class=3)
+            for n, m in sources.items()}
+    made = {(n, tuple(t), "mda"): ra.make(srcs[n], t, "mda")[0]
+            for n, t in ra.ASSEMBLIES[0]}
+    rows = ra.assembly_rows(srcs, made, lambda _: None)
+    assert [(r[2], r[3]) for r in rows] == [
+        (recipe, variant) for recipe in ("mda", ra.CEILING)
+        for variant in ("none", "MDA scaling", "joint")]
+    assert all(r[1] == 4 and _in_unit(float(r[4].rstrip("%")) / 100) for r in rows)
+    params = [int(r[9].replace(",", "")) for r in rows]
+    assert min(params[3:]) >= max(params[:3])
