@@ -8,8 +8,9 @@ closed-form layer reconstruction). ``RECIPES`` names the ones mdafx measures (RE
 that keep their accuracy"); ``"mda"`` is the method exactly as published, ``"reference"`` the
 authors' code's masks, ``"default"`` the best measured recipe for a component on its own (the
 searched thresholds with closed-form reconstruction, at γ 0 and at ``COST_EXPONENT``, the one
-more accurate on calibration images kept), and ``"assemblable"`` the best measured for
-components that are assembled afterwards.
+more accurate on calibration images kept), also the best measured for components that are
+assembled afterwards; ``"assemblable"`` (refitted on the other classes' images too) was better
+for assembly with γ 0 only and is kept as the measured alternative (README).
 
 Recipes with a budget or recovery need calibration images ``(dataset, indices)``: a split of the
 training data the profile did not select from (``mdafx.profiling.calibration_split``), never the
@@ -99,7 +100,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            budget=GOAL, recovery=Recovery(reconstruct=True),
            cost_exponents=(0.0, COST_EXPONENT)),
     Recipe("assemblable", "the default, refitted also on as many images of the other classes: "
-           "its logits stay the source's off the task, so components assemble",
+           "its logits follow the source's off the task too",
            budget=GOAL, recovery=Recovery(reconstruct=True, negatives=1.0),
            cost_exponents=(0.0, COST_EXPONENT)),
 )}

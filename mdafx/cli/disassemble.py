@@ -35,10 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="directory for one <task>.mdafx per task, or a file for one task")
     p.add_argument("--recipe", default="default", metavar="NAME",
                    help="how components are made: default (searched thresholds + layer "
-                        "reconstruction, needs calibration images), mda (as published), "
-                        "reference (the authors' code's masks), mda+norms, mda+reconstruct, "
-                        "searched+norms, assemblable, cost-aware, cost-searched "
-                        "(default: default)")
+                        "reconstruction, with and without cost exponent, the better kept; "
+                        "needs calibration images), mda (as published), reference (the "
+                        "authors' code's masks), mda+norms, mda+reconstruct, searched+norms, "
+                        "searched+reconstruct, cost-aware, assemblable (default: default)")
     common.add_thresholds(p)
     g = p.add_argument_group(
         "budget and calibration (training-free)",
