@@ -181,13 +181,19 @@ def disassemble(gm: fx.GraphModule, profile: Profile, task: Sequence[Any], *,
         norm_idx = first_per_class(dataset, indices, norm_images) if recipe.recovery.norms \
             else None
         exponents = recipe.cost_exponents or (recipe.cost_exponent,)
-        res = _most_accurate([search_thresholds(
+        results = [search_thresholds(
             gm, profile, task, dataset, indices, recipe.budget or Budget(max_acc_drop=100.0),
             recovery=recipe.recovery, norm_indices=norm_idx,
             scales=None if recipe.budget is not None else (1.0,),
             base=dataclasses.replace(thresholds, cost_exponent=float(g)),
-            source=source, progress=progress, am=am) for g in exponents])
+            source=source, progress=progress, am=am) for g in exponents]
+        res = _most_accurate(results)
         comp = res.component
+        if len(results) > 1:  # what each γ gave, so a user can see why this one was kept
+            comp.metadata["cost_exponent_choice"] = [
+                {"cost_exponent": float(g), "accuracy": r.candidate.accuracy,
+                 "loss": r.candidate.loss, "macs_frac": r.candidate.macs_frac,
+                 "chosen": r is res} for g, r in zip(exponents, results)]
         comp.metadata["calibration"] = {"images": res.calib_images,
                                         "accuracy": res.candidate.accuracy,
                                         "loss": res.candidate.loss,

@@ -891,6 +891,10 @@ def test_default_recipe_and_joint_calibration(ws, pipeline, tmp_path):
     comp = api.load(tmp_path / "cd.mdafx")
     assert comp.metadata["recipe"]["name"] == "default"
     assert comp.metadata["recipe"]["recovery"]["reconstruct"] is True
+    # both cost-exponent searches survive the file: the one kept is the one the thresholds use
+    choice = comp.metadata["cost_exponent_choice"]
+    assert [c["cost_exponent"] for c in choice if c["chosen"]] == \
+        [comp.metadata["thresholds"]["cost_exponent"]]
     out = ok("assemble", tmp_path / "cd.mdafx", "components/frog-cat.mdafx", "--calibrate",
              "data/calib", "-o", tmp_path / "a.mdafx")
     asm = api.load(tmp_path / "a.mdafx")

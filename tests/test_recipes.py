@@ -114,6 +114,12 @@ def test_default_takes_the_more_accurate_of_both_searches():
     want = max(("searched+reconstruct", "cost-aware"),
                key=lambda n: (seen[n]["accuracy"], -seen[n]["loss"]))
     assert seen["default"] == seen[want]
+    choice = both["default"].metadata["cost_exponent_choice"]   # both searches, recorded
+    assert [c["cost_exponent"] for c in choice] == list(RECIPES["default"].cost_exponents)
+    assert sum(c["chosen"] for c in choice) == 1
+    kept = next(c for c in choice if c["chosen"])
+    assert (kept["accuracy"], kept["loss"]) == (seen[want]["accuracy"], seen[want]["loss"])
+    assert "cost_exponent_choice" not in both["cost-aware"].metadata
     assert both["default"].metadata["macs"] == both[want].metadata["macs"]
     assert both["default"].metadata["thresholds"]["cost_exponent"] == \
         both[want].metadata["thresholds"]["cost_exponent"]
