@@ -567,10 +567,10 @@ def _search(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
     mine = ranks.shard(range(len(x_score)), batch_size)
 
     hits: dict[int, torch.Tensor] = {}  # candidate -> its right answers on this rank's images
-    losses: dict[int, float] = {}       # candidate -> its mean cross-entropy on x_score
 
     def task_accuracy(module: torch.nn.Module, what: str, logit_index=None,
-                      record: int | None = None) -> float:
+                      record: int | None = None) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy) of ``module``'s task logits on x_score."""
         def local() -> tuple[torch.Tensor, torch.Tensor]:
             x = x_score if ranks.world == 1 else x_score[mine]
             logits = logits_of(module, x, batch_size, what=what)
@@ -585,11 +585,11 @@ def _search(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
         right, nll = ranks.step(f"scoring {what}", local)
         if record is not None:
             hits[record] = right
-            losses[record] = float(ranks.sum(nll)) / len(x_score)
-        return int(ranks.sum(right.sum())) / len(x_score)
+        return (int(ranks.sum(right.sum())) / len(x_score),
+                float(ranks.sum(nll)) / len(x_score))
 
     t0 = time.perf_counter()
-    source_acc = task_accuracy(gm, "the source model", classes)
+    source_acc, _ = task_accuracy(gm, "the source model", classes)
     floor = time.perf_counter() - t0
     source_params, source_macs = count_params(gm), count_macs(gm)
 
@@ -662,8 +662,7 @@ def _search(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
         bar.update()
         _recover(gm, comp, plans[i], cg, recovery, norm_x, fit_x, batch_size, seed,
                  f"{source}-search-{i}")
-        c.accuracy = task_accuracy(comp.module, "a candidate component", record=i)
-        c.loss = losses[i]
+        c.accuracy, c.loss = task_accuracy(comp.module, "a candidate component", record=i)
         c.acc_drop = 100.0 * (source_acc - c.accuracy)
         c.meets = budget.meets(c.acc_drop, c.params_frac, c.macs_frac)
         scored += 1

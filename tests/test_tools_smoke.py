@@ -163,7 +163,7 @@ def test_report_accuracy_rows(cifar_subset, sources, monkeypatch, tmp_path):
         assert _in_unit(r["acc"]) and _in_unit(r["source"]) and 0 < r["macs"] <= 1
         assert r["delta"] == pytest.approx(100 * (r["acc"] - r["source"]))
         assert r["goal"] == (r["delta"] >= -1.0 - 1e-7 and r["macs"] <= 0.5 + 1e-9)
-    assert rows[-1]["cost"] > 0 and rows[-1]["scored"] >= 1       # the default searches
+    assert rows[-1]["cost"] > 0 and rows[-1]["scored"] >= 1       # assemblable searches
     gamma = {r["recipe"]: r["gamma"] for r in rows}               # the γ each component used
     assert gamma["mda"] == gamma["searched+reconstruct"] == 0.0 and gamma["cost-aware"] == 0.5
     assert gamma["default"] in (0.0, 0.5) and gamma["reference"] == 0.0
