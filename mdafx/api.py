@@ -6,7 +6,7 @@ same-named function below and prints what it returns:
 =============  ==========================================================================
 ``analyse``    model + labelled images -> :class:`Profile` (MDA §1.1-1.2), calibration split held out
 ``disassemble`` source graph + profile + task -> :class:`Component` (§1.3-1.4; thresholds or a budget)
-``assemble``   components -> :class:`Assembled` (§2: parallel or merged layout, calibrated logits)
+``assemble``   components -> :class:`Assembled` (§2: parallel or merged layout; a feature head or calibrated logits)
 ``export``     component / assembled model -> ONNX file checked against onnxruntime
 ``evaluate``   model + labelled images -> per-class accuracy, optionally beside its source
 ``finetune``   component / assembled model + images -> the same architecture, distilled
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from . import artifacts
 from .artifacts import info, load, load_component, save
-from .assembly import (Assembled, InputAdapter, assemble, calibrate, calibrate_jointly,
-                       guard_assembled)
+from .assembly import (CALIBRATIONS, Assembled, Calibration, InputAdapter, assemble, calibrate,
+                       calibrate_jointly, fit_calibration, guard_assembled)
 from .data import ArrayDataset, InputFormat, load_imagefolder, open_images, split_per_class
 from .decision_routes import Routes, routes
 from .deployment import (ExportReport, export, export_onnx, export_pt2, onnx_latency,
@@ -54,7 +54,7 @@ __all__ = [
     # building blocks
     "trace", "channel_groups", "profile", "build_profile", "locate", "cut", "prune",
     "resolve_classes", "source_analyses", "calibration_split", "calibrate", "calibrate_jointly",
-    "guard_assembled", "search_thresholds",
+    "fit_calibration", "Calibration", "CALIBRATIONS", "guard_assembled", "search_thresholds",
     "reestimate_batch_norms", "distill", "export_onnx", "export_pt2", "onnx_latency",
     "read_onnx_metadata", "read_pt2_metadata", "pretrained", "pretrained_card",
     "predict", "task_accuracy", "build_model", "load_weights", "count_params", "count_macs",

@@ -2,15 +2,17 @@
 
 Without data (:func:`demo`): ten synthetic classes (bars, diagonals, outlines, disk, ring, plus,
 cross, triangle) at 16x16; two small sources of different architectures and input
-normalisations are trained, a task is disassembled from each, logit scales are calibrated on a
-calibration split, the components are assembled and exported to ONNX, and every model is scored
-on a test split.
+normalisations are trained, a task is disassembled from each, the components are assembled
+(without calibration, with MDA §2.1's scaling, with joint logit calibration, and with a feature
+head: the last is kept) on a calibration split, exported to ONNX, and every model is scored on a
+test split.
 
 With ``data`` (:func:`demo_pretrained`): the two embedded CIFAR-10 sources
 (``mdafx.models.pretrained``: a VGG and a ResNet-20, no training), on a scaled-down copy of the
 user's CIFAR-10 ImageFolder: each is analysed on ``train_per_class`` training images per class
 (a tenth held out for calibration), one task is cut from each with the default recipe, the two
-components are assembled with joint logit calibration, exported to ONNX, and scored on
+components are assembled with a feature head fitted on the calibration images, exported to
+ONNX, and scored on
 ``test_per_class`` test images per class.
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import artifacts
-from .assembly import assemble, calibrate, calibrate_jointly
+from .assembly import assemble, fit_calibration
 from .data import ArrayDataset, ImageArrays, InputFormat, batches
 from .errors import DataError
 from .deployment import export_onnx, onnxruntime_logits
@@ -177,16 +179,12 @@ def demo(out: str | os.PathLike | None = None, *, seed: int = 0, epochs: int = 4
     bar.close()
 
     calib = _dataset(splits["calib"], InputFormat.from_dict(components[0].metadata["input"]))
-    results, _ = calibrate(components, calib)
-    mda_factors = [r.factors for r in results]
-    flat, offsets, images = calibrate_jointly(components, calib, init=mda_factors)
     variants = {"no scaling": assemble(components),
-                "MDA 2.1 scaling": assemble(components, mda_factors),
-                "calibrated jointly": assemble(
-                    components, list(flat.split([len(c.classes) for c in components])),
-                    offsets=offsets)}
-    asm = variants["calibrated jointly"]
-    asm.metadata["calibration"] = {"method": "joint", "images": images}
+                "MDA 2.1 scaling": assemble(components, fit_calibration(components, calib, "mda")),
+                "calibrated jointly": assemble(components,
+                                               fit_calibration(components, calib, "joint")),
+                "feature head": assemble(components, fit_calibration(components, calib, "head"))}
+    asm = variants["feature head"]
     asm_path, onnx_path = out / "assembled.mdafx", out / "assembled.onnx"
     artifacts.save(asm, asm_path, overwrite=True)
     report = export_onnx(asm.module, onnx_path, asm.input_format.example(),
@@ -209,7 +207,7 @@ def demo(out: str | os.PathLike | None = None, *, seed: int = 0, epochs: int = 4
         logits, _ = predict(variant.module, test_batches())
         rows.append([f"assembled, {label}", both, len(index), accuracy(logits, positions),
                      variant.params])
-    rows.append(["assembled, calibrated jointly, onnxruntime", both, len(index),
+    rows.append(["assembled, feature head, onnxruntime", both, len(index),
                  accuracy(onnxruntime_logits(onnx_path, test_batches()), positions),
                  asm.params])
     return DemoReport(out, rows, str(report), sorted(out.iterdir()),
@@ -322,13 +320,8 @@ def demo_pretrained(data: str | os.PathLike, out: str | os.PathLike | None = Non
         bar.update()
     bar.set_description("assemble")
     calib = open_images(folders["calib"], InputFormat.from_dict(components[0].metadata["input"]))
-    results, _ = calibrate(components, calib)
-    flat, offsets, images = calibrate_jointly(components, calib,
-                                              init=[r.factors for r in results])
-    asm = assemble(components, list(flat.split([len(c.classes) for c in components])),
-                   offsets=offsets)
-    asm.metadata["calibration"] = {"method": "joint", "images": images,
-                                   "data": str(folders["calib"])}
+    asm = assemble(components, fit_calibration(components, calib))
+    asm.metadata["calibration"]["data"] = str(folders["calib"])
     asm_path, onnx_path = out / "assembled.mdafx", out / "assembled.onnx"
     artifacts.save(asm, asm_path, overwrite=True)
     report = export_onnx(asm.module, onnx_path, asm.input_format.example(),

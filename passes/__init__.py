@@ -17,6 +17,7 @@ from mdafx.passmanager import Pass
 from mdafx.passes.align_padding import AlignPadding
 from mdafx.passes.channel_groups import ChannelGroups
 from mdafx.passes.contributions import Contributions
+from mdafx.passes.feature_head import InsertFeatureHead
 from mdafx.passes.locate import Locate, Thresholds
 from mdafx.passes.logit_scaling import FoldLogitScale, InsertLogitScale
 from mdafx.passes.merge_classes import MergeDuplicateClasses
@@ -44,12 +45,26 @@ def disassembly_pipeline(plan: ChannelPlan, *, norm_batches: Iterable[Any] | Non
     return pipeline
 
 
-def assembly_pipeline(factors: torch.Tensor, groups: Sequence[Sequence[int]], *,
-                      merged: bool, offsets: torch.Tensor | None = None) -> list[Pass]:
+def assembly_pipeline(groups: Sequence[Sequence[int]], *, merged: bool,
+                      factors: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
+                      head: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Pass]:
     """The transforms that turn the parallel graph of k components (``mdafx.assembly``) into
-    the assembled classifier: ``factors`` (and ``offsets``) calibrate the concatenated logits,
-    ``groups`` lists per output class the logits it merges."""
-    pipeline: list[Pass] = [
+    the assembled classifier: ``head`` (weight, bias) replaces the branches' logits by one head
+    over their features, else ``factors`` (and ``offsets``) calibrate the concatenated logits
+    and ``groups`` lists per output class the logits it merges."""
+    if head is not None:
+        pipeline: list[Pass] = [
+            # one closed-form classifier over every branch's features, one logit per class;
+            # first, so that AlignPadding merges the branch bodies up to those features
+            InsertFeatureHead(*head),
+        ]
+        if merged:
+            # MDA §2.2: one layer-wise wider network instead of k branches
+            pipeline.append(AlignPadding())
+        return pipeline
+    if factors is None:
+        factors = torch.ones(sum(len(g) for g in groups))
+    pipeline = [
         # MDA §2.1: put the components' logits on one scale before anything compares them
         InsertLogitScale(factors, offsets),
     ]

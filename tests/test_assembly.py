@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mdafx import api
-from mdafx.api import InputFormat, assemble, cut
+from mdafx.api import Calibration, InputFormat, assemble, cut
 from mdafx.errors import PreconditionError
 from mdafx.passes.contributions import class_contributions
 from zoo import build
@@ -37,7 +37,7 @@ def expected(comps, scales, x_per_comp):
 def test_assembled_logits_equal_scaled_components(arch, layout):
     comps = [component(arch, [3, 5], seed=0), component(arch, [8, 1, 0], seed=1)]
     scales = [torch.tensor([0.5, 2.0]), torch.tensor([1.5, 0.25, 3.0])]
-    asm = assemble(comps, scales, layout=layout)
+    asm = assemble(comps, Calibration.scaling(scales), layout=layout)
     x = torch.randn(3, *comps[0].input_shape[1:])
     with torch.no_grad():
         got = asm(x)
@@ -53,7 +53,7 @@ def test_parallel_across_architectures_and_input_formats():
     fmt_b = InputFormat((48, 48), 3, (0.4, 0.45, 0.5), (0.2, 0.2, 0.2))
     a = component("resnet18", [2, 4], fmt=fmt_a)
     b = component("mobilenet_v3_small", [6, 7], seed=1, size=48, fmt=fmt_b)
-    asm = assemble([a, b], [torch.ones(2), torch.tensor([2.0, 0.5])])
+    asm = assemble([a, b], Calibration.scaling([torch.ones(2), torch.tensor([2.0, 0.5])]))
     pixels = torch.rand(2, 3, 32, 32)
     x_shared = (pixels - torch.tensor(fmt_a.mean).view(1, 3, 1, 1)) / torch.tensor(fmt_a.std).view(1, 3, 1, 1)
     x_b = torch.nn.functional.interpolate(pixels, size=(48, 48), mode="bilinear", align_corners=False)
@@ -91,7 +91,8 @@ def test_components_and_assembled_models_export_and_round_trip(layout, tmp_path)
 
     # squeezenet: concats (fire modules) at a size the exporter handles in seconds
     comps = [component("squeezenet1_1", [3, 5]), component("squeezenet1_1", [9, 1], seed=1)]
-    asm = assemble(comps, [torch.tensor([0.5, 2.0]), torch.tensor([1.0, 3.0])], layout=layout)
+    asm = assemble(comps, Calibration.scaling([torch.tensor([0.5, 2.0]), torch.tensor([1.0, 3.0])]),
+                   layout=layout)
     example = torch.randn(1, *comps[0].input_shape[1:])
     for name, model, meta in [("component", comps[1].module, comps[1].metadata),
                               ("assembled", asm.module, asm.metadata)]:
@@ -116,8 +117,8 @@ def test_merged_layout_from_files_alone(tmp_path):
     del comps
     loaded = [api.load_component(p) for p in paths]
     scales = [torch.tensor([0.5, 2.0]), torch.tensor([1.0, 3.0, 0.25])]
-    merged = assemble(loaded, scales, layout="merged")
-    parallel = assemble(loaded, scales, layout="parallel")
+    merged = assemble(loaded, Calibration.scaling(scales), layout="merged")
+    parallel = assemble(loaded, Calibration.scaling(scales), layout="parallel")
     x = torch.randn(2, *loaded[0].input_shape[1:])
     with torch.no_grad():
         a, b = merged(x), parallel(x)

@@ -867,12 +867,11 @@ def test_demo_runs_end_to_end(ws, tmp_path):
     out = ok("demo", "--out", out_dir, "--epochs", "1", "--train-per-class", "20", "--no-images")
     for row in ("component of source0_tiny_cnn", "component of source1_resnet_cifar",
                 "assembled, MDA 2.1 scaling", "assembled, calibrated jointly",
-                "assembled, calibrated jointly, onnxruntime"):
+                "assembled, feature head", "assembled, feature head, onnxruntime"):
         assert re.search(rf"{re.escape(row)}\s+\S+.*\d+\.\d%", out), (row, out)
-    joint, ort = (re.search(rf"{re.escape(r)}\s+6: both tasks\s+\d+\s+([\d.]+)%", out).group(1)
-                  for r in ("assembled, calibrated jointly ", "assembled, calibrated jointly, "
-                                                               "onnxruntime"))
-    assert joint == ort  # the exported file scores what the model does
+    head, ort = (re.search(rf"{re.escape(r)}\s+6: both tasks\s+\d+\s+([\d.]+)%", out).group(1)
+                 for r in ("assembled, feature head ", "assembled, feature head, onnxruntime"))
+    assert head == ort  # the exported file scores what the model does
     for name in ("assembled.mdafx", "assembled.onnx", "component0_disk-ring-square.mdafx",
                  "component1_plus-cross-tri.mdafx", "source0_tiny_cnn.pt",
                  "source1_resnet_cifar.profile.safetensors"):
@@ -881,9 +880,10 @@ def test_demo_runs_end_to_end(ws, tmp_path):
         "disk", "ring", "square", "plus", "cross", "tri"]
 
 
-def test_default_recipe_and_joint_calibration(ws, pipeline, tmp_path):
+def test_default_recipe_and_feature_head(ws, pipeline, tmp_path):
     """The defaults: thresholds searched with layer reconstruction on the profile's held-out
-    split, logits calibrated jointly; both print per-class calibration accuracy."""
+    split, a feature head fitted for the assembly (joint logit calibration on request); both
+    print per-class calibration accuracy."""
     script_ok(pipeline["disassemble"])
     out = ok("disassemble", *MODEL, "--profile", PROFILE, "--task", "cat,dog", "-o",
              tmp_path / "cd.mdafx")
@@ -898,5 +898,12 @@ def test_default_recipe_and_joint_calibration(ws, pipeline, tmp_path):
     out = ok("assemble", tmp_path / "cd.mdafx", "components/frog-cat.mdafx", "--calibrate",
              "data/calib", "-o", tmp_path / "a.mdafx")
     asm = api.load(tmp_path / "a.mdafx")
-    assert asm.metadata["calibration"]["method"] == "joint"
-    assert asm.metadata["offsets"] is not None and "component alone" in out
+    assert asm.metadata["calibration"]["method"] == "head" and "component alone" in out
+    assert asm.class_names == ["cat", "dog", "frog"] and re.search(r"\bcat\s.*\bhead\b", out)
+    head = asm.module.get_submodule("mdafx_head")
+    assert head.out_features == 3 and head.in_features == asm.metadata["calibration"]["features"]
+    out = ok("assemble", tmp_path / "cd.mdafx", "components/frog-cat.mdafx", "--calibrate",
+             "data/calib", "--calibration", "joint", "-o", tmp_path / "j.mdafx")
+    joint = api.load(tmp_path / "j.mdafx")
+    assert joint.metadata["calibration"]["method"] == "joint"
+    assert joint.metadata["offsets"] is not None and "component alone" in out

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from mdafx import api  # noqa: E402
-from mdafx.assembly import assemble  # noqa: E402
+from mdafx.assembly import Calibration, assemble  # noqa: E402
 from mdafx.data import ArrayDataset  # noqa: E402
 from mdafx.evaluation import predict, task_accuracy  # noqa: E402
 from mdafx.passes.locate import Thresholds  # noqa: E402
@@ -192,7 +192,8 @@ def bench_assembly(sources: dict[str, torch.nn.Module], train_ds: ArrayDataset,
         comps = [i.component for i in infos]
         n = np.array([i.n_test for i in infos], dtype=float)
         plain = assemble(comps, None, layout=spec.layout)
-        scaled = assemble(comps, [i.scales for i in infos], layout=spec.layout)
+        scaled = assemble(comps, Calibration.scaling([i.scales for i in infos]),
+                          layout=spec.layout)
         union = [class_names.index(c) for c in scaled.class_names]
         idx = common.indices_of(test_labels, union)
         position = {c: j for j, c in enumerate(union)}

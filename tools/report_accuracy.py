@@ -20,8 +20,9 @@ Tables (markdown copy in ``--out``):
 3. the default recipe over every ``--seeds`` split seed: mean and standard deviation of the
    delta per task;
 4. assembly: components of the ``default`` and ``assemblable`` recipes from both sources,
-   assembled without calibration, with MDA's parameter scaling, and with the joint calibration
-   (``calibrate_jointly``), against the weighted source baseline (each source on its own task's
+   assembled without calibration, with MDA's parameter scaling, with the joint calibration
+   (``calibrate_jointly``) and with a feature head (``fit_calibration(..., "head")``), against
+   the weighted source baseline (each source on its own task's
    test images, predicting over its task's logits) and against the better of the two sources
    predicting over all the assembled classes' logits (what one source gives on the same
    problem); and the same assemblies of the sources *nearly whole* (``CEILING``: MDA at zero
@@ -170,14 +171,12 @@ def _assembled(sources, parts, comps, recipe, single, log) -> list[list]:
     ds = calib_src.train_ds
     calib = api.ArrayDataset(ds.images.numpy()[calib_src.calib],
                              ds.labels.numpy()[calib_src.calib], class_names=calib_src.names)
-    results, _ = api.calibrate(comps, calib)
-    mda = [r.factors for r in results]
-    t0 = time.perf_counter()
-    joint, offsets, _ = api.calibrate_jointly(comps, calib, init=mda)
-    joint_s = time.perf_counter() - t0
-    sizes = [len(c.classes) for c in comps]
-    variants = {"none": api.assemble(comps), "MDA scaling": api.assemble(comps, mda),
-                "joint": api.assemble(comps, list(joint.split(sizes)), offsets=offsets)}
+    variants, fit_s = {"none": api.assemble(comps)}, {}
+    for label, method in (("MDA scaling", "mda"), ("joint", "joint"), ("head", "head")):
+        t0 = time.perf_counter()
+        calibration = api.fit_calibration(comps, calib, method)
+        fit_s[label] = time.perf_counter() - t0
+        variants[label] = api.assemble(comps, calibration)
     classes = [calib_src.names.index(n) for n in variants["none"].class_names]
     test_ds = calib_src.test_ds
     idx = common.indices_of(test_ds.labels.numpy(), classes)
@@ -195,7 +194,7 @@ def _assembled(sources, parts, comps, recipe, single, log) -> list[list]:
         out.append([label, len(classes), recipe, variant, f"{acc:.2%}", f"{baseline:.2%}",
                     f"{100 * (acc - baseline):+.2f}", f"{single:.2%}",
                     f"{100 * (acc - single):+.2f}", f"{asm.params:,}",
-                    f"{joint_s:.1f}" if variant == "joint" else "-"])
+                    f"{fit_s[variant]:.1f}" if variant in fit_s else "-"])
         log(f"[assembly] {label} {recipe} {variant}: {acc:.2%} vs baseline {baseline:.2%}, "
             f"one source {single:.2%}")
     return out

@@ -1,11 +1,12 @@
 """``mdafx assemble``: component files -> one assembled model file (MDA §2).
 
 Works from the files alone, in both layouts: nothing a file names is rebuilt or imported.
-``--calibrate`` calibrates the logits on a calibration split: ``--calibration joint`` (default)
-fits a factor and an offset per logit on images of *all* the assembled classes
-(``mdafx.assembly.calibrate_jointly``), ``mda`` computes MDA §2.1's factors on each component's
-own classes. With calibration images the assembled model is scored per class next to its
-components alone; a class it never predicts, or a large drop, is a warning (an error with
+``--calibrate`` makes the branches comparable on a calibration split
+(``mdafx.assembly.fit_calibration``): ``--calibration head`` (default) fits one closed-form
+linear head over the features of every component on images of *all* the assembled classes,
+``joint`` a factor and an offset per logit on the same images, ``mda`` MDA §2.1's factors on each
+component's own classes. With calibration images the assembled model is scored per class next to
+its components alone; a class it never predicts, or a large drop, is a warning (an error with
 ``--strict``).
 """
 from __future__ import annotations
@@ -24,11 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="parallel branches (any architectures; default) or one merged network "
                         "(isomorphic components with one input format)")
     p.add_argument("--calibrate", metavar="DIR",
-                   help="ImageFolder of a calibration split for logit scaling (MDA 2.1); never "
-                        "the test split. Without it logits are not scaled")
-    p.add_argument("--calibration", choices=("joint", "mda"), default="joint",
-                   help="joint: a factor and an offset per logit fitted on images of all the "
-                        "classes (default); mda: MDA 2.1's factors per component")
+                   help="ImageFolder of a calibration split (images of every assembled class; "
+                        "never the test split). Without it the logits are compared as they are")
+    p.add_argument("--calibration", choices=("head", "joint", "mda"), default="head",
+                   help="head: one closed-form (LDA) linear head over every component's features "
+                        "(default); joint: a factor and an offset per logit; mda: MDA 2.1's "
+                        "factors per component")
     p.add_argument("--strict", action="store_true",
                    help="a guard-rail warning (a class never predicted, a large drop) is an "
                         "error and nothing is written")
@@ -45,40 +47,33 @@ def run(args: argparse.Namespace) -> int:
     from mdafx import api  # heavy: only when the command runs (`--help` stays light)
 
     comps = [api.load_component(p) for p in args.components]
-    factors, offsets, calibration, report = None, None, None, None
+    calibration, record, report = None, None, None
     if args.calibrate:
         fmt = api.InputFormat.from_dict(comps[0].metadata["input"])
         data = api.open_images(args.calibrate, fmt)
-        results, counts = api.calibrate(comps, data, batch_size=args.batch_size)
-        factors = [r.factors for r in results]
-        calibration = {"data": str(Path(args.calibrate).resolve()), "samples": counts,
-                       "method": args.calibration,
-                       "fallbacks": [{c.class_names[int(i)]: why for i, why in r.fallbacks.items()}
-                                     for c, r in zip(comps, results)]}
-        if args.calibration == "joint":
-            flat, offsets, images = api.calibrate_jointly(comps, data, init=factors,
-                                                          batch_size=args.batch_size)
-            sizes = [len(c.classes) for c in comps]
-            factors = list(flat.split(sizes))
-            calibration["images"] = images
-    asm = api.assemble(comps, factors, offsets=offsets, layout=args.layout)
+        calibration = api.fit_calibration(comps, data, args.calibration,
+                                          batch_size=args.batch_size)
+    asm = api.assemble(comps, calibration, layout=args.layout)
     if args.calibrate:
         report = api.guard_assembled(asm, comps, data, batch_size=args.batch_size)
         for w in report.warnings:
             common.warn(f"warning: {w}")
         if report.warnings and args.strict:
             raise common.CliError(f"{report.warnings[0]}; nothing written (--strict)")
-        calibration["accuracy"] = report.accuracy
-        calibration["components_accuracy"] = report.source_accuracy
+        record = {**calibration.record, "data": str(Path(args.calibrate).resolve()),
+                  "accuracy": report.accuracy, "components_accuracy": report.source_accuracy}
     api.save(asm, args.output, overwrite=args.force,
-             metadata={"calibration": calibration,
+             metadata={"calibration": record,
                        "component_files": [str(p) for p in args.components]})
 
-    def scale(source: dict) -> float:
-        if factors is None:
+    def scale(source: dict) -> float | None:
+        """The factor of a source logit; None where a feature head replaced the logits."""
+        if calibration is None:
             return 1.0
-        comp = comps[source["component"]]
-        return float(factors[source["component"]][comp.classes.index(source["source_class"])])
+        if calibration.factors is None:
+            return None
+        k = source["component"]
+        return float(calibration.factors[k][comps[k].classes.index(source["source_class"])])
 
     rows, classes = [], []
     for i, entry in enumerate(asm.class_map):
@@ -87,20 +82,21 @@ def run(args: argparse.Namespace) -> int:
         rows.append([i, entry["name"],
                      "; ".join(f"#{s['component']} {s['source']}[{s['source_class']}]"
                                for s in sources),
-                     ", ".join(f"{s['scale']:.4g}" for s in sources)])
+                     ", ".join("head" if s["scale"] is None else f"{s['scale']:.4g}"
+                               for s in sources)])
     if calibration is None:
         common.warn("warning: logits not calibrated (no --calibrate): the components' logit "
                     "scales differ")
     else:
-        for k, fallbacks in enumerate(calibration["fallbacks"]):
+        for k, fallbacks in enumerate(calibration.record.get("fallbacks") or []):
             for name, why in fallbacks.items():
                 common.warn(f"warning: component {k} class {name}: {why}")
     common.emit_json(args, {"command": "assemble", "output": str(args.output),
                             "layout": asm.layout, "params": asm.params, "classes": classes,
-                            "calibration": calibration, "input": asm.input_format.to_dict(),
+                            "calibration": record, "input": asm.input_format.to_dict(),
                             "per_class": None if report is None else report.to_dict()})
     common.say(args, *common.table(rows, ["output", "class", "sources (component source[class])",
-                                          "scale"]))
+                                          "scale (or head)"]))
     if report is not None:
         common.say(args, "", f"on {report.images} calibration images, per class:",
                    *common.table(report.rows(), ["class", "images", "assembled",
