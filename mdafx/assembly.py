@@ -160,26 +160,29 @@ def dataset_class_names(dataset) -> list[str]:
     return list(names)
 
 
-def _task_indices(dataset, names: Sequence[str]) -> tuple[list[int], torch.Tensor]:
-    """Indices of the samples whose class is one of ``names``, and their positions in it."""
+def _task_indices(dataset, names: Sequence[str], indices: Sequence[int] | None = None
+                  ) -> tuple[list[int], torch.Tensor]:
+    """Indices of the samples (of ``indices``, default all) whose class is one of ``names``, and
+    their positions in it."""
     from .data import labels_at
 
     folder = dataset_class_names(dataset)
     position = {n: i for i, n in enumerate(names)}
-    labels = labels_at(dataset).tolist()
-    index = [i for i, y in enumerate(labels) if folder[y] in position]
-    return index, torch.as_tensor([position[folder[labels[i]]] for i in index])
+    pool = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    labels = labels_at(dataset, pool).tolist()
+    picked = [(i, position[folder[y]]) for i, y in zip(pool, labels) if folder[y] in position]
+    return [i for i, _ in picked], torch.as_tensor([p for _, p in picked], dtype=torch.long)
 
 
-def calibrate(components: Sequence, dataset, *, batch_size: int = 256
-              ) -> tuple[list[ScaleFactors], list[int]]:
+def calibrate(components: Sequence, dataset, *, batch_size: int = 256,
+              indices: Sequence[int] | None = None) -> tuple[list[ScaleFactors], list[int]]:
     """MDA §2.1's logit scale factors of every component, each on the samples of ``dataset``
     (a calibration split, never the test split) whose class it outputs, fed as the assembled
     model feeds it. Returns the factors and the number of samples per component."""
     shared = component_format(components[0])
     results, counts = [], []
     for k, comp in enumerate(components):
-        index, positions = _task_indices(dataset, comp.class_names)
+        index, positions = _task_indices(dataset, comp.class_names, indices)
         if not index:
             raise DataError(f"the calibration data has no sample of component {k}'s classes "
                             f"({comp.source}: {', '.join(comp.class_names)})")
@@ -203,11 +206,13 @@ def _branch_outputs(components, dataset, index: list[int], batch_size: int, *,
     return torch.cat(out)
 
 
-def _all_classes(components, dataset) -> tuple[list[str], list[int], torch.Tensor]:
-    """The assembled class names, the indices of ``dataset``'s images of them and their
-    positions among the names; an error naming the classes without any image."""
+def _all_classes(components, dataset, indices: Sequence[int] | None = None
+                 ) -> tuple[list[str], list[int], torch.Tensor]:
+    """The assembled class names, the indices of ``dataset``'s images of them (among
+    ``indices``) and their positions among the names; an error naming the classes without any
+    image."""
     names, _, _ = class_groups(components)
-    index, targets = _task_indices(dataset, names)
+    index, targets = _task_indices(dataset, names, indices)
     missing = sorted(set(range(len(names))) - set(targets.tolist()))
     if missing:
         raise DataError(f"the calibration data has no image of class(es) "
@@ -216,6 +221,7 @@ def _all_classes(components, dataset) -> tuple[list[str], list[int], torch.Tenso
 
 
 def calibrate_jointly(components: Sequence, dataset, *, batch_size: int = 256,
+                      indices: Sequence[int] | None = None,
                       init: Sequence[torch.Tensor] | None = None, steps: int = 100,
                       weight_decay: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-class logit factors ``s`` and offsets ``b`` of the assembled model, fitted on the
@@ -231,10 +237,11 @@ def calibrate_jointly(components: Sequence, dataset, *, batch_size: int = 256,
     ``b = 0``. 2 numbers per logit are fitted; no weight of any component changes. Returns
     ``(factors, offsets, images)``."""
     _, groups, _ = class_groups(components)
-    _, index, targets = _all_classes(components, dataset)
+    _, index, targets = _all_classes(components, dataset, indices)
     z = _branch_outputs(components, dataset, index, batch_size).float()
     if init is None:
-        init = [r.factors for r in calibrate(components, dataset, batch_size=batch_size)[0]]
+        init = [r.factors for r in calibrate(components, dataset, batch_size=batch_size,
+                                             indices=indices)[0]]
     u = torch.cat([torch.as_tensor(f, dtype=torch.float32) for f in init]).log().clone()
     u.requires_grad_(True)
     b = torch.zeros_like(u, requires_grad=True)
@@ -284,22 +291,24 @@ class Calibration:
                    record={"method": "given"})
 
 
-def fit_calibration(components: Sequence, dataset, method: str = CALIBRATIONS[0], *,
-                    batch_size: int = 256, shrinkage: float = SHRINKAGE) -> Calibration:
+def fit_calibration(components: Sequence, dataset, indices: Sequence[int] | None = None,
+                    method: str = CALIBRATIONS[0], *, batch_size: int = 256,
+                    shrinkage: float = SHRINKAGE) -> Calibration:
     """The :class:`Calibration` of ``components`` by ``method`` (:data:`CALIBRATIONS`, module
-    docstring), fitted on the labelled ``dataset`` (a calibration split; never the test split),
-    read as the assembled model reads its input."""
+    docstring), fitted on the images of the labelled ``dataset`` at ``indices`` (default all)
+    whose class is assembled: a calibration split, never the test split, read as the assembled
+    model reads its input."""
     if method not in CALIBRATIONS:
         raise PreconditionError(f"unknown calibration {method!r}; known: "
                                 f"{', '.join(CALIBRATIONS)}")
     if method == "head":
-        names, index, targets = _all_classes(components, dataset)
+        names, index, targets = _all_classes(components, dataset, indices)
         features = _branch_outputs(components, dataset, index, batch_size, features=True)
         weight, bias = fit_head(features, targets, len(names), shrinkage)
         return Calibration("head", head=(weight, bias), record={
             "method": "head", "images": len(index), "features": int(features.shape[1]),
             "shrinkage": shrinkage})
-    results, counts = calibrate(components, dataset, batch_size=batch_size)
+    results, counts = calibrate(components, dataset, batch_size=batch_size, indices=indices)
     factors = [r.factors for r in results]
     record = {"method": method, "samples": counts,
               "fallbacks": [{c.class_names[int(i)]: why for i, why in r.fallbacks.items()}
@@ -307,7 +316,7 @@ def fit_calibration(components: Sequence, dataset, method: str = CALIBRATIONS[0]
     if method == "mda":
         return Calibration("mda", factors, record=record)
     flat, offsets, images = calibrate_jointly(components, dataset, batch_size=batch_size,
-                                              init=factors)
+                                              indices=indices, init=factors)
     return Calibration("joint", list(flat.split([len(c.classes) for c in components])),
                        offsets, record={**record, "images": images})
 

@@ -45,20 +45,29 @@ class Recipe:
     locate: str = "mda"                 # "mda" (graph walk) | "reference" (the authors' chain)
     budget: Budget | None = None        # None: the given thresholds
     recovery: Recovery = Recovery()
-    cost_exponent: float = 0.0          # γ of Thresholds: conv thresholds grow with channel cost
-    cost_exponents: tuple[float, ...] = ()  # γ values searched instead (:func:`disassemble`)
+    # γ of Thresholds (conv thresholds grow with what a channel costs): one value is fixed,
+    # several are each searched and the more accurate on calibration images kept (disassemble)
+    cost_exponents: tuple[float, ...] = (0.0,)
 
     def __post_init__(self) -> None:
-        if (self.cost_exponent or self.cost_exponents) and self.locate == "reference":
+        object.__setattr__(self, "cost_exponents", tuple(float(g) for g in self.cost_exponents))
+        if not self.cost_exponents:
+            raise PreconditionError(f"recipe {self.name}: give at least one cost exponent")
+        if any(self.cost_exponents) and self.locate == "reference":
             raise PreconditionError("the reference recipe reproduces the authors' masks: it "
                                     "takes no cost exponent")
-        if self.cost_exponents and not self.needs_calibration:
+        if len(self.cost_exponents) > 1 and not self.needs_calibration:
             raise PreconditionError(f"recipe {self.name}: choosing among cost exponents needs "
                                     "calibration images (a budget or a recovery step)")
 
+    @property
+    def cost_exponent(self) -> float | None:
+        """The fixed γ, or None when several are searched."""
+        return self.cost_exponents[0] if len(self.cost_exponents) == 1 else None
+
     def with_cost_exponent(self, exponent: float) -> "Recipe":
         """This recipe at one fixed γ (no γ searched)."""
-        return dataclasses.replace(self, cost_exponent=float(exponent), cost_exponents=())
+        return dataclasses.replace(self, cost_exponents=(float(exponent),))
 
     @property
     def needs_calibration(self) -> bool:
@@ -94,7 +103,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            recovery=Recovery(reconstruct=True)),
     Recipe("cost-aware", "searched+reconstruct with conv thresholds growing with what a channel "
            "costs (cost exponent 0.5): high-resolution layers give up channels first",
-           budget=GOAL, recovery=Recovery(reconstruct=True), cost_exponent=COST_EXPONENT),
+           budget=GOAL, recovery=Recovery(reconstruct=True), cost_exponents=(COST_EXPONENT,)),
     Recipe("default", "the searched+reconstruct and cost-aware searches both, on the same "
            "calibration images: the more accurate choice wins (ties: the lower loss there)",
            budget=GOAL, recovery=Recovery(reconstruct=True),
@@ -168,7 +177,7 @@ def disassemble(gm: fx.GraphModule, profile: Profile, task: Sequence[Any], *,
         recipe = dataclasses.replace(recipe, budget=budget)
     if cost_exponent is not None:
         recipe = recipe.with_cost_exponent(cost_exponent)
-    thresholds = dataclasses.replace(thresholds, cost_exponent=recipe.cost_exponent)
+    thresholds = dataclasses.replace(thresholds, cost_exponent=recipe.cost_exponents[0])
     am = am or source_analyses(gm, profile)
     if recipe.locate == "reference":
         if recipe.needs_calibration:
@@ -180,7 +189,7 @@ def disassemble(gm: fx.GraphModule, profile: Profile, task: Sequence[Any], *,
         dataset, indices = calibration or _held_out_split(profile, recipe)
         norm_idx = first_per_class(dataset, indices, norm_images) if recipe.recovery.norms \
             else None
-        exponents = recipe.cost_exponents or (recipe.cost_exponent,)
+        exponents = recipe.cost_exponents
         results = [search_thresholds(
             gm, profile, task, dataset, indices, recipe.budget or Budget(max_acc_drop=100.0),
             recovery=recipe.recovery, norm_indices=norm_idx,
@@ -206,7 +215,6 @@ def disassemble(gm: fx.GraphModule, profile: Profile, task: Sequence[Any], *,
     else:
         comp = cut(gm, profile, task, thresholds=thresholds, source=source, am=am)
     comp.metadata.update(recipe={"name": recipe.name, "locate": recipe.locate,
-                                 "cost_exponent": recipe.cost_exponent,
                                  "cost_exponents": list(recipe.cost_exponents),
                                  "budget": None if recipe.budget is None else
                                  vars(recipe.budget).copy(),

@@ -179,11 +179,11 @@ def demo(out: str | os.PathLike | None = None, *, seed: int = 0, epochs: int = 4
     bar.close()
 
     calib = _dataset(splits["calib"], InputFormat.from_dict(components[0].metadata["input"]))
+    fitted = {label: fit_calibration(components, calib, method=method)
+              for label, method in (("MDA 2.1 scaling", "mda"), ("calibrated jointly", "joint"),
+                                    ("feature head", "head"))}
     variants = {"no scaling": assemble(components),
-                "MDA 2.1 scaling": assemble(components, fit_calibration(components, calib, "mda")),
-                "calibrated jointly": assemble(components,
-                                               fit_calibration(components, calib, "joint")),
-                "feature head": assemble(components, fit_calibration(components, calib, "head"))}
+                **{label: assemble(components, cal) for label, cal in fitted.items()}}
     asm = variants["feature head"]
     asm_path, onnx_path = out / "assembled.mdafx", out / "assembled.onnx"
     artifacts.save(asm, asm_path, overwrite=True)

@@ -93,13 +93,14 @@ def test_guard_rails_fire_on_a_degenerate_component():
 def test_the_recipe_sets_the_cost_exponent_and_the_caller_can_replace_it():
     gm, prof, train, _, calib, _ = setup()
     aware = disassemble(gm, prof, TASK, recipe="cost-aware", calibration=(train, calib))
-    assert aware.metadata["recipe"]["cost_exponent"] == RECIPES["cost-aware"].cost_exponent > 0
+    assert aware.metadata["recipe"]["cost_exponents"] == [RECIPES["cost-aware"].cost_exponent]
+    assert RECIPES["cost-aware"].cost_exponent > 0
     assert aware.metadata["thresholds"]["cost_exponent"] == RECIPES["cost-aware"].cost_exponent
     plain = disassemble(gm, prof, TASK, recipe="mda", thresholds=Thresholds(cost_exponent=1.0))
-    assert plain.metadata["recipe"]["cost_exponent"] == 0.0   # "mda" is the method as published
+    assert plain.metadata["recipe"]["cost_exponents"] == [0.0]  # "mda": the method as published
     assert plain.metadata["thresholds"] == dataclasses.asdict(Thresholds())
     ours = disassemble(gm, prof, TASK, recipe="mda", cost_exponent=1.0)
-    assert ours.metadata["recipe"]["cost_exponent"] == 1.0
+    assert ours.metadata["recipe"]["cost_exponents"] == [1.0]
     with pytest.raises(PreconditionError, match="reference"):
         disassemble(gm, prof, TASK, recipe="reference", cost_exponent=0.5)
 
@@ -148,4 +149,8 @@ def test_most_accurate_of_searches_by_hand():
     small, big, unmet = res(0.80, 5, drop=1.0), res(0.95, 9, drop=1.0), res(0.99, 3, False, 1.0)
     assert _most_accurate([big, unmet, small]) is small
     assert _most_accurate([res(0.7, 3, False, 1.0), unmet]) is unmet
-    assert RECIPES["default"].with_cost_exponent(0.5).cost_exponents == ()
+    fixed = RECIPES["default"].with_cost_exponent(0.5)
+    assert fixed.cost_exponents == (0.5,) and fixed.cost_exponent == 0.5
+    assert RECIPES["default"].cost_exponent is None   # searched
+    with pytest.raises(PreconditionError, match="at least one"):
+        dataclasses.replace(RECIPES["default"], cost_exponents=())

@@ -21,8 +21,8 @@ Tables (markdown copy in ``--out``):
    delta per task;
 4. assembly: components of the ``default`` and ``assemblable`` recipes from both sources,
    assembled without calibration, with MDA's parameter scaling, with the joint calibration
-   (``calibrate_jointly``) and with a feature head (``fit_calibration(..., "head")``), against
-   the weighted source baseline (each source on its own task's
+   (``calibrate_jointly``) and with a feature head (``fit_calibration(..., method="head")``),
+   against the weighted source baseline (each source on its own task's
    test images, predicting over its task's logits) and against the better of the two sources
    predicting over all the assembled classes' logits (what one source gives on the same
    problem); and the same assemblies of the sources *nearly whole* (``CEILING``: MDA at zero
@@ -174,7 +174,7 @@ def _assembled(sources, parts, comps, recipe, single, log) -> list[list]:
     variants, fit_s = {"none": api.assemble(comps)}, {}
     for label, method in (("MDA scaling", "mda"), ("joint", "joint"), ("head", "head")):
         t0 = time.perf_counter()
-        calibration = api.fit_calibration(comps, calib, method)
+        calibration = api.fit_calibration(comps, calib, method=method)
         fit_s[label] = time.perf_counter() - t0
         variants[label] = api.assemble(comps, calibration)
     classes = [calib_src.names.index(n) for n in variants["none"].class_names]

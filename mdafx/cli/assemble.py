@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.calibrate:
         fmt = api.InputFormat.from_dict(comps[0].metadata["input"])
         data = api.open_images(args.calibrate, fmt)
-        calibration = api.fit_calibration(comps, data, args.calibration,
+        calibration = api.fit_calibration(comps, data, method=args.calibration,
                                           batch_size=args.batch_size)
     asm = api.assemble(comps, calibration, layout=args.layout)
     if args.calibrate:

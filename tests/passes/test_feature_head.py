@@ -117,9 +117,10 @@ def test_fit_calibration_head_orders_rows_by_class_name_and_needs_every_class():
     labels = np.array([3, 5, 9, 1] * 6)
     pixels = torch.randint(0, 256, (len(labels), 32, 32, 3), generator=g, dtype=torch.uint8)
     data = ArrayDataset(pixels.numpy(), labels, class_names=NAMES)
-    cal = fit_calibration(comps, data, "head")
+    cal = fit_calibration(comps, data, method="head")
     assert cal.method == "head" and cal.head[0].shape[0] == 3  # c3, c5, c9
     assert cal.record["images"] == 18  # the images of class 1 are not the assembly's
+    assert fit_calibration(comps, data, range(8), method="head").record["images"] == 6
     asm = assemble(comps, cal)
     with torch.no_grad():
         x = data[0][0][None]
@@ -127,7 +128,7 @@ def test_fit_calibration_head_orders_rows_by_class_name_and_needs_every_class():
         torch.testing.assert_close(asm(x), feats @ cal.head[0].T + cal.head[1])
     missing = ArrayDataset(pixels.numpy()[labels != 9], labels[labels != 9], class_names=NAMES)
     with pytest.raises(DataError, match="no image of class.*c9"):
-        fit_calibration(comps, missing, "head")
+        fit_calibration(comps, missing, method="head")
 
 
 def test_features_module_keeps_the_graph_up_to_the_head():
