@@ -177,7 +177,8 @@ def test_report_accuracy_rows(cifar_subset, sources, monkeypatch, tmp_path):
 
 def test_report_accuracy_assembly_rows(cifar_subset, sources, monkeypatch, tmp_path):
     """The assembly table: four calibrations per recipe and per assembly, plus the same rows
-    for components cut at zero thresholds (CEILING), which keep at least as many params."""
+    for components cut at zero thresholds (CEILING) and for the whole sources (WHOLE), each
+    keeping at least as many params as the one before."""
     train_ds, sel, cal, test_ds, names = cifar_subset
     monkeypatch.setenv("MDAFX_CACHE", str(tmp_path))
 
@@ -195,8 +196,8 @@ def test_report_accuracy_assembly_rows(cifar_subset, sources, monkeypatch, tmp_p
             for n, t in ra.ASSEMBLIES[0]}
     rows = ra.assembly_rows(srcs, made, lambda _: None)
     assert [(r[2], r[3]) for r in rows] == [
-        (recipe, variant) for recipe in ("mda", ra.CEILING)
+        (recipe, variant) for recipe in ("mda", ra.CEILING, ra.WHOLE)
         for variant in ("none", "MDA scaling", "joint", "head")]
     assert all(r[1] == 4 and _in_unit(float(r[4].rstrip("%")) / 100) for r in rows)
     params = [int(r[9].replace(",", "")) for r in rows]
-    assert min(params[4:]) >= max(params[:4])
+    assert min(params[4:]) >= max(params[:4]) and min(params[8:]) >= max(params[4:8])

@@ -18,7 +18,7 @@ Tables (markdown copy in ``--out``):
    over the calibration images);
 2. where MDA's accuracy goes (``mdafx.diagnosis``): its plan applied one layer at a time;
 3. the default recipe over every ``--seeds`` split seed: mean and standard deviation of the
-   delta per task;
+   delta per task (the two-class tasks, or every task of the run with ``--seed-tasks all``);
 4. assembly: components of the ``default`` and ``assemblable`` recipes from both sources,
    assembled without calibration, with MDA's parameter scaling, with the joint calibration
    (``calibrate_jointly``) and with a feature head (``fit_calibration(..., method="head")``),
@@ -26,8 +26,9 @@ Tables (markdown copy in ``--out``):
    test images, predicting over its task's logits) and against the better of the two sources
    predicting over all the assembled classes' logits (what one source gives on the same
    problem); and the same assemblies of the sources *nearly whole* (``CEILING``: MDA at zero
-   thresholds, which drops only channels that contribute nothing, 96-97% of the MACs), what
-   logit-level assembly can reach with components that lost nothing.
+   thresholds, which drops only channels that contribute nothing, 96-97% of the MACs) and of
+   the sources *whole* (``WHOLE``: every channel kept, only the task's logits), what assembly
+   can reach with components that lost nothing.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ RECIPE_ORDER = ("mda", "reference", "mda+norms", "mda+reconstruct", "searched+no
                 "searched+reconstruct", "cost-aware", "default", "assemblable")
 ASSEMBLY_RECIPES = ("default", "assemblable")
 CEILING = "thresholds x0"   # the assembly rows of components cut at zero thresholds
+WHOLE = "whole sources"     # ... and of components that keep every channel (the sources' logits)
 ASSEMBLIES = ((("vgg", ("cat", "dog")), ("resnet20", ("airplane", "ship"))),
               (("vgg", common.FIVE_A), ("resnet20", common.FIVE_B)))
 
@@ -159,10 +161,18 @@ def assembly_rows(sources: dict, made: dict, log) -> list[list]:
         for recipe in ASSEMBLY_RECIPES:
             comps = [made[(name, tuple(task), recipe)] for name, task in parts]
             out += _assembled(sources, parts, comps, recipe, single, log)
-        whole = [api.cut(sources[name].gm, sources[name].profile, list(task),
-                         thresholds=api.Thresholds().scaled(0.0), source=name,
-                         am=sources[name].am) for name, task in parts]
-        out += _assembled(sources, parts, whole, CEILING, single, log)
+        nearly = [api.cut(sources[name].gm, sources[name].profile, list(task),
+                          thresholds=api.Thresholds().scaled(0.0), source=name,
+                          am=sources[name].am) for name, task in parts]
+        out += _assembled(sources, parts, nearly, CEILING, single, log)
+        # a plan that keeps every group with probability 1: the source itself, on the task's
+        # logits; what a head over the sources' own features can reach
+        whole = [api.cut(sources[name].gm, sources[name].profile, list(task), source=name,
+                         am=sources[name].am,
+                         plan=api.plan_random(sources[name].am.get(ChannelGroups), 1.0,
+                                              classes=sources[name].classes(task)))
+                 for name, task in parts]
+        out += _assembled(sources, parts, whole, WHOLE, single, log)
     return out
 
 
@@ -210,7 +220,9 @@ def main(argv=None) -> int:
     ap.add_argument("--task-numbers", default=None,
                     help="instead of --tasks: which of the five tasks, 1-based (e.g. 4,5)")
     ap.add_argument("--seeds", default="0,1,2,3,4",
-                    help="split seeds of the stability table (default recipe, 2-class tasks)")
+                    help="split seeds of the stability table (default recipe)")
+    ap.add_argument("--seed-tasks", choices=("two", "all"), default="two",
+                    help="tasks of the stability table: the two-class ones (default) or all")
     ap.add_argument("--no-assembly", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
@@ -257,19 +269,19 @@ def main(argv=None) -> int:
                            "fit s"], tablefmt="github", disable_numparse=True))
     if len(seeds) > 1:
         stab = []
-        two = [t for t in tasks if len(t) == 2]
+        studied = [t for t in tasks if len(t) == 2 or args.seed_tasks == "all"]
         for name, (model, _) in models.items():
-            deltas = {common.task_label(t): [] for t in two}
-            macs = {common.task_label(t): [] for t in two}
-            costed = {common.task_label(t): 0 for t in two}    # seeds where γ > 0 won
+            deltas = {common.task_label(t): [] for t in studied}
+            macs = {common.task_label(t): [] for t in studied}
+            costed = {common.task_label(t): 0 for t in studied}    # seeds where γ > 0 won
             for seed in seeds:
-                known = [seed0_rows.get((name, common.task_label(t), "default")) for t in two]
+                known = [seed0_rows.get((name, common.task_label(t), "default")) for t in studied]
                 if seed == 0 and all(known):   # the recipe table's rows: same split, same run
                     rows = known
                 else:
                     src = sources[name] if seed == 0 else Source(name, model, train, train_ds,
                                                                  test_ds, seed=seed)
-                    rows, _ = recipe_rows(src, two, ["default"], log)
+                    rows, _ = recipe_rows(src, studied, ["default"], log)
                 for r in rows:
                     deltas[r["task"]].append(r["delta"])
                     macs[r["task"]].append(r["macs"])
