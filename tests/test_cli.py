@@ -387,6 +387,9 @@ def test_info_on_every_kind_of_file(ws, pipeline):
     assert as_json["kind"] == "assembled" and as_json["layout"] == "parallel"
     assert as_json["params"] == asm.params and _table_value(out, "params") == f"{asm.params:,}"
     assert as_json["class_map"] == asm.class_map and re.search(r"2\s+frog\s+#1 weights\[2\]", out)
+    # the pipeline assembles with MDA's factors on 8 calibration images per component
+    assert _table_value(out, "calibration") == "mda on [8, 8] samples per component"
+    assert _table_value(out, "calibration accuracy").endswith(")")
 
     # an ONNX file told apart by content, whatever its name
     shutil.copy(ws["dir"] / "assembled.onnx", ws["dir"] / "renamed.mdafx")

@@ -66,6 +66,30 @@ def _profile(info: dict) -> list[str]:
                             "none (analysed with --holdout 0)"]], ["profile", ""])]
 
 
+def _calibration_rows(cal: Any, assembled: bool) -> list[list[str]]:
+    """What a model file says about its calibration: for a component its and the source's
+    accuracy on calibration images; for an assembled model how its branches were made
+    comparable (method, images, a head's features) and its accuracy there next to its
+    components alone."""
+    if not isinstance(cal, dict):
+        return [["calibration", "none"]] if assembled else []
+    if not assembled:
+        return [["calibration accuracy", f"{common.pct(cal.get('accuracy'))} (source "
+                 f"{common.pct(cal.get('source_accuracy'))}) on {cal.get('images')} images"]]
+    how = _text(cal.get("method"))
+    if cal.get("features") is not None:
+        how += f" (LDA over {cal.get('features')} features)"
+    if cal.get("images") is not None:
+        how += f" on {cal.get('images')} images"
+    elif cal.get("samples") is not None:
+        how += f" on {_text(cal.get('samples'))} samples per component"
+    rows = [["calibration", how]]
+    if cal.get("accuracy") is not None:
+        rows.append(["calibration accuracy", f"{common.pct(cal.get('accuracy'))} (components "
+                     f"alone {common.pct(cal.get('components_accuracy'))})"])
+    return rows
+
+
 def _model(info: dict) -> list[str]:
     assembled = info["kind"] == "assembled"
     rows = [["kind", info["kind"]], ["classes", ", ".join(info["classes"])]]
@@ -89,12 +113,7 @@ def _model(info: dict) -> list[str]:
                                          if of_source["params"] else "")],
              ["MACs", f"{macs:,}" + (f" ({macs / of_source['macs']:.1%} of the source)"
                                      if of_source["macs"] else "")], ["input", _fmt(info["input"])]]
-    cal = info.get("calibration")
-    if isinstance(cal, dict) and "accuracy" in cal:
-        rows.append(["calibration accuracy", f"{common.pct(cal.get('accuracy'))} (source "
-                     f"{common.pct(cal.get('source_accuracy'))}) on {cal.get('images')} images"])
-    elif isinstance(cal, dict):
-        rows.append(["calibration", f"{_text(cal.get('samples'))} samples per component"])
+    rows += _calibration_rows(info.get("calibration"), assembled)
     if isinstance(info.get("finetune"), dict):
         ft = info["finetune"]
         rows.append(["fine-tuned", f"{ft.get('epochs')} epochs, {common.pct(ft.get('acc_before'))}"
