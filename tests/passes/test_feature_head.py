@@ -61,12 +61,17 @@ def test_constant_features_get_no_weight_and_degenerate_data_is_refused():
         fit_head(f, y, 3, shrinkage=0.0)
 
 
-def component(name, task, seed=0):
+def component(name, task, seed=0, size=None, fmt=None):
     model, example = build(name, seed=seed)
+    if size is not None:
+        example = torch.randn(1, 3, size, size)
     gm = api.trace(model, example)
     x = torch.randn(20, *example.shape[1:], generator=torch.Generator().manual_seed(seed))
     A = class_contributions(gm, [(x, torch.arange(20) % 10)], 10, progress=False)
-    return api.cut(gm, A, task, source=f"{name}#{seed}", class_names=NAMES)
+    comp = api.cut(gm, A, task, source=f"{name}#{seed}", class_names=NAMES)
+    if fmt is not None:
+        comp.metadata["input"] = fmt.to_dict()
+    return comp
 
 
 def random_head(comps, classes):
@@ -97,6 +102,29 @@ def test_assembled_head_is_one_linear_over_every_branchs_features(layout):
     if layout == "merged":
         assert all(n.target.startswith("merged.") or n.target == HEAD
                    for n in asm.module.graph.nodes if n.op == "call_module")
+
+
+def test_head_over_branches_of_different_input_formats():
+    """Each branch's features are computed on its own input format (the adapters stay in
+    front of the branch bodies), as fit_calibration reads them."""
+    from mdafx.data import InputFormat
+
+    fmt_a = InputFormat((32, 32), 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    fmt_b = InputFormat((48, 48), 3, (0.4, 0.45, 0.5), (0.2, 0.2, 0.2))
+    a = component("resnet18", [2, 4], fmt=fmt_a)
+    b = component("mobilenet_v3_small", [6, 7], seed=1, size=48, fmt=fmt_b)
+    weight, bias = random_head([a, b], 4)
+    asm = assemble([a, b], Calibration("head", head=(weight, bias)))
+    pixels = torch.rand(2, 3, 32, 32)
+    norm = lambda p, f: (p - torch.tensor(f.mean).view(1, 3, 1, 1)) / torch.tensor(f.std).view(1, 3, 1, 1)
+    x_b = torch.nn.functional.interpolate(pixels, size=(48, 48), mode="bilinear",
+                                          align_corners=False)
+    with torch.no_grad():
+        feats = torch.cat([features_module(a.module)(norm(pixels, fmt_a)),
+                           features_module(b.module)(norm(x_b, fmt_b))], 1)
+        got = asm(norm(pixels, fmt_a))
+    want = feats @ weight.T + bias
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_a_head_needs_logits_from_a_linear():
