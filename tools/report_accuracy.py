@@ -2,7 +2,8 @@
 
     python tools/report_accuracy.py [--models vgg,resnet20] [--recipes mda,...,default]
                                     [--tasks N | --task-numbers 4,5]
-                                    [--seeds 0,1,2,3,4] [--threads 2] [--out .cache/report.md]
+                                    [--seeds 0,1,2,3,4] [--seed-tasks two|all] [--per-class 50]
+                                    [--threads 2] [--out .cache/report.md]
 
 For each cached source (tools/train_sources.py) and split seed, the CIFAR-10 *training* split is
 divided per class (tools/common.split_train): 90% is the pool the profile's 50 most confident
@@ -224,6 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed-tasks", choices=("two", "all"), default="two",
                     help="tasks of the stability table: the two-class ones (default) or all")
     ap.add_argument("--no-assembly", action="store_true")
+    ap.add_argument("--per-class", type=int, default=common.DEFAULT_PER_CLASS,
+                    help="profiled samples per class (MDA 1.1; default %(default)s = 1%% of "
+                         "5000): the effect of the number of samples")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -247,7 +251,7 @@ def main(argv=None) -> int:
     parts, sources, made = [], {}, {}
     seed0_rows = {}     # (model, task label, recipe) -> its seed-0 row, reused by the seed study
     for name, (model, _) in models.items():
-        src = Source(name, model, train, train_ds, test_ds, seed=0)
+        src = Source(name, model, train, train_ds, test_ds, seed=0, per_class=args.per_class)
         sources[name] = src
         rows, m = recipe_rows(src, tasks, recipes, log)
         made.update({(name, *k): v for k, v in m.items()})
@@ -279,8 +283,9 @@ def main(argv=None) -> int:
                 if seed == 0 and all(known):   # the recipe table's rows: same split, same run
                     rows = known
                 else:
-                    src = sources[name] if seed == 0 else Source(name, model, train, train_ds,
-                                                                 test_ds, seed=seed)
+                    src = sources[name] if seed == 0 else Source(
+                        name, model, train, train_ds, test_ds, seed=seed,
+                        per_class=args.per_class)
                     rows, _ = recipe_rows(src, studied, ["default"], log)
                 for r in rows:
                     deltas[r["task"]].append(r["delta"])
@@ -296,7 +301,8 @@ def main(argv=None) -> int:
             disable_numparse=True))
     total = time.perf_counter() - started
     text = (f"# Components that keep their accuracy (tools/report_accuracy.py)\n\n"
-            f"{args.threads} thread(s); total {total:.0f} s\n\n" + "\n\n".join(parts) + "\n")
+            f"{args.per_class} profiled samples per class; {args.threads} thread(s); "
+            f"total {total:.0f} s\n\n" + "\n\n".join(parts) + "\n")
     print(text)
     out = args.out or common.cache_root() / "report_accuracy.md"
     out.parent.mkdir(parents=True, exist_ok=True)
