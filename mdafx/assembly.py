@@ -331,6 +331,7 @@ def assemble(components: Sequence[Component], calibration: Calibration | None = 
         raise PreconditionError("assembling needs at least two components")
     if layout not in ("parallel", "merged"):
         raise PreconditionError(f"unknown layout {layout!r}: use 'parallel' or 'merged'")
+    record = None if calibration is None else dict(calibration.record)
     calibration = calibration or Calibration.scaling(None)
     factors = calibration.factors
     scales = [torch.ones(len(c.classes)) if factors is None or factors[k] is None
@@ -360,13 +361,11 @@ def assemble(components: Sequence[Component], calibration: Calibration | None = 
                  gm, instruments=instruments, name=name)
     meta = {"layout": layout, "class_names": names, "class_map": cmap,
             "input": shared.to_dict(), "components": [dict(c.metadata) for c in components],
-            "calibration_method": calibration.method}
+            "calibration": record}
     if calibration.head is None:
         meta.update(scales=[s.tolist() for s in scales],
                     offsets=None if calibration.offsets is None
                     else torch.as_tensor(calibration.offsets).tolist())
-    if calibration.record and calibration.method != "given":
-        meta["calibration"] = dict(calibration.record)
     return Assembled(gm, names, cmap, shared, layout, meta)
 
 
