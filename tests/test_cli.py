@@ -527,7 +527,7 @@ def test_cost_exponent_flag_replaces_the_recipes(ws, pipeline, tmp_path):
     base = ["disassemble", *MODEL, "--profile", PROFILE, "--task", "cat,dog"]
     ok(*base, "--recipe", "mda", "--cost-exponent", "0.5", "-o", tmp_path / "aware.mdafx")
     meta = api.load(tmp_path / "aware.mdafx").metadata
-    assert meta["recipe"]["cost_exponent"] == 0.5 and meta["thresholds"]["cost_exponent"] == 0.5
+    assert meta["recipe"]["cost_exponents"] == [0.5] and meta["thresholds"]["cost_exponent"] == 0.5
     code, _, err = call(*base, "--recipe", "reference", "--cost-exponent", "0.5",
                         "-o", tmp_path / "ref.mdafx")
     assert code == cli.EXIT_USAGE and "--cost-exponent: the reference recipe" in err, err
