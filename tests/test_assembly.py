@@ -6,25 +6,9 @@ import pytest
 import torch
 
 from mdafx import api
-from mdafx.api import Calibration, InputFormat, assemble, cut
+from mdafx.api import Calibration, InputFormat, assemble
 from mdafx.errors import PreconditionError
-from mdafx.passes.contributions import class_contributions
-from zoo import build
-
-NAMES = [f"c{i}" for i in range(10)]
-
-
-def component(name, task, seed=0, size=None, fmt=None):
-    model, example = build(name, seed=seed)
-    if size is not None:
-        example = torch.randn(1, 3, size, size)
-    gm = api.trace(model, example)
-    x = torch.randn(20, *example.shape[1:], generator=torch.Generator().manual_seed(seed))
-    A = class_contributions(gm, [(x, torch.arange(20) % 10)], 10, progress=False)
-    comp = cut(gm, A, task, source=f"{name}#{seed}", class_names=NAMES)
-    if fmt is not None:
-        comp.metadata["input"] = fmt.to_dict()
-    return comp
+from zoo import random_component as component
 
 
 def expected(comps, scales, x_per_comp):

@@ -68,3 +68,24 @@ def build(name: str, seed: int = 0, num_classes: int = 10) -> tuple[nn.Module, t
     randomize_(model, seed)
     example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
     return calibrate_norms_(model, example, seed), example
+
+
+ZOO_CLASS_NAMES = [f"c{i}" for i in range(10)]
+
+
+def random_component(name: str, task, seed: int = 0, size: int | None = None, fmt=None):
+    """A component of a random-weight zoo model for ``task``, located on 20 random images
+    (2 per class): enough to exercise assembly, not a trained model. ``size`` changes the input
+    size, ``fmt`` (an InputFormat) is recorded as the component's input format."""
+    from mdafx import api
+    from mdafx.passes.contributions import class_contributions
+    model, example = build(name, seed=seed)
+    if size is not None:
+        example = torch.randn(1, 3, size, size)
+    gm = api.trace(model, example)
+    x = torch.randn(20, *example.shape[1:], generator=torch.Generator().manual_seed(seed))
+    contributions = class_contributions(gm, [(x, torch.arange(20) % 10)], 10, progress=False)
+    comp = api.cut(gm, contributions, task, source=f"{name}#{seed}", class_names=ZOO_CLASS_NAMES)
+    if fmt is not None:
+        comp.metadata["input"] = fmt.to_dict()
+    return comp

@@ -12,10 +12,7 @@ from mdafx.data import ArrayDataset
 from mdafx.errors import DataError, PreconditionError
 from mdafx.ir import trace
 from mdafx.passes.feature_head import HEAD, features_module, fit_head, head_input
-from mdafx.passes.contributions import class_contributions
-from zoo import build
-
-NAMES = [f"c{i}" for i in range(10)]
+from zoo import ZOO_CLASS_NAMES as NAMES, random_component as component
 
 
 def gaussian_classes(n_per_class=40, dims=6, classes=3, seed=0):
@@ -59,19 +56,6 @@ def test_constant_features_get_no_weight_and_degenerate_data_is_refused():
         fit_head(torch.ones(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]), 3)
     with pytest.raises(PreconditionError, match="shrinkage"):
         fit_head(f, y, 3, shrinkage=0.0)
-
-
-def component(name, task, seed=0, size=None, fmt=None):
-    model, example = build(name, seed=seed)
-    if size is not None:
-        example = torch.randn(1, 3, size, size)
-    gm = api.trace(model, example)
-    x = torch.randn(20, *example.shape[1:], generator=torch.Generator().manual_seed(seed))
-    A = class_contributions(gm, [(x, torch.arange(20) % 10)], 10, progress=False)
-    comp = api.cut(gm, A, task, source=f"{name}#{seed}", class_names=NAMES)
-    if fmt is not None:
-        comp.metadata["input"] = fmt.to_dict()
-    return comp
 
 
 def random_head(comps, classes):
