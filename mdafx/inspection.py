@@ -6,7 +6,8 @@
 * a traced source model: the disassembly pipeline for ``task`` (with a profile), for a random
   plan keeping ``density`` of the channel groups, or no pass at all (the input graph and its
   channel groups);
-* two or more components: the assembly pipeline of ``layout``;
+* two or more components: the assembly pipeline of ``layout`` with ``calibration`` (a
+  :class:`~mdafx.assembly.Calibration`: a feature head, or logit scales; None: unscaled);
 * one component or assembled model: its graph (no pass).
 
 DOT files are rendered to SVG when Graphviz's ``dot`` is installed (it is optional: the text
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from .assembly import assemble
+from .assembly import Calibration, assemble
 from .disassembly import Component, channel_groups, prune, resolve_classes, source_analyses
 from .errors import PreconditionError
 from .instrument import DumpIR, Timing, VerifyEach, run_pipeline
@@ -64,7 +65,7 @@ def inspect(target: fx.GraphModule | Component | Sequence[Component] | Any,
             directory: str | os.PathLike, *, name: str = "model", profile=None,
             task: Sequence[Any] | None = None, thresholds: Thresholds = Thresholds(),
             density: float | None = None, seed: int = 0, layout: str = "parallel",
-            verify: bool = False) -> InspectReport:
+            calibration: Calibration | None = None, verify: bool = False) -> InspectReport:
     """Dump every pass of the pipeline ``target`` goes through (module docstring)."""
     if task is not None and profile is None:
         raise PreconditionError("a task needs the source's profile")
@@ -75,7 +76,7 @@ def inspect(target: fx.GraphModule | Component | Sequence[Component] | Any,
     dump, timing = DumpIR(directory, name), Timing()
     instruments = [dump, timing] + ([VerifyEach()] if verify else [])
     if isinstance(target, (list, tuple)):
-        assemble(list(target), layout=layout, instruments=instruments, name=name)
+        assemble(list(target), calibration, layout=layout, instruments=instruments, name=name)
         what = f"assembly of {len(target)} components ({layout} layout)"
     elif isinstance(target, fx.GraphModule):
         what = _disassembly(target, profile, task, thresholds, density, seed, instruments, name)

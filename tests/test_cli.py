@@ -910,3 +910,12 @@ def test_default_recipe_and_feature_head(ws, pipeline, tmp_path):
     joint = api.load(tmp_path / "j.mdafx")
     assert joint.metadata["calibration"]["method"] == "joint"
     assert joint.metadata["offsets"] is not None and "component alone" in out
+    # inspect shows the pipeline assemble ran: the head pass with --calibrate, none without
+    files = [tmp_path / "cd.mdafx", "components/frog-cat.mdafx"]
+    ok("inspect", *files, "--calibrate", "data/calib", "-o", tmp_path / "dumps")
+    passes = sorted(p.name for p in (tmp_path / "dumps" / "assembly").glob("*.txt"))
+    assert any(p.endswith("_insert-feature-head.txt") for p in passes), passes
+    ok("inspect", *files, "-o", tmp_path / "plain")
+    assert not list((tmp_path / "plain" / "assembly").glob("*feature-head*"))
+    code, _, err = call("inspect", files[0], "--calibrate", "data/calib", "-o", tmp_path / "one")
+    assert code == cli.EXIT_USAGE and "--calibrate goes with several component files" in err, err

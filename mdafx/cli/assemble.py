@@ -24,13 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=("parallel", "merged"), default="parallel",
                    help="parallel branches (any architectures; default) or one merged network "
                         "(isomorphic components with one input format)")
-    p.add_argument("--calibrate", metavar="DIR",
-                   help="ImageFolder of a calibration split (images of every assembled class; "
-                        "never the test split). Without it the logits are compared as they are")
-    p.add_argument("--calibration", choices=("head", "joint", "mda"), default="head",
-                   help="head: one closed-form (LDA) linear head over every component's features "
-                        "(default); joint: a factor and an offset per logit; mda: MDA 2.1's "
-                        "factors per component")
+    common.add_calibration(p)
     p.add_argument("--strict", action="store_true",
                    help="a guard-rail warning (a class never predicted, a large drop) is an "
                         "error and nothing is written")
@@ -47,12 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from mdafx import api  # heavy: only when the command runs (`--help` stays light)
 
     comps = [api.load_component(p) for p in args.components]
-    calibration, record, report = None, None, None
-    if args.calibrate:
-        fmt = api.InputFormat.from_dict(comps[0].metadata["input"])
-        data = api.open_images(args.calibrate, fmt)
-        calibration = api.fit_calibration(comps, data, method=args.calibration,
-                                          batch_size=args.batch_size)
+    calibration, data = common.calibration(args, comps, args.batch_size)
+    record, report = None, None
     asm = api.assemble(comps, calibration, layout=args.layout)
     if args.calibrate:
         report = api.guard_assembled(asm, comps, data, batch_size=args.batch_size)

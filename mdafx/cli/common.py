@@ -296,6 +296,17 @@ def add_force(p: argparse.ArgumentParser) -> None:
                    help="replace existing outputs (regular files only)")
 
 
+def add_calibration(p: argparse.ArgumentParser) -> None:
+    """How an assembly makes its branches comparable (``assemble``, ``inspect``)."""
+    p.add_argument("--calibrate", metavar="DIR",
+                   help="ImageFolder of a calibration split (images of every assembled class; "
+                        "never the test split). Without it the logits are compared as they are")
+    p.add_argument("--calibration", choices=("head", "joint", "mda"), default="head",
+                   help="head: one closed-form (LDA) linear head over every component's features "
+                        "(default); joint: a factor and an offset per logit; mda: MDA 2.1's "
+                        "factors per component")
+
+
 # ============================================================================ reading the flags
 
 def flag(args: argparse.Namespace, name: str) -> bool:
@@ -325,6 +336,19 @@ def preprocess(args: argparse.Namespace, fmt=None):
     if crop is None and fmt is not None:
         crop = tuple(fmt.size)
     return Preprocess(resize, crop, getattr(args, "interpolation", "bilinear"))
+
+
+def calibration(args: argparse.Namespace, components, batch_size: int = 256):
+    """``(Calibration, dataset)`` fitted on ``--calibrate`` by ``--calibration`` for these
+    components (read in the first one's input format), or ``(None, None)`` without images."""
+    if not args.calibrate:
+        return None, None
+    from mdafx import api
+
+    fmt = api.InputFormat.from_dict(components[0].metadata["input"])
+    data = api.open_images(args.calibrate, fmt)
+    return api.fit_calibration(components, data, method=args.calibration,
+                               batch_size=batch_size), data
 
 
 def recipe(args: argparse.Namespace, num_classes: int | None):

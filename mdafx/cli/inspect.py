@@ -2,7 +2,8 @@
 
 * ``inspect --model ... -o DIR [--profile P --task A,B | --density F]``: the disassembly
   pipeline of a source model (no pass at all without a task or density);
-* ``inspect C1.mdafx C2.mdafx ... -o DIR [--layout merged]``: the assembly pipeline;
+* ``inspect C1.mdafx C2.mdafx ... -o DIR [--layout merged] [--calibrate DIR [--calibration
+  head|joint|mda]]``: the assembly pipeline, with the calibration ``assemble`` would fit;
 * ``inspect ONE.mdafx -o DIR``: that file's graph.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=common.seed, default=0, help="seed of --density (default 0)")
     p.add_argument("--layout", choices=("parallel", "merged"), default="parallel",
                    help="with several model files: the assembly layout (default parallel)")
+    common.add_calibration(p)
     p.add_argument("--verify", action="store_true", help="lint and run the graph after each pass")
     common.add_thresholds(p)
     common.add_force(p)
@@ -40,6 +42,8 @@ def _usage(args: argparse.Namespace) -> None:
     if args.files and (common.model_given(args) or args.profile or args.task
                        or args.density is not None):
         raise common.UsageError("--profile/--task/--density and the model flags go with --model")
+    if args.calibrate and len(args.files) < 2:
+        raise common.UsageError("--calibrate goes with several component files (an assembly)")
     if args.task and not args.profile:
         raise common.UsageError("--task needs --profile")
     if args.task and args.density is not None:
@@ -49,6 +53,7 @@ def _usage(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _usage(args)
     common.require_files(model_file=args.files, weights=args.weights, profile=args.profile)
+    common.require_dirs(calibration=args.calibrate)
     if args.files:
         default = Path(args.files[0]).stem if len(args.files) == 1 else "assembly"
     else:
@@ -59,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
     from mdafx import api  # heavy: only when the command runs (`--help` stays light)
 
     if len(args.files) > 1:
-        report = api.inspect([api.load_component(f) for f in args.files], args.output,
-                             name=name, layout=args.layout, verify=args.verify)
+        comps = [api.load_component(f) for f in args.files]
+        report = api.inspect(comps, args.output, name=name, layout=args.layout,
+                             calibration=common.calibration(args, comps)[0], verify=args.verify)
     elif args.files:
         report = api.inspect(api.load(args.files[0]), args.output, name=name,
                              verify=args.verify)
