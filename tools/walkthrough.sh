@@ -39,7 +39,9 @@ mdafx assemble vgg-cat-dog.mdafx resnet20-airplane-ship.mdafx --calibrate "$DATA
     -o assembled.mdafx
 mdafx evaluate assembled.mdafx --data "$DATA/test"
 
-# 5. What the files hold, the per-pass dumps of the assembly, and ONNX checked by onnxruntime.
+# 5. What the files hold, the per-pass dumps of the assembly (of the logits as they are; with
+#    --calibrate "$DATA/train" inspect also fits the head and dumps its pass), and ONNX
+#    checked by onnxruntime.
 mdafx info assembled.mdafx
 mdafx inspect vgg-cat-dog.mdafx resnet20-airplane-ship.mdafx -o dumps
 mdafx export assembled.mdafx -o assembled.onnx --latency
