@@ -8,6 +8,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from mdafx import api
+from mdafx.passes.contributions import class_contributions
+
 # name -> (constructor kwargs, input size)
 CI_ZOO = {
     "resnet18": ({}, 32),
@@ -77,8 +80,6 @@ def random_component(name: str, task, seed: int = 0, size: int | None = None, fm
     """A component of a random-weight zoo model for ``task``, located on 20 random images
     (2 per class): enough to exercise assembly, not a trained model. ``size`` changes the input
     size, ``fmt`` (an InputFormat) is recorded as the component's input format."""
-    from mdafx import api
-    from mdafx.passes.contributions import class_contributions
     model, example = build(name, seed=seed)
     if size is not None:
         example = torch.randn(1, 3, size, size)

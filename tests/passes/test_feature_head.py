@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from mdafx import api
 from mdafx.assembly import Calibration, assemble, fit_calibration
-from mdafx.data import ArrayDataset
+from mdafx.data import ArrayDataset, InputFormat
 from mdafx.errors import DataError, PreconditionError
 from mdafx.ir import trace
 from mdafx.passes.feature_head import HEAD, features_module, fit_head, head_input
@@ -91,8 +91,6 @@ def test_assembled_head_is_one_linear_over_every_branchs_features(layout):
 def test_head_over_branches_of_different_input_formats():
     """Each branch's features are computed on its own input format (the adapters stay in
     front of the branch bodies), as fit_calibration reads them."""
-    from mdafx.data import InputFormat
-
     fmt_a = InputFormat((32, 32), 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     fmt_b = InputFormat((48, 48), 3, (0.4, 0.45, 0.5), (0.2, 0.2, 0.2))
     a = component("resnet18", [2, 4], fmt=fmt_a)
