@@ -6,11 +6,13 @@ code's chain walk), whether the thresholds are searched against a :class:`~mdafx
 and which recovery runs on the component (:class:`~mdafx.search.Recovery`: norm re-estimation,
 closed-form layer reconstruction). ``RECIPES`` names the ones mdafx measures (README, "Components
 that keep their accuracy"); ``"mda"`` is the method exactly as published, ``"reference"`` the
-authors' code's masks, ``"default"`` the best measured recipe for a component on its own (the
-searched thresholds with closed-form reconstruction, at γ 0 and at ``COST_EXPONENT``, the one
-more accurate on calibration images kept), also the best measured for components that are
-assembled afterwards; ``"assemblable"`` (refitted on the other classes' images too) was better
-for assembly with γ 0 only and is kept as the measured alternative (README).
+authors' code's masks, ``"default"`` the best measured recipe for a component on its own and for
+assembly: the searched thresholds at γ 0 and at ``COST_EXPONENT`` (the one more accurate on
+calibration images kept), the thresholds saying how many channels of each group stay and block
+OBS which, where only one layer reads the group (passes/select_channels.py), then closed-form
+reconstruction. ``"mda-channels"`` is the same without the selection (MDA's own channels, the
+default before it); ``"assemblable"`` (mda-channels refitted on the other classes' images too) was
+better for assembly with γ 0 only and is kept as the measured alternative (README).
 
 Recipes with a budget or recovery need calibration images ``(dataset, indices)``: a split of the
 training data the profile did not select from (``mdafx.profiling.calibration_split``), never the
@@ -104,11 +106,17 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("cost-aware", "searched+reconstruct with conv thresholds growing with what a channel "
            "costs (cost exponent 0.5): high-resolution layers give up channels first",
            budget=GOAL, recovery=Recovery(reconstruct=True), cost_exponents=(COST_EXPONENT,)),
-    Recipe("default", "the searched+reconstruct and cost-aware searches both, on the same "
-           "calibration images: the more accurate choice wins (ties: the lower loss there)",
+    Recipe("mda-channels", "the searched+reconstruct and cost-aware searches both, on the same "
+           "calibration images: the more accurate choice wins (ties: the lower loss there); "
+           "the channels MDA's thresholds keep (the default before channel selection)",
            budget=GOAL, recovery=Recovery(reconstruct=True),
            cost_exponents=(0.0, COST_EXPONENT)),
-    Recipe("assemblable", "the default, refitted also on as many images of the other classes: "
+    Recipe("default", "mda-channels, with the channels of every group only one layer reads "
+           "chosen by what that layer loses (block OBS over calibration images; MDA's "
+           "thresholds still say how many)",
+           budget=GOAL, recovery=Recovery(reconstruct=True, select=True),
+           cost_exponents=(0.0, COST_EXPONENT)),
+    Recipe("assemblable", "mda-channels, refitted also on as many images of the other classes: "
            "its logits follow the source's off the task too",
            budget=GOAL, recovery=Recovery(reconstruct=True, negatives=1.0),
            cost_exponents=(0.0, COST_EXPONENT)),

@@ -99,6 +99,7 @@ from .passes.prune_channels import TaskPlan
 from .passes.channel_groups import ChannelGroups
 from .passes.reconstruct import ReconstructLayers, kept_channels
 from .passes.reestimate_norms import ReestimateNorms
+from .passes.select_channels import ChannelSelection
 from .profiling import Profile
 
 __all__ = ["Budget", "Candidate", "SearchResult", "DEFAULT_SCALES", "GLOBAL_SCALES",
@@ -186,6 +187,9 @@ class Recovery:
       source is not confident, which is what an assembled model compares across components
       (a component fitted on its own classes only answers confidently on any image). Those
       images are never scored: the task's accuracy is measured on its own classes.
+    * ``select``: with reconstruction, the thresholds decide how many channels of each group
+      stay, and where only one layer reads a group, block OBS on that layer's refit objective
+      over the fitting images decides which (passes/select_channels.py).
     """
 
     norms: bool = False
@@ -196,11 +200,18 @@ class Recovery:
     max_fit_images: int = 4096
     negatives: float = 0.0
     through_sums: bool = True
+    select: bool = False
+
+    def __post_init__(self) -> None:
+        if self.select and not self.reconstruct:
+            raise PreconditionError("channel selection (select) chooses the channels the refit "
+                                    "works with: it needs reconstruct")
 
     def describe(self) -> str:
         extras = ([f"{self.negatives:g} other-class image(s) per task image"]
                   if self.negatives else []) + (["flips"] if self.flip else [])
         steps = (["norms re-estimated"] if self.norms else []) + (
+            ["channels selected by what their reader loses"] if self.select else []) + (
             [f"layers reconstructed (ridge {self.ridge:g}"
              + "".join(f", {e}" for e in extras) + ")"] if self.reconstruct else [])
         return ", ".join(steps) or "none"
@@ -562,6 +573,9 @@ def _search(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
         return torch.cat([x, x.flip(-1)]) if recovery.flip else x
 
     fit_x = fitting(fit_pos) if recovery.reconstruct else None
+    # which channels of the free groups (one source pass over the fitting images, for all)
+    selection = (ChannelSelection.measure(gm, cg, fit_x, ridge=recovery.ridge)
+                 if recovery.select else None)
 
     # data-parallel scoring: each rank scores its batches of x_score, the counts are summed
     mine = ranks.shard(range(len(x_score)), batch_size)
@@ -660,6 +674,14 @@ def _search(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
         c, comp = candidates[i], components[i]
         bar.note(f"score {scale_text(c.scale)}, {c.macs_frac:.0%} MACs")
         bar.update()
+        if selection is not None:
+            # which channels: chosen only for the candidates scored (the counts, so the size,
+            # are the plan's: phase 1 measured them on the plan itself)
+            plans[i], moved = selection.refine(plans[i])
+            comp = cut(gm, profile, classes, thresholds=c.thresholds, class_names=names,
+                       source=source, am=am, plan=plans[i])
+            comp.metadata["channels_selected"] = moved
+            components[i] = comp
         _recover(gm, comp, plans[i], cg, recovery, norm_x, fit_x, batch_size, seed,
                  f"{source}-search-{i}")
         c.accuracy, c.loss = task_accuracy(comp.module, "a candidate component", record=i)
@@ -729,10 +751,18 @@ def _search(gm: fx.GraphModule, profile: Profile, task, calib_dataset,
     comp = components[best]
     if recovery.reconstruct:
         # the chosen one is fitted again, on all its calibration images (fit and score parts)
+        final_x = fitting(list(range(len(task_idx))))
+        final_plan = plans[best]
+        if selection is not None:   # chosen again, on the same images as the refit
+            final_plan, selected = ChannelSelection.measure(
+                gm, cg, final_x, ridge=recovery.ridge).refine(
+                am.get(TaskPlan(classes, chosen.thresholds)))
         final = cut(gm, profile, classes, thresholds=chosen.thresholds, class_names=names,
-                    source=source, am=am)
-        _recover(gm, final, plans[best], cg, recovery, norm_x,
-                 fitting(list(range(len(task_idx)))), batch_size, seed, source)
+                    source=source, am=am, plan=final_plan)
+        if selection is not None:
+            final.metadata["channels_selected"] = selected
+        _recover(gm, final, final_plan, cg, recovery, norm_x, final_x, batch_size, seed,
+                 source)
         final.metadata.update({k: v for k, v in comp.metadata.items()
                                if k not in final.metadata})
         comp = final

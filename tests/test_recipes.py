@@ -44,7 +44,7 @@ def test_reconstruction_recovers_what_mda_loses_on_calibration_images():
 
 def test_negatives_make_the_component_follow_the_source_off_its_task():
     """``assemblable`` also fits on the other classes' images: there its logits are closer to
-    the source's task logits than the default's (same thresholds, same task images)."""
+    the source's task logits than mda-channels' (same thresholds, same task images)."""
     from mdafx.evaluation import logits_of
     from mdafx.search import load_images
 
@@ -53,13 +53,13 @@ def test_negatives_make_the_component_follow_the_source_off_its_task():
     x = load_images(test, others, 64)
     target = logits_of(gm, x)[:, TASK]
     error = {}
-    for name in ("default", "assemblable"):
+    for name in ("mda-channels", "assemblable"):
         # the given thresholds, one γ: the two differ by the negatives only
         recipe = dataclasses.replace(RECIPES[name], budget=None).with_cost_exponent(0.0)
         comp = disassemble(gm, prof, TASK, recipe=recipe, calibration=(train, calib),
                            thresholds=Thresholds().scaled(2.0))
         error[name] = float((logits_of(comp.module, x) - target).pow(2).mean())
-    assert error["assemblable"] < 0.8 * error["default"]
+    assert error["assemblable"] < 0.8 * error["mda-channels"]
 
 
 def test_bisect_finds_what_the_scan_finds_on_a_monotone_trade_off():
@@ -105,25 +105,34 @@ def test_the_recipe_sets_the_cost_exponent_and_the_caller_can_replace_it():
         disassemble(gm, prof, TASK, recipe="reference", cost_exponent=0.5)
 
 
-def test_default_takes_the_more_accurate_of_both_searches():
+def test_both_searches_keep_the_more_accurate():
     """Both searches score on the same calibration images; the winner is the more accurate
     (ties: the lower loss there), and its γ is what the component's thresholds record."""
     gm, prof, train, _, calib, _ = setup()
     both = {name: disassemble(gm, prof, TASK, recipe=name, calibration=(train, calib))
-            for name in ("searched+reconstruct", "cost-aware", "default")}
+            for name in ("searched+reconstruct", "cost-aware", "mda-channels")}
     seen = {n: c.metadata["calibration"] for n, c in both.items()}
     want = max(("searched+reconstruct", "cost-aware"),
                key=lambda n: (seen[n]["accuracy"], -seen[n]["loss"]))
-    assert seen["default"] == seen[want]
-    choice = both["default"].metadata["cost_exponent_choice"]   # both searches, recorded
-    assert [c["cost_exponent"] for c in choice] == list(RECIPES["default"].cost_exponents)
+    assert seen["mda-channels"] == seen[want]
+    choice = both["mda-channels"].metadata["cost_exponent_choice"]   # both searches, recorded
+    assert [c["cost_exponent"] for c in choice] == list(RECIPES["mda-channels"].cost_exponents)
     assert sum(c["chosen"] for c in choice) == 1
     kept = next(c for c in choice if c["chosen"])
     assert (kept["accuracy"], kept["loss"]) == (seen[want]["accuracy"], seen[want]["loss"])
     assert "cost_exponent_choice" not in both["cost-aware"].metadata
-    assert both["default"].metadata["macs"] == both[want].metadata["macs"]
-    assert both["default"].metadata["thresholds"]["cost_exponent"] == \
+    assert both["mda-channels"].metadata["macs"] == both[want].metadata["macs"]
+    assert both["mda-channels"].metadata["thresholds"]["cost_exponent"] == \
         both[want].metadata["thresholds"]["cost_exponent"]
+    default = disassemble(gm, prof, TASK, calibration=(train, calib))   # + channel selection
+    assert default.metadata["recipe"]["name"] == "default"
+    assert default.metadata["recipe"]["recovery"]["select"] is True
+    assert isinstance(default.metadata["channels_selected"], int)
+    assert [c["cost_exponent"] for c in default.metadata["cost_exponent_choice"]] == \
+        list(RECIPES["mda-channels"].cost_exponents)
+    assert RECIPES["default"] == dataclasses.replace(
+        RECIPES["mda-channels"], name="default", description=RECIPES["default"].description,
+        recovery=dataclasses.replace(RECIPES["mda-channels"].recovery, select=True))
     with pytest.raises(PreconditionError, match="calibration images"):
         disassemble(gm, prof, TASK, recipe=dataclasses.replace(
             RECIPES["default"], budget=None, recovery=Recovery()))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mdafx.api import trace
+from mdafx.ir import count_macs, count_params
 from mdafx.data import ArrayDataset, split_per_class
 from mdafx.models import tiny_cnn
 from mdafx import search
@@ -290,6 +291,29 @@ def test_identical_plans_are_scored_once():
     res = search_thresholds(gm, prof, TASK, train, calib, scales=(1.0, 1.0, 0.5))
     assert res.candidates[1].same_as == 0
     assert res.candidates[1].macs == res.candidates[0].macs
+
+
+def test_channel_selection_changes_which_channels_not_how_many():
+    """With ``select``, every candidate keeps exactly as many channels (and MACs, params) as
+    without it at the same thresholds; only which ones differ, and the component records how
+    many moved."""
+    gm, prof, train, _, calib, _ = setup()
+    args = (gm, prof, TASK, train, calib, Budget(max_acc_drop=100.0))
+    plain = search_thresholds(*args, scales=SCALES, recovery=Recovery(reconstruct=True),
+                              score_all=True)
+    chosen = search_thresholds(*args, scales=SCALES, score_all=True,
+                               recovery=Recovery(reconstruct=True, select=True))
+    for a, b in zip(plain.candidates, chosen.candidates):
+        assert (a.scale, a.macs, a.params, a.channels_kept) == \
+            (b.scale, b.macs, b.params, b.channels_kept)
+    final = chosen.component          # refined and refitted: the size its candidate says
+    assert (count_macs(final.module), count_params(final.module)) == \
+        (chosen.candidate.macs, chosen.candidate.params)
+    moved = chosen.component.metadata["channels_selected"]
+    assert isinstance(moved, int) and moved >= 0
+    assert "channels_selected" not in plain.component.metadata
+    assert any(a.accuracy != b.accuracy or a.loss != b.loss          # the test can fail
+               for a, b in zip(plain.candidates, chosen.candidates))
 
 
 def test_default_grid():

@@ -1,7 +1,8 @@
 """Components and assembled models that keep their accuracy: every recipe on the CIFAR-10 sources.
 
     python tools/report_accuracy.py [--models vgg,resnet20] [--recipes mda,...,default]
-                                    [--tasks N | --task-numbers 4,5]
+                                    [--tasks N | --task-numbers 4,5] [--no-assembly]
+                                    [--assembly-recipes default,mda-channels,assemblable]
                                     [--seeds 0,1,2,3,4] [--seed-tasks two|all] [--per-class 50]
                                     [--threads 2] [--out .cache/report.md]
 
@@ -20,7 +21,8 @@ Tables (markdown copy in ``--out``):
 2. where MDA's accuracy goes (``mdafx.diagnosis``): its plan applied one layer at a time;
 3. the default recipe over every ``--seeds`` split seed: mean and standard deviation of the
    delta per task (the two-class tasks, or every task of the run with ``--seed-tasks all``);
-4. assembly: components of the ``default`` and ``assemblable`` recipes from both sources,
+4. assembly: components of the ``--assembly-recipes`` (default: ``default``, ``mda-channels``,
+   ``assemblable``) from both sources,
    assembled without calibration, with MDA's parameter scaling, with the joint calibration
    (``calibrate_jointly``) and with a feature head (``fit_calibration(..., method="head")``),
    against the weighted source baseline (each source on its own task's
@@ -51,8 +53,8 @@ from mdafx.passes.channel_groups import ChannelGroups  # noqa: E402
 from mdafx.passes.prune_channels import TaskPlan  # noqa: E402
 
 RECIPE_ORDER = ("mda", "reference", "mda+norms", "mda+reconstruct", "searched+norms",
-                "searched+reconstruct", "cost-aware", "default", "assemblable")
-ASSEMBLY_RECIPES = ("default", "assemblable")
+                "searched+reconstruct", "cost-aware", "mda-channels", "default", "assemblable")
+ASSEMBLY_RECIPES = ("default", "mda-channels", "assemblable")
 CEILING = "thresholds x0"   # the assembly rows of components cut at zero thresholds
 WHOLE = "whole sources"     # ... and of components that keep every channel (the sources' logits)
 ASSEMBLIES = ((("vgg", ("cat", "dog")), ("resnet20", ("airplane", "ship"))),
@@ -154,12 +156,12 @@ def diagnosis_table(src: Source, task) -> str:
                     disable_numparse=True)
 
 
-def assembly_rows(sources: dict, made: dict, log) -> list[list]:
+def assembly_rows(sources: dict, made: dict, log, recipes=None) -> list[list]:
     out = []
     for parts in ASSEMBLIES:
         names = [c for _, task in parts for c in task]
         single = max(sources[n].source_acc(sources[n].classes(names))[0] for n in sources)
-        for recipe in ASSEMBLY_RECIPES:
+        for recipe in recipes or ASSEMBLY_RECIPES:
             comps = [made[(name, tuple(task), recipe)] for name, task in parts]
             out += _assembled(sources, parts, comps, recipe, single, log)
         nearly = [api.cut(sources[name].gm, sources[name].profile, list(task),
@@ -225,6 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed-tasks", choices=("two", "all"), default="two",
                     help="tasks of the stability table: the two-class ones (default) or all")
     ap.add_argument("--no-assembly", action="store_true")
+    ap.add_argument("--assembly-recipes", default=",".join(ASSEMBLY_RECIPES),
+                    help="recipes whose components are assembled (default %(default)s)")
     ap.add_argument("--per-class", type=int, default=common.DEFAULT_PER_CLASS,
                     help="profiled samples per class (MDA 1.1; default %(default)s = 1%% of "
                          "5000): the effect of the number of samples")
@@ -234,6 +238,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     names = [m for m in args.models.split(",") if m]
     recipes = [r for r in args.recipes.split(",") if r]
+    assembly_recipes = [r for r in args.assembly_recipes.split(",") if r]
+    unknown = [r for r in recipes + assembly_recipes if r not in api.RECIPES]
+    if unknown:
+        ap.error(f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(api.RECIPES)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     tasks = common.TASKS[:args.tasks]
     if args.task_numbers:
@@ -263,10 +271,10 @@ def main(argv=None) -> int:
     # assembly before the seed study: it uses the seed-0 components of both sources
     if not args.no_assembly and len(sources) == 2:
         for name, task in sum(ASSEMBLIES, ()):
-            for recipe in ASSEMBLY_RECIPES:
+            for recipe in assembly_recipes:
                 if (name, tuple(task), recipe) not in made:
                     made[(name, tuple(task), recipe)] = make(sources[name], task, recipe)[0]
-        rows = assembly_rows(sources, made, log)
+        rows = assembly_rows(sources, made, log, assembly_recipes)
         parts.append("## Assembly\n\n" + tabulate(
             rows, headers=["assembled", "classes", "components", "calibration", "test acc",
                            "baseline", "delta pts", "one source", "delta pts", "params",

@@ -208,6 +208,7 @@ def _report(args, tasks, comps, paths, budget, calib_text, name, k, recipe, guar
                         "norms_reestimated_on": m.get("norms_reestimated_on"),
                         "recipe": m.get("recipe"),
                         "cost_exponent_choice": m.get("cost_exponent_choice"),
+                        "channels_selected": m.get("channels_selected"),
                         "search": None if res is None else {
                             "met": res.met, "scale": res.scale, "message": res.message}})
         row = [",".join(task), ",".join(map(str, comp.classes)),
