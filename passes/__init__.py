@@ -32,7 +32,9 @@ __all__ = ["disassembly_pipeline", "assembly_pipeline", "ChannelGroups", "Contri
 def disassembly_pipeline(plan: ChannelPlan, *, norm_batches: Iterable[Any] | None = None
                          ) -> list[Pass]:
     """The transforms that cut a component out of a traced model for ``plan`` (e.g.
-    ``am.get(TaskPlan(classes, thresholds))``: Locate's masks of the task, OR over its classes)."""
+    ``am.get(TaskPlan(classes, thresholds))``: Locate's masks of the task, OR over its classes;
+    or that plan refined by ``ChannelSelection.refine`` (passes/select_channels.py): the same
+    number of channels per group, chosen by what the layer reading them loses)."""
     pipeline: list[Pass] = [
         # drop the channels the plan rejects and keep only the task's logits; first, because
         # everything after it must see the component's real widths
