@@ -9,7 +9,8 @@ below the source on the task".
 One profile, many candidates. The contributions (MDA §1.2) do not depend on the thresholds, so
 the model is profiled once (``mdafx.api.profile``) and each candidate only costs
 
-    locate (§1.3, thresholds × scale) -> plan -> prune (§1.4) [-> re-estimate norms] -> score
+    locate (§1.3, thresholds × scale) -> plan [-> which channels: ChannelSelection]
+        -> prune (§1.4) [-> re-estimate norms] [-> reconstruct] -> score
 
 where *score* is the component's task accuracy on **calibration** images: indices of a training
 split, disjoint from the profiling samples, handed in by the caller. The search never sees a
