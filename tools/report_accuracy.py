@@ -3,7 +3,8 @@
     python tools/report_accuracy.py [--models vgg,resnet20] [--recipes mda,...,default]
                                     [--tasks N | --task-numbers 4,5] [--no-assembly]
                                     [--assembly-recipes default,mda-channels,assemblable]
-                                    [--seeds 0,1,2,3,4] [--seed-tasks two|all] [--per-class 50]
+                                    [--seeds 0,1,2,3,4] [--seed-tasks two|all] [--seed-recipe R]
+                                    [--per-class 50]
                                     [--threads 2] [--out .cache/report.md]
 
 For each cached source (tools/train_sources.py) and split seed, the CIFAR-10 *training* split is
@@ -19,8 +20,9 @@ Tables (markdown copy in ``--out``):
    searched recipes, the search's cost over its floor (candidates scored x one source forward
    over the calibration images);
 2. where MDA's accuracy goes (``mdafx.diagnosis``): its plan applied one layer at a time;
-3. the default recipe over every ``--seeds`` split seed: mean and standard deviation of the
-   delta per task (the two-class tasks, or every task of the run with ``--seed-tasks all``);
+3. the ``--seed-recipe`` (default: ``default``) over every ``--seeds`` split seed: mean and
+   standard deviation of the delta per task (the two-class tasks, or every task of the run with
+   ``--seed-tasks all``);
 4. assembly: components of the ``--assembly-recipes`` (default: ``default``, ``mda-channels``,
    ``assemblable``) from both sources,
    assembled without calibration, with MDA's parameter scaling, with the joint calibration
@@ -226,6 +228,8 @@ def main(argv=None) -> int:
                     help="split seeds of the stability table (default recipe)")
     ap.add_argument("--seed-tasks", choices=("two", "all"), default="two",
                     help="tasks of the stability table: the two-class ones (default) or all")
+    ap.add_argument("--seed-recipe", default="default",
+                    help="the recipe of the stability table (default %(default)s)")
     ap.add_argument("--no-assembly", action="store_true")
     ap.add_argument("--assembly-recipes", default=",".join(ASSEMBLY_RECIPES),
                     help="recipes whose components are assembled (default %(default)s)")
@@ -239,7 +243,8 @@ def main(argv=None) -> int:
     names = [m for m in args.models.split(",") if m]
     recipes = [r for r in args.recipes.split(",") if r]
     assembly_recipes = [r for r in args.assembly_recipes.split(",") if r]
-    unknown = [r for r in recipes + assembly_recipes if r not in api.RECIPES]
+    unknown = [r for r in recipes + assembly_recipes + [args.seed_recipe]
+               if r not in api.RECIPES]
     if unknown:
         ap.error(f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(api.RECIPES)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -287,14 +292,15 @@ def main(argv=None) -> int:
             macs = {common.task_label(t): [] for t in studied}
             costed = {common.task_label(t): 0 for t in studied}    # seeds where γ > 0 won
             for seed in seeds:
-                known = [seed0_rows.get((name, common.task_label(t), "default")) for t in studied]
+                known = [seed0_rows.get((name, common.task_label(t), args.seed_recipe))
+                         for t in studied]
                 if seed == 0 and all(known):   # the recipe table's rows: same split, same run
                     rows = known
                 else:
                     src = sources[name] if seed == 0 else Source(
                         name, model, train, train_ds, test_ds, seed=seed,
                         per_class=args.per_class)
-                    rows, _ = recipe_rows(src, studied, ["default"], log)
+                    rows, _ = recipe_rows(src, studied, [args.seed_recipe], log)
                 for r in rows:
                     deltas[r["task"]].append(r["delta"])
                     macs[r["task"]].append(r["macs"])
@@ -303,7 +309,7 @@ def main(argv=None) -> int:
                 stab.append([name, task, len(d), f"{statistics.mean(d):+.2f}",
                              f"{statistics.stdev(d):.2f}", f"{min(d):+.2f}", f"{max(d):+.2f}",
                              f"{statistics.mean(macs[task]):.1%}", str(costed[task])])
-        parts.append(f"## Default recipe over split seeds {args.seeds}\n\n" + tabulate(
+        parts.append(f"## {args.seed_recipe} over split seeds {args.seeds}\n\n" + tabulate(
             stab, headers=["model", "task", "seeds", "mean delta", "std", "min", "max",
                            "mean MACs", "γ > 0 chosen"], tablefmt="github",
             disable_numparse=True))
