@@ -201,3 +201,13 @@ def test_report_accuracy_assembly_rows(cifar_subset, sources, monkeypatch, tmp_p
     assert all(r[1] == 4 and _in_unit(float(r[4].rstrip("%")) / 100) for r in rows)
     params = [int(r[9].replace(",", "")) for r in rows]
     assert min(params[4:]) >= max(params[:4]) and min(params[8:]) >= max(params[4:8])
+
+
+@pytest.mark.parametrize("flag", ["--recipes", "--assembly-recipes", "--seed-recipe"])
+def test_report_accuracy_refuses_unknown_recipes(flag, capsys):
+    """A misspelt recipe is a usage error naming it, before any source is loaded or trained."""
+    with pytest.raises(SystemExit) as exc:
+        ra.main([flag, "defualt"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown recipe(s) defualt" in err and "mda-channels" in err
