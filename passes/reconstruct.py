@@ -71,12 +71,16 @@ def weighted_nodes(gm: fx.GraphModule) -> list[fx.Node]:
             and isinstance(gm.get_submodule(n.target), (nn.Conv2d, nn.Linear))]
 
 
-def kept_channels(source: fx.GraphModule, plan, cg) -> dict[str, torch.Tensor]:
-    """Per weighted node of ``source``, the output channels ``plan`` keeps (indices, in order)."""
+def kept_channels(source: fx.GraphModule, plan, cg, names: set[str] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """Per weighted node of ``source`` (those in ``names``, default all), the output channels
+    ``plan`` keeps (indices, in order)."""
     from mdafx.channels import along
 
     out = {}
     for node in weighted_nodes(source):
+        if names is not None and node.name not in names:
+            continue
         kept = plan.kept(cg, node.name)
         dim = 1 if kept.dim() == 4 else -1
         width = source.get_submodule(node.target).weight.shape[0]

@@ -242,8 +242,8 @@ class ChannelSelection:
             k = int(chosen.sum())
             if k in (0, len(fb.roots)):
                 continue
-            current = ChannelPlan(keep, plan.classes)
-            outs = kept_channels(self.gm, current, self.cg)[fb.reader]
+            outs = kept_channels(self.gm, ChannelPlan(keep, plan.classes), self.cg,
+                                 {fb.reader})[fb.reader]
             layer = self.gm.get_submodule(fb.target)
             weight = layer.weight.detach().reshape(layer.weight.shape[0], -1)[outs].T
             bias = (layer.bias.detach()[outs] if layer.bias is not None
