@@ -23,8 +23,9 @@ mdafx analyse --model cifar10-resnet20 --data "$DATA/train" --per-class "$PER_CL
 # 2. Disassemble: a {cat, dog} component of the VGG and an {airplane, ship} component of the
 #    ResNet-20. The default recipe searches MDA's thresholds for the best component within 50%
 #    of the source's MACs (the largest, unless a smaller one scores significantly higher),
-#    refitting each candidate's layers in closed form on the calibration split; the per-class
-#    table warns about a class the component never predicts.
+#    chooses which channels stay where one layer reads them (block OBS) and refits each
+#    candidate's layers in closed form on the calibration split; the per-class table warns
+#    about a class the component never predicts.
 mdafx disassemble --model cifar10-vgg --profile vgg.profile --task cat,dog -o vgg-cat-dog.mdafx
 mdafx disassemble --model cifar10-resnet20 --profile resnet20.profile --task airplane,ship \
     -o resnet20-airplane-ship.mdafx
@@ -33,8 +34,9 @@ mdafx disassemble --model cifar10-resnet20 --profile resnet20.profile --task air
 mdafx evaluate vgg-cat-dog.mdafx --model cifar10-vgg --data "$DATA/test"
 mdafx evaluate resnet20-airplane-ship.mdafx --model cifar10-resnet20 --data "$DATA/test"
 
-# 4. Assemble the two into one 4-class classifier (parallel branches: the architectures differ),
-#    its logits calibrated jointly on training images of the four classes (never the test split).
+# 4. Assemble the two into one 4-class classifier (parallel branches: the architectures differ)
+#    with one closed-form head (LDA) over both components' features, fitted on training images
+#    of the four classes (never the test split).
 mdafx assemble vgg-cat-dog.mdafx resnet20-airplane-ship.mdafx --calibrate "$DATA/train" \
     -o assembled.mdafx
 mdafx evaluate assembled.mdafx --data "$DATA/test"
